@@ -1,0 +1,113 @@
+"""Grid alignment: bring feature maps of different grids to one target grid.
+
+Three ways, as used in the literature:
+
+* ``"bilinear"`` interpolation (any grid to any grid; LLaVA-HR, Cambrian),
+* ``"unshuffle"``: pixel-unshuffle, space to channels (Eagle's choice for SAM's 64x64 map:
+  ``(B, C, 64, 64) -> (B, 4C, 32, 32)``); needs an integer factor,
+* ``"avgpool"``: adaptive average pooling (downsampling only),
+* ``"auto"``: average pooling when the map is larger than the target, bilinear otherwise.
+
+Masks (ragged Pix2Struct grids) are carried along: pooled and interpolated features are
+normalised by the valid fraction, so padding never leaks into valid cells, and a target cell
+is valid when any of its source cells is.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from experts.spec import FeatureMap
+
+AlignMethod = Literal["bilinear", "unshuffle", "avgpool", "auto"]
+ALIGN_METHODS: tuple[str, ...] = ("bilinear", "unshuffle", "avgpool", "auto")
+
+
+def _check(method: str) -> None:
+    if method not in ALIGN_METHODS:
+        raise ValueError(f"unknown alignment method {method!r}; expected one of {ALIGN_METHODS}")
+
+
+def unshuffle_factor(src: tuple[int, int], dst: tuple[int, int]) -> int:
+    """Integer factor ``r`` with ``src == (r * dst[0], r * dst[1])``; raises if there is none."""
+    r = src[0] // dst[0] if dst[0] else 0
+    if r < 1 or src[0] != r * dst[0] or src[1] != r * dst[1]:
+        raise ValueError(
+            f"pixel-unshuffle needs a grid that is an integer multiple of the target: "
+            f"got {src} -> {dst}; use 'bilinear' or 'avgpool' instead"
+        )
+    return r
+
+
+def aligned_channels(
+    channels: int, src: tuple[int, int], dst: tuple[int, int], method: AlignMethod = "auto"
+) -> int:
+    """Channels after aligning a ``channels``-wide map of grid ``src`` to ``dst``."""
+    _check(method)
+    if method == "unshuffle":
+        return channels * unshuffle_factor(src, dst) ** 2
+    return channels
+
+
+def _masked_resample(fmap: FeatureMap, grid: tuple[int, int], pool: bool) -> FeatureMap:
+    x = fmap.features
+    if fmap.mask is None:
+        if pool:
+            y = F.adaptive_avg_pool2d(x, grid)
+        else:
+            y = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+        return FeatureMap(y, _stride(fmap, grid), fmap.source, None)
+    m = fmap.mask.unsqueeze(1).to(x.dtype)
+    if pool:
+        num, den = F.adaptive_avg_pool2d(x * m, grid), F.adaptive_avg_pool2d(m, grid)
+        valid = F.adaptive_max_pool2d(m, grid) > 0
+    else:
+        num = F.interpolate(x * m, size=grid, mode="bilinear", align_corners=False)
+        den = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+        valid = den > 1e-6
+    y = torch.where(valid, num / den.clamp_min(1e-6), torch.zeros_like(num))
+    return FeatureMap(y, _stride(fmap, grid), fmap.source, valid[:, 0])
+
+
+def _stride(fmap: FeatureMap, grid: tuple[int, int]) -> int:
+    return max(1, round(fmap.stride * fmap.grid[0] / grid[0]))
+
+
+def interpolate(fmap: FeatureMap, grid: tuple[int, int]) -> FeatureMap:
+    """Bilinear resize of ``(B, C, H, W)`` to ``(B, C, *grid)``."""
+    if fmap.grid == tuple(grid):
+        return fmap
+    return _masked_resample(fmap, tuple(grid), pool=False)
+
+
+def avg_pool(fmap: FeatureMap, grid: tuple[int, int]) -> FeatureMap:
+    """Adaptive average pooling of ``(B, C, H, W)`` to ``(B, C, *grid)``."""
+    if fmap.grid == tuple(grid):
+        return fmap
+    return _masked_resample(fmap, tuple(grid), pool=True)
+
+
+def pixel_unshuffle(fmap: FeatureMap, grid: tuple[int, int]) -> FeatureMap:
+    """Space to channels: ``(B, C, rH, rW) -> (B, C*r*r, H, W)`` with ``grid == (H, W)``."""
+    r = unshuffle_factor(fmap.grid, tuple(grid))
+    if r == 1:
+        return fmap
+    y = F.pixel_unshuffle(fmap.features, r)
+    mask = None
+    if fmap.mask is not None:
+        mask = F.pixel_unshuffle(fmap.mask[:, None].float(), r).amax(1) > 0
+    return FeatureMap(y, fmap.stride * r, fmap.source, mask)
+
+
+def align_to_grid(fmap: FeatureMap, grid: tuple[int, int], method: AlignMethod = "auto") -> FeatureMap:
+    """Align ``fmap`` to ``grid`` with ``method`` (see the module docstring)."""
+    _check(method)
+    grid = (int(grid[0]), int(grid[1]))
+    if method == "auto":
+        larger = fmap.grid[0] >= grid[0] and fmap.grid[1] >= grid[1]
+        method = "avgpool" if larger else "bilinear"
+    fn = {"bilinear": interpolate, "avgpool": avg_pool, "unshuffle": pixel_unshuffle}[method]
+    return fn(fmap, grid)

@@ -1,0 +1,107 @@
+"""Raw image intake and the shared resize + normalise step.
+
+:func:`load_image` is where images enter the platform, so it is where bad images are caught:
+missing files, unreadable or truncated files, and modes that need care (greyscale ``L``,
+``LA``, ``RGBA`` on a white background, palette ``P``, 16-bit ``I;16``, 32-bit ``I``/``F``,
+``CMYK``) are all converted to 8-bit RGB or rejected with a message naming the image and what
+was expected. Experts call :func:`resize_normalise` with their *own* size, mean and std.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: names the image and what was expected."""
+
+
+def _to_uint8_rgb(arr: np.ndarray, what: str) -> Image.Image:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageError(f"{what}: expected an (H, W), (H, W, 1|3|4) image, got shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.shape[2] == 4:
+        alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
+        arr = (arr[:, :, :3].astype(np.float32) * alpha + 255.0 * (1 - alpha)).round()
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def load_image(image: Image.Image | torch.Tensor | str | os.PathLike) -> Image.Image:
+    """Any supported image to an 8-bit RGB PIL image.
+
+    Args:
+        image: a PIL image of any mode, a uint8 tensor ``(C, H, W)`` with ``C`` in {1, 3, 4}
+            or ``(H, W)``, or a path to an image file.
+
+    Raises:
+        ImageError: missing or unreadable file, empty image, unsupported mode/dtype/shape.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ImageError(f"cannot read image {path}: {err} (is the file corrupt or truncated?)") from err
+        what = str(path)
+    else:
+        what = "image"
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.dtype != torch.uint8:
+            raise ImageError(f"{what}: tensor images must be uint8 in [0, 255], got {t.dtype}")
+        if t.dim() == 3:
+            t = t.permute(1, 2, 0)
+        elif t.dim() != 2:
+            raise ImageError(f"{what}: expected a (C, H, W) or (H, W) tensor, got {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ImageError(f"{what}: empty image {tuple(image.shape)}")
+        return _to_uint8_rgb(t.numpy(), what)
+    if not isinstance(image, Image.Image):
+        raise ImageError(f"expected a PIL image, a uint8 tensor or a path, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"{what}: empty image of size {image.size}")
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
+        if mode == "I" and arr.min() >= 0 and arr.max() <= 65535:
+            lo, hi = 0.0, 65535.0 if arr.max() > 255 else 255.0
+        scaled = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        return _to_uint8_rgb(np.clip(scaled, 0, 255).round().astype(np.uint8), what)
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        return _to_uint8_rgb(np.asarray(image.convert("RGBA")), what)
+    if mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    raise ImageError(f"{what}: unsupported image mode {mode!r}; expected RGB, L, RGBA, P, I;16, I or F")
+
+
+def resize_normalise(
+    image: Image.Image,
+    size: tuple[int, int],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> torch.Tensor:
+    """Resize an RGB image to ``size = (H, W)`` and normalise it: returns ``(3, H, W)`` float32."""
+    im = image.resize((size[1], size[0]), resample=resample)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
