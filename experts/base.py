@@ -19,6 +19,7 @@ dicts stacked along dim 0 (:func:`collate_inputs`).
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def collate_inputs(items: Sequence[ExpertInputs]) -> ExpertInputs:
 class Expert(nn.Module, ABC):
     """Base class of every expert; see the module docstring for the contract.
 
-    Subclasses set ``self.spec`` and implement :meth:`preprocess_one`, :meth:`forward_map`
+    Subclasses implement :meth:`preprocess_image`, :meth:`load_checkpoint`, :meth:`forward_map`
     (the full forward as a map) and, if ``spec.num_stages > 0``, the staged hooks.
     """
 
@@ -112,9 +113,23 @@ class Expert(nn.Module, ABC):
         """
 
     # ------------------------------------------------------------------ preprocessing
+    @classmethod
     @abstractmethod
-    def preprocess_one(self, image: Image.Image) -> ExpertInputs:
-        """One RGB PIL image to this expert's inputs, without batch dimension."""
+    def preprocess_image(cls, spec: ExpertSpec, image: Image.Image) -> ExpertInputs:
+        """One RGB PIL image to the inputs of an expert with ``spec``, without batch dim.
+
+        A classmethod of the spec alone, so that data-loader workers can preprocess without
+        holding the expert's weights (see :attr:`preprocessor`).
+        """
+
+    @property
+    def preprocessor(self) -> functools.partial[ExpertInputs]:
+        """A picklable ``image -> inputs`` callable (for data-loader workers)."""
+        return functools.partial(type(self).preprocess_image, self.spec)
+
+    def preprocess_one(self, image: ImageLike) -> ExpertInputs:
+        """One image (any supported kind) to this expert's inputs, without batch dim."""
+        return type(self).preprocess_image(self.spec, load_image(image))
 
     def preprocess(self, images: Sequence[ImageLike] | ImageLike) -> ExpertInputs:
         """Raw images (PIL, uint8 tensors ``(3|1|4, H, W)`` or ``(H, W)``, or file paths) to a
@@ -123,7 +138,7 @@ class Expert(nn.Module, ABC):
             isinstance(images, torch.Tensor) and images.dim() <= 3
         ):
             images = [images]
-        return collate_inputs([self.preprocess_one(load_image(im)) for im in images])
+        return collate_inputs([self.preprocess_one(im) for im in images])
 
     # ------------------------------------------------------------------ forward
     @abstractmethod
