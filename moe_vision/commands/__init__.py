@@ -1,0 +1,1 @@
+"""Subcommands of ``moe-vision``; each module exposes ``register(subparsers)``."""
