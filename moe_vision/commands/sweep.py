@@ -1,0 +1,158 @@
+"""``moe-vision sweep``: run an expert-combination x fusion sweep and print its table.
+
+With no arguments it runs the default sweep (tiny experts, several fusion strategies, the
+built-in benchmark; a few minutes on a laptop CPU) and writes ``results/default.csv`` and
+``results/default.png``. A YAML spec (see ``sweeps/*.yaml`` and :mod:`moe_vision.sweep`)
+and flags override the default; flags win over the YAML::
+
+    moe-vision sweep sweeps/eagle_pool.yaml --executor process --workers 2
+    moe-vision sweep --base clip-tiny --pool convnext-tiny,sam-tiny --k 2 \\
+        --fusions channel_concat,sequence_append --seeds 0,1
+    moe-vision sweep --set model.llm=tiny-llama --set train.max_steps=20
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _assignment(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(
+            f"--set expects KEY=VALUE (e.g. model.llm=tiny-llama), got {text!r}"
+        )
+    return key.strip(), yaml.safe_load(value)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="run an expert-combination x fusion sweep (no arguments: the default sweep)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", nargs="?", help="sweep spec YAML (default: the built-in default sweep)")
+    p.add_argument("--out", help="sweep folder (default: runs/sweeps/<name>)")
+    p.add_argument(
+        "--results-dir",
+        default="results",
+        help="where <name>.csv and <name>.png are written (default: results/; '' to skip)",
+    )
+    p.add_argument("--name", help="sweep name")
+    g = p.add_argument_group("grid (override the spec)")
+    g.add_argument(
+        "--experts",
+        type=_csv,
+        action="append",
+        metavar="A,B",
+        help="an explicit expert combination (repeat the flag for several)",
+    )
+    g.add_argument("--pool", type=_csv, metavar="A,B,C", help="experts to draw k-subsets from")
+    g.add_argument("--k", type=_ints, metavar="K,...", help="experts per combination (with --pool)")
+    g.add_argument("--base", help="expert included (first) in every combination")
+    g.add_argument("--fusions", type=_csv, metavar="F,...", help="fusion strategies")
+    g.add_argument("--recipes", type=_csv, metavar="R,...", help="recipe presets or YAML paths")
+    g.add_argument("--seeds", type=_ints, metavar="S,...", help="random seeds")
+    g.add_argument(
+        "--set",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted spec override, value parsed as YAML (e.g. model.llm=tiny-llama)",
+    )
+    e = p.add_argument_group("execution")
+    e.add_argument("--executor", help="inline | process | submitit")
+    e.add_argument("--workers", type=int, help="concurrent cells (process executor)")
+    e.add_argument("--cluster", help="submitit cluster: slurm | local | debug (default: auto)")
+    e.add_argument(
+        "--no-retry-failed",
+        action="store_true",
+        help="keep failed cells' rows instead of running them again",
+    )
+    e.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    p.set_defaults(func=run)
+
+
+def build_spec(args: argparse.Namespace) -> Any:
+    """The sweep spec from the YAML (or the default) with the flags applied."""
+    from moe_vision.sweep import SweepSpec, default_sweep
+
+    spec = SweepSpec.from_yaml(args.spec) if args.spec else default_sweep()
+    overrides: dict[str, Any] = dict(args.set)
+    if args.name:
+        overrides["name"] = args.name
+    if args.experts or args.pool or args.k or args.base:
+        combos = {
+            "combinations": args.experts or [],
+            "pool": args.pool or [],
+            "k": args.k or [],
+            "base": args.base,
+        }
+        if not (combos["combinations"] or combos["pool"]):
+            raise SystemExit("moe-vision sweep: --k/--base need --pool or --experts")
+        overrides["experts"] = combos
+    if args.fusions:
+        overrides["fusions"] = args.fusions
+    if args.recipes:
+        overrides["recipes"] = args.recipes
+    if args.seeds:
+        overrides["seeds"] = args.seeds
+    if args.executor or args.workers or args.cluster:
+        executor = dict(spec.executor)
+        if args.executor and args.executor != executor.get("kind"):
+            executor = {"kind": args.executor}
+        if args.workers:
+            executor["workers"] = args.workers
+        if args.cluster:
+            executor["cluster"] = args.cluster
+        overrides["executor"] = executor
+    if args.out:
+        overrides["output"] = args.out
+    return spec.with_overrides(overrides) if overrides else spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_vision import results
+    from moe_vision.sweep import run_sweep
+
+    spec = build_spec(args)
+    if args.dry_run:
+        for cell in spec.expand():
+            print(cell.cell_id)
+        return 0
+    df = run_sweep(spec, retry_failed=not args.no_retry_failed)
+    print(results.format_table(df))
+    sweep_dir = spec.output_dir()
+    print(f"\nsweep folder: {sweep_dir} ({len(df)} rows)")
+    if args.results_dir:
+        out = Path(args.results_dir)
+        csv = results.save(df, out / f"{spec.name}.csv")
+        print(f"table: {csv}")
+        if not df.empty and (df["status"] == results.STATUS_OK).any():
+            png = results.plot_sweep(df, out / f"{spec.name}.png")
+            print(f"plot:  {png}")
+    failed = int((df["status"] == results.STATUS_FAILED).sum()) if not df.empty else 0
+    return 1 if failed else 0

@@ -1,0 +1,215 @@
+"""Executors: where a sweep's cells run — in this process, in local processes, or on a cluster.
+
+An :class:`Executor` takes a picklable function and a list of picklable items and yields
+``(item, outcome)`` as each one completes, ``outcome`` being the function's return value or
+the exception that stopped it (a worker process that died, a cluster job that was killed or
+timed out). The sweep runner (:mod:`moe_vision.sweep`) turns exceptions into failed rows.
+
+* ``inline``: one after the other in this process (debugging, notebooks).
+* ``process``: each item in its own fresh ``spawn``-ed process, up to ``workers`` at a time
+  (``concurrent.futures.ProcessPoolExecutor`` with one worker per item, so a crash — even a
+  segfault or the OOM killer — is attributed to exactly that item and the others go on).
+* ``submitit``: one job per item through ``submitit.AutoExecutor``: SLURM on a cluster, or
+  ``cluster="local"`` for submitit's local executor (subprocesses, same code path). SLURM
+  parameters come from the sweep spec (``timeout_min``, ``gpus_per_node``,
+  ``slurm_partition``, ``slurm_array_parallelism``...; see submitit's documentation).
+
+Executors are a registry (:func:`register_executor` / :func:`create_executor`), so adding one
+is one class.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Outcome = Any  # the function's return value, or the BaseException that stopped it
+
+_EXECUTORS: dict[str, type[Executor]] = {}
+
+
+def register_executor(name: str) -> Callable[[type[Executor]], type[Executor]]:
+    """Class decorator: register an :class:`Executor` subclass under ``name``."""
+
+    def deco(cls: type[Executor]) -> type[Executor]:
+        if name in _EXECUTORS:
+            raise ValueError(f"executor {name!r} is already registered")
+        cls.name = name
+        _EXECUTORS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_executors() -> list[str]:
+    """Registered executor names, sorted."""
+    return sorted(_EXECUTORS)
+
+
+def create_executor(name: str, **options: Any) -> Executor:
+    """Build executor ``name`` with its options; unknown names and options raise clearly."""
+    if name not in _EXECUTORS:
+        raise KeyError(f"unknown executor {name!r}; valid executors are: {list_executors()}")
+    cls = _EXECUTORS[name]
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise TypeError(f"executor {name!r}: bad options {sorted(options)} ({e})") from e
+
+
+class Executor(ABC):
+    """Runs ``fn(item)`` for every item and yields ``(item, outcome)`` as they complete."""
+
+    name: str = "executor"
+
+    @abstractmethod
+    def map_unordered(
+        self, fn: Callable[[T], Any], items: Sequence[T]
+    ) -> Iterator[tuple[T, Outcome]]:
+        """Yield ``(item, fn(item))``, or ``(item, exception)``, in completion order."""
+
+
+@register_executor("inline")
+class InlineExecutor(Executor):
+    """Runs every item in this process, one after the other."""
+
+    def map_unordered(
+        self, fn: Callable[[T], Any], items: Sequence[T]
+    ) -> Iterator[tuple[T, Outcome]]:
+        for item in items:
+            try:
+                outcome = fn(item)
+            except Exception as e:  # noqa: BLE001 - reported to the caller as the outcome
+                outcome = e
+            yield item, outcome
+
+
+def _init_worker(threads: int) -> None:
+    """Worker initialiser: share the machine's cores among the concurrent workers."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@register_executor("process")
+class ProcessExecutor(Executor):
+    """Each item in its own fresh ``spawn``-ed Python process, ``workers`` at a time.
+
+    Args:
+        workers: items run concurrently (default: 1).
+        threads: torch intra-op threads per worker (default: cores // workers, at least 1).
+    """
+
+    def __init__(self, workers: int = 1, threads: int | None = None) -> None:
+        if int(workers) < 1:
+            raise ValueError(f"process executor: workers must be >= 1, got {workers}")
+        self.workers = int(workers)
+        self.threads = int(threads) if threads else max(1, (os.cpu_count() or 1) // self.workers)
+
+    def map_unordered(
+        self, fn: Callable[[T], Any], items: Sequence[T]
+    ) -> Iterator[tuple[T, Outcome]]:
+        context = multiprocessing.get_context("spawn")
+        queue = list(items)
+        running: dict[cf.Future[Any], tuple[T, cf.ProcessPoolExecutor]] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < self.workers:
+                    item = queue.pop(0)
+                    pool = cf.ProcessPoolExecutor(
+                        max_workers=1,
+                        mp_context=context,
+                        initializer=_init_worker,
+                        initargs=(self.threads,),
+                    )
+                    running[pool.submit(fn, item)] = (item, pool)
+                done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    item, pool = running.pop(future)
+                    try:
+                        outcome = future.result()
+                    except Exception as e:  # noqa: BLE001 - a worker that died, or fn raised
+                        outcome = e
+                    pool.shutdown(wait=True)
+                    yield item, outcome
+        finally:
+            for _, pool in running.values():
+                pool.shutdown(wait=False, cancel_futures=True)
+
+
+@register_executor("submitit")
+class SubmititExecutor(Executor):
+    """One job per item through ``submitit.AutoExecutor`` (SLURM, or submitit's local executor).
+
+    Args:
+        folder: where submitit keeps its job scripts, pickles and logs.
+        cluster: ``None`` (auto-detect: SLURM when available), ``"slurm"``, ``"local"``
+            (subprocesses on this machine) or ``"debug"`` (in this process).
+        parameters: ``AutoExecutor.update_parameters`` keywords, e.g. ``{"timeout_min": 120,
+            "gpus_per_node": 1, "slurm_partition": "learnlab", "slurm_array_parallelism": 8}``;
+            parameters prefixed with another cluster's name are ignored on this one.
+        poll_s: seconds between job status checks.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str] = "submitit",
+        cluster: str | None = None,
+        parameters: dict[str, Any] | None = None,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.folder = Path(folder)
+        self.cluster = cluster
+        self.parameters = dict(parameters or {})
+        self.poll_s = float(poll_s)
+
+    def _executor(self) -> Any:
+        try:
+            import submitit
+        except ImportError as e:
+            raise ImportError(
+                "the submitit executor needs submitit: pip install 'moe-vision[cluster]'"
+            ) from e
+        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
+        params = {"name": "moe-vision-sweep", **self.parameters}
+        executor.update_parameters(**params)
+        return executor
+
+    def map_unordered(
+        self, fn: Callable[[T], Any], items: Sequence[T]
+    ) -> Iterator[tuple[T, Outcome]]:
+        if not items:
+            return
+        executor = self._executor()
+        with executor.batch():
+            jobs = [executor.submit(fn, item) for item in items]
+        pending = dict(zip(jobs, items))
+        for job in jobs:
+            logger.info("submitted job %s (%s)", job.job_id, executor.cluster)
+        try:
+            while pending:
+                finished = [job for job in pending if job.done()]
+                for job in finished:
+                    item = pending.pop(job)
+                    try:
+                        outcome = job.result()
+                    except Exception as e:  # noqa: BLE001 - killed, timed out, or fn raised
+                        outcome = e
+                    yield item, outcome
+                if pending and not finished:
+                    time.sleep(self.poll_s)
+        finally:
+            # An interrupted sweep leaves cluster jobs running on purpose: they finish their
+            # cells, and a restarted sweep finds those cells done (or waits on their lock).
+            if pending:
+                logger.warning("%d submitted jobs are still running", len(pending))

@@ -1,0 +1,364 @@
+"""Sweep results as a table: one row per cell, a pandas API, CSV/Parquet export and plots.
+
+A sweep folder (written by :mod:`moe_vision.sweep`) looks like::
+
+    <sweep>/sweep.json                 manifest: the spec and every cell's settings, in order
+    <sweep>/cells/<cell_id>/cell.json  the cell's settings and resolved run config
+    <sweep>/cells/<cell_id>/metrics.json   present once the cell finished (its metrics row)
+    <sweep>/cells/<cell_id>/error.json     present when the cell failed (error + traceback)
+    <sweep>/results.csv, results.parquet   the table, rewritten atomically after every cell
+
+The cell folders are the source of truth: the table is *derived* from them, keyed by cell id,
+so a killed and resumed sweep can never lose or double a row. :func:`load` rebuilds it.
+
+The row schema follows the results tables of Eagle (Shi et al., 2024, "Eagle: Exploring the
+Design Space for Multimodal LLMs with Mixture of Encoders") and Cambrian-1 (Tong et al.,
+2024): the cell's settings (experts, fusion, recipe, seed), per-category and overall accuracy,
+total and trainable parameters, visual tokens, training time, throughput and peak memory.
+Plots: an accuracy heatmap of expert combinations x fusion strategies and accuracy against
+the number of visual tokens (matplotlib, Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "sweep.json"
+CELLS_DIR = "cells"
+CELL_FILE = "cell.json"
+METRICS_FILE = "metrics.json"
+ERROR_FILE = "error.json"
+TABLE_CSV = "results.csv"
+TABLE_PARQUET = "results.parquet"
+
+SETTINGS_COLUMNS: tuple[str, ...] = (
+    "cell_id",
+    "name",
+    "experts",
+    "num_experts",
+    "fusion",
+    "fusion_options",
+    "recipe",
+    "seed",
+)
+"""The cell's settings, first in every row."""
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "accuracy/overall",
+    "params_total",
+    "params_trainable",
+    "visual_tokens",
+    "train_time_s",
+    "throughput_samples_s",
+    "peak_memory_mb",
+    "flops_per_sample",
+)
+"""Metrics every row carries (NaN where a cell failed or a metric is unavailable).
+Per-category ``accuracy/<category>`` columns come from the cells and sit before these."""
+
+STATUS_COLUMNS: tuple[str, ...] = ("status", "error", "wall_time_s")
+"""``status`` is ``"ok"`` or ``"failed"``; ``error`` the failure's one-line message."""
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+ACCURACY_PREFIX = "accuracy/"
+OVERALL = "accuracy/overall"
+
+
+# ---------------------------------------------------------------------------- atomic files
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Write a file atomically: ``write(tmp_path)`` then ``os.replace`` onto ``path``.
+
+    The temporary file sits in the same folder (same file system), so readers see either the
+    old file or the complete new one, never a partial write, even if the process is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Atomically write ``data`` as indented JSON (non-JSON values via ``str``)."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file, naming the file in the error when it is corrupt."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to re-run that cell") from e
+
+
+# ---------------------------------------------------------------------------- rows
+def cell_row(
+    settings: Mapping[str, Any], cell_dir: str | os.PathLike[str]
+) -> dict[str, Any] | None:
+    """The table row of one cell from its folder, or ``None`` when it has not run yet.
+
+    Args:
+        settings: the cell's manifest entry (``cell_id``, ``name``, ``experts`` list, ``fusion``,
+            ``fusion_options``, ``recipe``, ``seed``).
+        cell_dir: ``<sweep>/cells/<cell_id>``.
+    """
+    cell_dir = Path(cell_dir)
+    metrics_path, error_path = cell_dir / METRICS_FILE, cell_dir / ERROR_FILE
+    if metrics_path.exists():
+        result, status, error = read_json(metrics_path), STATUS_OK, None
+    elif error_path.exists():
+        result, status = read_json(error_path), STATUS_FAILED
+        error = result.get("error")
+        result = {"wall_time_s": result.get("wall_time_s")}
+    else:
+        return None
+    experts = list(settings.get("experts", []))
+    row: dict[str, Any] = {
+        "cell_id": settings["cell_id"],
+        "name": settings.get("name", settings["cell_id"]),
+        "experts": "+".join(experts),
+        "num_experts": len(experts),
+        "fusion": settings.get("fusion"),
+        "fusion_options": json.dumps(settings.get("fusion_options") or {}, sort_keys=True),
+        "recipe": settings.get("recipe"),
+        "seed": settings.get("seed"),
+        "status": status,
+        "error": error,
+    }
+    for key, value in result.items():
+        if key not in row and _is_scalar(value):
+            row[key] = value
+    return row
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def collect_rows(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows of every cell of the sweep in ``sweep_dir`` that finished or failed, in spec order."""
+    sweep_dir = Path(sweep_dir)
+    manifest_path = sweep_dir / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(
+            f"{sweep_dir} is not a sweep folder: {manifest_path} is missing "
+            f"(run `moe-vision sweep --out {sweep_dir}` first)"
+        )
+    manifest = read_json(manifest_path)
+    rows = []
+    for settings in manifest["cells"]:
+        row = cell_row(settings, sweep_dir / CELLS_DIR / settings["cell_id"])
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Rows to a DataFrame with a stable column order: settings, status, accuracies, metrics,
+    then anything else the cells reported (sorted)."""
+    df = pd.DataFrame(list(rows))
+    acc = sorted(c for c in df.columns if c.startswith(ACCURACY_PREFIX) and c != OVERALL)
+    for col in (*SETTINGS_COLUMNS, *STATUS_COLUMNS, OVERALL, *METRIC_COLUMNS):
+        if col not in df.columns:
+            df[col] = None
+    known = [*SETTINGS_COLUMNS, "status", "error", *acc, *METRIC_COLUMNS, "wall_time_s"]
+    rest = sorted(c for c in df.columns if c not in known)
+    df = df[known + rest]
+    for col in [*acc, *METRIC_COLUMNS, "wall_time_s"]:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
+def load(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """The results table as a DataFrame, one row per finished or failed cell.
+
+    Args:
+        path: a sweep folder (rows rebuilt from its cell folders), or a results table written
+            by :func:`save` (``.csv`` or ``.parquet``), or a folder holding ``results.csv``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / MANIFEST).exists():
+            return to_frame(collect_rows(path))
+        for name in (TABLE_PARQUET, TABLE_CSV):
+            if (path / name).exists():
+                return load(path / name)
+        raise FileNotFoundError(
+            f"{path} holds neither a sweep ({MANIFEST}) nor a results table "
+            f"({TABLE_CSV} / {TABLE_PARQUET})"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"results table {path} does not exist")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path, keep_default_na=True)
+    raise ValueError(f"unsupported results file {path}; expected a .csv or .parquet file")
+
+
+def save(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write ``df`` atomically as CSV or Parquet, chosen by the suffix of ``path``."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return atomic_write(path, lambda p: df.to_csv(p, index=False))
+    if path.suffix == ".parquet":
+        return atomic_write(path, lambda p: df.to_parquet(p, index=False))
+    raise ValueError(f"unsupported results file {path}; expected a .csv or .parquet suffix")
+
+
+def write_tables(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Rebuild the sweep's table from its cell folders and write ``results.csv`` and
+    ``results.parquet`` atomically; returns the table."""
+    sweep_dir = Path(sweep_dir)
+    df = load(sweep_dir)
+    save(df, sweep_dir / TABLE_CSV)
+    save(df, sweep_dir / TABLE_PARQUET)
+    return df
+
+
+# ---------------------------------------------------------------------------- views
+def accuracy_columns(df: pd.DataFrame) -> list[str]:
+    """The ``accuracy/<category>`` columns, per-category first, ``accuracy/overall`` last."""
+    acc = sorted(c for c in df.columns if c.startswith(ACCURACY_PREFIX) and c != OVERALL)
+    return acc + ([OVERALL] if OVERALL in df.columns else [])
+
+
+def pivot_accuracy(
+    df: pd.DataFrame, value: str = OVERALL, index: str = "experts", columns: str = "fusion"
+) -> pd.DataFrame:
+    """Mean of ``value`` (over seeds and anything else not pivoted) per ``index`` x ``columns``.
+
+    Failed cells count as missing (NaN), never as zero.
+    """
+    for col in (value, index, columns):
+        if col not in df.columns:
+            raise KeyError(f"column {col!r} is not in the table; columns are {list(df.columns)}")
+    ok = df[df["status"] == STATUS_OK] if "status" in df.columns else df
+    table = ok.pivot_table(index=index, columns=columns, values=value, aggfunc="mean")
+    rows = list(dict.fromkeys(df[index]))
+    cols = list(dict.fromkeys(df[columns]))
+    return table.reindex(index=rows, columns=cols)
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """A compact text rendering of the table for the terminal (accuracies in %)."""
+    if df.empty:
+        return "(no finished cells)"
+    cols = ["experts", "fusion", "recipe", "seed", "status"]
+    cols += [c for c in accuracy_columns(df)]
+    cols += [c for c in ("visual_tokens", "params_trainable", "train_time_s") if c in df.columns]
+    view = df[cols].copy()
+    for c in accuracy_columns(df):
+        view[c] = (100 * view[c]).round(1)
+    view = view.rename(columns={c: c.removeprefix(ACCURACY_PREFIX) for c in accuracy_columns(df)})
+    if "train_time_s" in view.columns:
+        view["train_time_s"] = view["train_time_s"].round(1)
+    text = view.to_string(index=False, na_rep="-")
+    failed = df[df["status"] == STATUS_FAILED]
+    for _, row in failed.iterrows():
+        text += f"\nFAILED {row['name']}: {row['error']}"
+    return text
+
+
+# ---------------------------------------------------------------------------- plots
+def plot_heatmap(df: pd.DataFrame, ax: Any = None, value: str = OVERALL) -> Any:
+    """Heatmap of ``value`` (default overall accuracy) for expert combinations x fusions.
+
+    Cells that failed or did not run are left blank and labelled. Returns the matplotlib axes.
+    """
+    import matplotlib.pyplot as plt
+
+    table = pivot_accuracy(df, value=value)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.8 + 1.4 * table.shape[1], 1.2 + 0.5 * table.shape[0]))
+    data = table.to_numpy(dtype=float)
+    image = ax.imshow(data, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
+    finite = data[data == data]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for i in range(table.shape[0]):
+        for j in range(table.shape[1]):
+            v = data[i, j]
+            label = "n/a" if v != v else f"{100 * v:.1f}"
+            colour = "black" if (v == v and v > mid) else "white"
+            ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=8)
+    if finite.size:
+        ax.figure.colorbar(image, ax=ax, label=value)
+    ax.set_xlabel("fusion")
+    ax.set_ylabel("experts")
+    ax.set_title(f"{value} by expert combination and fusion")
+    return ax
+
+
+def plot_accuracy_vs_tokens(df: pd.DataFrame, ax: Any = None, value: str = OVERALL) -> Any:
+    """Scatter of ``value`` against the number of visual tokens, one colour per fusion."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    ok = df[df["status"] == STATUS_OK] if "status" in df.columns else df
+    ok = ok.dropna(subset=["visual_tokens", value])
+    for fusion, group in ok.groupby("fusion", sort=False):
+        ax.scatter(group["visual_tokens"], group[value], label=str(fusion), alpha=0.8)
+        for _, row in group.iterrows():
+            ax.annotate(
+                str(row["experts"]),
+                (row["visual_tokens"], row[value]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    if not ok.empty and ok["visual_tokens"].max() > 4 * max(ok["visual_tokens"].min(), 1):
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("visual tokens")
+    ax.set_ylabel(value)
+    ax.set_title(f"{value} vs visual tokens")
+    if not ok.empty:
+        ax.legend(fontsize=7, title="fusion", title_fontsize=7)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def plot_sweep(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Both plots side by side, written atomically to ``path`` (PNG/PDF/SVG by suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    table = pivot_accuracy(df)
+    width = 3.0 + 1.4 * table.shape[1] + 6.0
+    height = max(4.0, 1.2 + 0.5 * table.shape[0])
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(width, height), gridspec_kw={"width_ratios": [table.shape[1] + 1, 4]}
+    )
+    plot_heatmap(df, ax=left)
+    plot_accuracy_vs_tokens(df, ax=right)
+    fig.tight_layout()
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    try:
+        atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=fmt))
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,641 @@
+"""Sweeps: expert combinations x fusion strategies x recipes x seeds, one run per cell.
+
+The experiment grid of Eagle (Shi et al., 2024, "Eagle: Exploring the Design Space for
+Multimodal LLMs with Mixture of Encoders", section 3: a base CLIP expert plus every choice of
+further experts, under several fusion designs) and of Cambrian-1 (Tong et al., 2024, its
+encoder-combination study), as data:
+
+.. code-block:: yaml
+
+    name: eagle-style
+    experts:
+      base: clip-tiny            # always included, first (its grid is the default target)
+      pool: [convnext-tiny, sam-tiny, pix2struct-tiny]
+      k: [2, 3]                  # experts per combination, base included
+      combinations: [[clip-tiny]]   # explicit combinations, added to the k-subsets
+    fusions:
+      - channel_concat
+      - {name: sequence_append, options: {dim: 64}}
+    recipes: [llava]
+    seeds: [0, 1]
+    model: {llm: tiny-qwen2}     # shared ModelConfig fields
+    data: {}                     # shared DataConfig fields
+    train: {}                    # other RunConfig fields
+    executor: {kind: process, workers: 2}
+
+:meth:`SweepSpec.expand` turns a spec into :class:`Cell` objects whose id is a readable name
+plus a hash of the cell's resolved run config, so the same cell always lands in the same
+folder ``<sweep>/cells/<cell_id>/``. :func:`run_sweep` hands the cells that are not finished
+yet to an executor (:mod:`moe_vision.executors`); each runs the sweep's *entrypoint*
+(default :func:`run_cell`, which calls :func:`moe_vision.run.run_experiment`). A cell that
+raises is recorded with its error and traceback and the sweep goes on; a killed sweep,
+restarted, runs only what is missing. The table is rebuilt from the cell folders after every
+cell (:mod:`moe_vision.results`), so no row is ever lost or doubled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import importlib
+import itertools
+import json
+import logging
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from moe_vision import results
+from moe_vision.executors import Executor, create_executor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENTRYPOINT = "moe_vision.sweep:run_cell"
+RUNTIME_KEYS: frozenset[str] = frozenset({"cache_dir"})
+"""Top-level run-config keys that say *where* a cell runs, not *what* it computes: they are
+left out of the cell id's hash (a feature-cache folder does not change the results)."""
+
+Entrypoint = Callable[[dict[str, Any], Path], Mapping[str, Any]]
+"""``(run_config_dict, cell_dir) -> metrics row``: what a sweep runs for each cell."""
+
+
+# ---------------------------------------------------------------------------- spec
+def _as_list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, int)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(f"sweep spec: {what} must be a value or a list, got {type(value).__name__}")
+
+
+def _check_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"sweep spec: {where} must be a mapping, got {type(data).__name__}")
+    bad = sorted(set(data) - set(valid))
+    if bad:
+        raise ValueError(f"sweep spec: unknown keys {bad} in {where}; valid keys are {list(valid)}")
+
+
+@dataclass
+class ExpertCombos:
+    """Which expert combinations a sweep covers.
+
+    Attributes:
+        combinations: explicit combinations, e.g. ``[["clip-tiny"], ["clip-tiny", "sam-tiny"]]``.
+        pool: experts to draw subsets from.
+        k: subset sizes: every ``k``-subset of ``pool`` for each ``k`` (counting the base
+            expert when one is set). Empty with a pool: every size from 1 to ``len(pool)``.
+        base: an expert every combination includes, in first position (Eagle's CLIP base);
+            its grid is the fusion strategies' default target grid.
+    """
+
+    combinations: list[list[str]] = field(default_factory=list)
+    pool: list[str] = field(default_factory=list)
+    k: list[int] = field(default_factory=list)
+    base: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | Sequence[Any]) -> ExpertCombos:
+        """From YAML: a mapping with the fields above, or a plain list of combinations."""
+        if isinstance(data, (list, tuple)):
+            data = {"combinations": data}
+        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "experts")
+        combos = [_as_list(c, "experts.combinations[i]") for c in data.get("combinations") or []]
+        return cls(
+            combinations=[[str(e) for e in c] for c in combos],
+            pool=[str(e) for e in _as_list(data.get("pool"), "experts.pool")],
+            k=[int(k) for k in _as_list(data.get("k"), "experts.k")],
+            base=data.get("base"),
+        )
+
+    def expand(self) -> list[tuple[str, ...]]:
+        """All combinations, explicit ones first, base first in each, duplicates removed."""
+        combos: list[tuple[str, ...]] = [tuple(c) for c in self.combinations]
+        pool = [e for e in self.pool if e != self.base]
+        offset = 1 if self.base else 0
+        if self.k:
+            sizes = self.k
+        else:  # every size, from the base alone (or one expert) to the whole pool
+            sizes = list(range(1, len(pool) + offset + 1)) if self.pool else []
+        for size in sizes:
+            if size - offset < 0 or size - offset > len(pool):
+                raise ValueError(
+                    f"sweep spec: experts.k={size} is impossible with pool {self.pool}"
+                    + (f" and base {self.base!r}" if self.base else "")
+                    + f"; expected {offset}..{len(pool) + offset}"
+                )
+            combos += list(itertools.combinations(pool, size - offset))
+        if self.base:
+            combos = [(self.base, *[e for e in c if e != self.base]) for c in combos]
+        out = list(dict.fromkeys(c for c in combos if c))
+        for c in out:
+            if len(set(c)) != len(c):
+                raise ValueError(f"sweep spec: expert combination {list(c)} repeats an expert")
+        if not out:
+            raise ValueError(
+                "sweep spec: no expert combinations; give experts.combinations or experts.pool"
+            )
+        return out
+
+
+@dataclass
+class FusionChoice:
+    """One fusion strategy of the sweep with its options.
+
+    Attributes:
+        name: registered fusion strategy (``fusion.list_fusions()``).
+        options: the strategy's config options (merged over ``model.fusion_options``).
+        label: column name in the tables (default: ``name``); lets one strategy appear twice
+            with different options.
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: str | Mapping[str, Any]) -> FusionChoice:
+        if isinstance(data, str):
+            return cls(name=data)
+        _check_keys(data, ["name", "options", "label"], "fusions[i]")
+        if "name" not in data:
+            raise ValueError(f"sweep spec: fusion entry {dict(data)} has no 'name'")
+        return cls(str(data["name"]), dict(data.get("options") or {}), data.get("label"))
+
+    @property
+    def column(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class SweepSpec:
+    """A sweep: expert combinations x fusions x recipes x seeds, plus shared options.
+
+    Attributes:
+        name: the sweep's name (default output folder ``runs/sweeps/<name>``).
+        experts: the expert combinations (:class:`ExpertCombos`).
+        fusions: the fusion strategies (:class:`FusionChoice`).
+        recipes: training recipes: preset names (``eagle``, ``cambrian``, ``llava``) or paths
+            to recipe YAML files.
+        seeds: random seeds; each is a separate cell.
+        model: shared :class:`moe_vision.model.ModelConfig` fields (not ``experts``/``fusion``).
+        data: shared data config (:class:`moe_vision.run.DataConfig` fields).
+        train: other shared :class:`moe_vision.run.RunConfig` fields.
+        executor: ``{"kind": "inline" | "process" | "submitit", **options}``
+            (:mod:`moe_vision.executors`).
+        entrypoint: ``"module:function"`` run for each cell, ``(config, cell_dir) -> row``.
+        output: the sweep folder (default ``runs/sweeps/<name>``).
+    """
+
+    name: str = "sweep"
+    experts: ExpertCombos = field(default_factory=ExpertCombos)
+    fusions: list[FusionChoice] = field(default_factory=list)
+    recipes: list[str] = field(default_factory=lambda: ["llava"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=lambda: {"kind": "inline"})
+    entrypoint: str = DEFAULT_ENTRYPOINT
+    output: str | None = None
+
+    # -------------------------------------------------------------- (de)serialisation
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepSpec:
+        """From a YAML/JSON mapping; ``recipe`` / ``seed`` / ``fusion`` are accepted as
+        singular aliases. Unknown keys raise with the valid ones listed."""
+        data = dict(data)
+        for single, plural in (("recipe", "recipes"), ("seed", "seeds"), ("fusion", "fusions")):
+            if single in data:
+                if plural in data:
+                    raise ValueError(f"sweep spec: give {single!r} or {plural!r}, not both")
+                data[plural] = data.pop(single)
+        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "the sweep spec")
+        for key in ("model", "data", "train"):
+            if key in data and not isinstance(data[key] or {}, Mapping):
+                raise TypeError(f"sweep spec: {key} must be a mapping of options")
+        for key in ("experts", "fusion"):
+            if key in (data.get("model") or {}):
+                raise ValueError(
+                    f"sweep spec: model.{key} is set per cell by the sweep; use the top-level "
+                    f"'experts' / 'fusions' keys instead"
+                )
+        executor = data.get("executor") or {"kind": "inline"}
+        if isinstance(executor, str):
+            executor = {"kind": executor}
+        spec = cls(
+            name=str(data.get("name", "sweep")),
+            experts=ExpertCombos.from_dict(data.get("experts") or {}),
+            fusions=[FusionChoice.from_dict(f) for f in _as_list(data.get("fusions"), "fusions")],
+            recipes=[str(r) for r in _as_list(data.get("recipes", ["llava"]), "recipes")],
+            seeds=[int(s) for s in _as_list(data.get("seeds", [0]), "seeds")],
+            model=dict(data.get("model") or {}),
+            data=dict(data.get("data") or {}),
+            train=dict(data.get("train") or {}),
+            executor=dict(executor),
+            entrypoint=str(data.get("entrypoint", DEFAULT_ENTRYPOINT)),
+            output=data.get("output"),
+        )
+        if "kind" not in spec.executor:
+            raise ValueError(f"sweep spec: executor {spec.executor} needs a 'kind'")
+        return spec
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> SweepSpec:
+        """Load a spec from a YAML file (safe loader)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"sweep spec {path} does not exist")
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"sweep spec {path}: expected a YAML mapping, got {type(data).__name__}"
+            )
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A YAML/JSON-friendly dict that :meth:`from_dict` reads back to an equal spec."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            results.atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+        return text
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> SweepSpec:
+        """A copy with dotted-key overrides applied, e.g. ``{"model.llm": "tiny-llama",
+        "train.epochs": 2}`` (the ``--set`` flag of ``moe-vision sweep``)."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            keys = dotted.split(".")
+            node = data
+            for k in keys[:-1]:
+                if not isinstance(node.get(k, {}), dict):
+                    raise ValueError(f"--set {dotted}: {k!r} is not a mapping in the spec")
+                node = node.setdefault(k, {})
+            node[keys[-1]] = value
+        return SweepSpec.from_dict(data)
+
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("runs") / "sweeps" / self.name
+
+    # -------------------------------------------------------------- expansion
+    def validate(self) -> None:
+        """Check names against the registries, so typos fail before any cell runs."""
+        import experts
+        import fusion
+
+        combos = self.experts.expand()
+        known = set(experts.list_experts())
+        unknown = sorted({e for c in combos for e in c} - known)
+        if unknown:
+            raise KeyError(
+                f"sweep spec: unknown experts {unknown}; valid experts are {sorted(known)}"
+            )
+        if not self.fusions:
+            raise ValueError("sweep spec: no fusion strategies; give 'fusions'")
+        valid_fusions = set(fusion.list_fusions())
+        bad = sorted({f.name for f in self.fusions} - valid_fusions)
+        if bad:
+            raise KeyError(
+                f"sweep spec: unknown fusions {bad}; valid fusions are {sorted(valid_fusions)}"
+            )
+        labels = [f.column for f in self.fusions]
+        if len(set(labels)) != len(labels):
+            raise ValueError(
+                f"sweep spec: fusion labels {labels} repeat; give repeated strategies a 'label'"
+            )
+        if not self.recipes:
+            raise ValueError("sweep spec: no recipes; give 'recipes'")
+        from moe_vision.recipes import get_recipe
+
+        for recipe in self.recipes:
+            get_recipe(recipe)  # raises naming the presets, or the missing YAML file
+        if not self.seeds:
+            raise ValueError("sweep spec: no seeds; give 'seeds'")
+
+    def expand(self) -> list[Cell]:
+        """The sweep's cells, in order experts x fusions x recipes x seeds."""
+        self.validate()
+        cells = []
+        for combo, choice, recipe, seed in itertools.product(
+            self.experts.expand(), self.fusions, self.recipes, self.seeds
+        ):
+            fusion_options = {**(self.model.get("fusion_options") or {}), **choice.options}
+            config = {
+                **copy.deepcopy(self.train),
+                "model": {
+                    **copy.deepcopy(self.model),
+                    "experts": list(combo),
+                    "fusion": choice.name,
+                    "fusion_options": fusion_options,
+                },
+                "recipe": recipe,
+                "data": copy.deepcopy(self.data),
+                "seed": seed,
+            }
+            cells.append(
+                Cell(
+                    experts=combo,
+                    fusion=choice.column,
+                    fusion_options=fusion_options,
+                    recipe=recipe,
+                    seed=seed,
+                    config=config,
+                )
+            )
+        ids = [c.cell_id for c in cells]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"sweep spec: cells {dup} appear more than once")
+        return cells
+
+
+def _slug(text: str, limit: int = 80) -> str:
+    slug = re.sub(r"[^A-Za-z0-9.+_-]+", "_", text).strip("_")
+    return slug[:limit]
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Stable hash of a run config (canonical JSON, sorted keys, ``RUNTIME_KEYS`` left out)."""
+    identity = {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep.
+
+    Attributes:
+        experts: the expert combination, in order.
+        fusion: the fusion column label (the strategy's name unless labelled).
+        fusion_options: the strategy's resolved options.
+        recipe: recipe preset name or YAML path.
+        seed: random seed.
+        config: the run config handed to the entrypoint (``moe_vision.run.RunConfig`` as a
+            dict); its hash is the id's suffix.
+    """
+
+    experts: tuple[str, ...]
+    fusion: str
+    fusion_options: dict[str, Any]
+    recipe: str
+    seed: int
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        """Readable name: ``experts__fusion__recipe__s<seed>``."""
+        recipe = Path(self.recipe).stem if self.recipe.endswith((".yaml", ".yml")) else self.recipe
+        return f"{'+'.join(self.experts)}__{self.fusion}__{recipe}__s{self.seed}"
+
+    @property
+    def cell_id(self) -> str:
+        """``<slug of name>-<10 hex digits of the config hash>``: stable and unique."""
+        return f"{_slug(self.name)}-{config_hash(self.config)[:10]}"
+
+    def settings(self) -> dict[str, Any]:
+        """The manifest entry (the settings columns of the results row)."""
+        return {
+            "cell_id": self.cell_id,
+            "name": self.name,
+            "experts": list(self.experts),
+            "fusion": self.fusion,
+            "fusion_options": self.fusion_options,
+            "recipe": self.recipe,
+            "seed": self.seed,
+        }
+
+
+# ---------------------------------------------------------------------------- running a cell
+@dataclass
+class CellJob:
+    """What an executor ships to a worker: picklable, self-contained."""
+
+    cell_id: str
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    cell_dir: str
+    entrypoint: str | Entrypoint = DEFAULT_ENTRYPOINT
+
+
+def resolve_entrypoint(entrypoint: str | Entrypoint) -> Entrypoint:
+    """A ``"module:function"`` string to the function (callables pass through)."""
+    if callable(entrypoint):
+        return entrypoint
+    module_name, sep, attr = str(entrypoint).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"entrypoint {entrypoint!r} must look like 'package.module:function'")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise AttributeError(f"entrypoint {entrypoint!r}: module {module_name} has no {attr!r}")
+    return getattr(module, attr)
+
+
+def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
+    """The default entrypoint: build the :class:`moe_vision.run.RunConfig` from ``config`` and
+    train + evaluate with :func:`moe_vision.run.run_experiment` (resuming a killed cell)."""
+    from moe_vision.run import RunConfig, run_experiment
+
+    return run_experiment(RunConfig.from_dict(config), cell_dir, resume=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released by the OS if the holder dies).
+
+    Raises ``BlockingIOError`` when ``blocking`` is False and another process holds it.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def execute_cell(job: CellJob) -> dict[str, Any]:
+    """Run one cell in ``job.cell_dir`` and record its outcome there; returns its row.
+
+    Holds the cell's lock while it runs, so a cell is never run twice at once (a restarted
+    sweep waits for a straggler from the killed one, then finds the cell done). An exception
+    from the entrypoint is recorded in ``error.json`` (message + traceback) and returned as a
+    ``status="failed"`` row; ``KeyboardInterrupt`` is not caught (the cell stays pending).
+    """
+    cell_dir = Path(job.cell_dir)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path, error_path = cell_dir / results.METRICS_FILE, cell_dir / results.ERROR_FILE
+    with file_lock(cell_dir / ".lock"):
+        if metrics_path.exists():
+            logger.info("cell %s already finished", job.cell_id)
+            return {**results.read_json(metrics_path), "status": results.STATUS_OK}
+        results.write_json(
+            cell_dir / results.CELL_FILE,
+            {**job.settings, "config": job.config, "started_at": _now()},
+        )
+        error_path.unlink(missing_ok=True)
+        logger.info("cell %s: running", job.cell_id)
+        start = time.perf_counter()
+        try:
+            fn = resolve_entrypoint(job.entrypoint)
+            metrics = fn(copy.deepcopy(job.config), cell_dir)
+            if not isinstance(metrics, Mapping):
+                raise TypeError(
+                    f"entrypoint {job.entrypoint!r} returned {type(metrics).__name__}, "
+                    f"expected a mapping of metrics"
+                )
+        except Exception as e:  # noqa: BLE001 - a failed cell is a row, the sweep goes on
+            record = {
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+                "wall_time_s": time.perf_counter() - start,
+                "finished_at": _now(),
+            }
+            results.write_json(error_path, record)
+            logger.error("cell %s failed: %s", job.cell_id, record["error"])
+            return {"status": results.STATUS_FAILED, "error": record["error"]}
+        row = {**dict(metrics), "wall_time_s": time.perf_counter() - start}
+        results.write_json(metrics_path, row)
+        logger.info("cell %s: done in %.1fs", job.cell_id, row["wall_time_s"])
+        return {**row, "status": results.STATUS_OK}
+
+
+def _record_crash(job: CellJob, error: BaseException) -> None:
+    """A worker died without recording anything (killed, segfault, cluster timeout)."""
+    cell_dir = Path(job.cell_dir)
+    if (cell_dir / results.METRICS_FILE).exists() or (cell_dir / results.ERROR_FILE).exists():
+        return
+    message = f"{type(error).__name__}: {error}".strip()
+    results.write_json(
+        cell_dir / results.ERROR_FILE,
+        {
+            "error": f"worker crashed: {message}",
+            "traceback": "".join(traceback.format_exception(error)),
+            "finished_at": _now(),
+        },
+    )
+    logger.error("cell %s: worker crashed: %s", job.cell_id, message)
+
+
+# ---------------------------------------------------------------------------- the runner
+def build_executor(spec: SweepSpec, sweep_dir: Path) -> Executor:
+    """The executor named in ``spec.executor`` (submitit's folder defaults into the sweep)."""
+    options = dict(spec.executor)
+    kind = options.pop("kind")
+    if kind == "submitit":
+        options.setdefault("folder", str(sweep_dir / "submitit"))
+        params = dict(options.get("parameters") or {})
+        params.setdefault("timeout_min", 24 * 60)  # submitit's defaults are a few minutes
+        options["parameters"] = params
+    return create_executor(kind, **options)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    executor: Executor | None = None,
+    entrypoint: str | Entrypoint | None = None,
+    retry_failed: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every cell of ``spec`` that has not finished yet; return the results table.
+
+    Args:
+        spec: the sweep.
+        out_dir: the sweep folder (default ``spec.output_dir()``).
+        executor: where cells run (default: built from ``spec.executor``).
+        entrypoint: overrides ``spec.entrypoint`` (a ``"module:function"`` string, or a
+            callable; with the ``process``/``submitit`` executors it must be picklable).
+        retry_failed: run failed cells again (default); False keeps their failed rows.
+        progress: show a progress bar.
+
+    Raises:
+        RuntimeError: another sweep is running in ``out_dir``.
+    """
+    from tqdm.auto import tqdm
+
+    sweep_dir = Path(out_dir) if out_dir is not None else spec.output_dir()
+    cells = spec.expand()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = file_lock(sweep_dir / ".sweep.lock", blocking=False)
+        lock.__enter__()
+    except BlockingIOError as e:
+        raise RuntimeError(f"another sweep is already running in {sweep_dir}") from e
+    try:
+        results.write_json(
+            sweep_dir / results.MANIFEST,
+            {"spec": spec.to_dict(), "cells": [c.settings() for c in cells], "written_at": _now()},
+        )
+        spec.to_yaml(sweep_dir / "sweep.yaml")
+        runtime = {"cache_dir": str(sweep_dir / "feature_cache")}
+        jobs = []
+        for cell in cells:
+            cell_dir = sweep_dir / results.CELLS_DIR / cell.cell_id
+            if (cell_dir / results.METRICS_FILE).exists():
+                continue
+            if (cell_dir / results.ERROR_FILE).exists() and not retry_failed:
+                continue
+            config = {**{k: v for k, v in runtime.items() if k not in cell.config}, **cell.config}
+            jobs.append(
+                CellJob(
+                    cell.cell_id,
+                    cell.settings(),
+                    config,
+                    str(cell_dir),
+                    entrypoint if entrypoint is not None else spec.entrypoint,
+                )
+            )
+        logger.info(
+            "sweep %s in %s: %d cells, %d to run", spec.name, sweep_dir, len(cells), len(jobs)
+        )
+        results.write_tables(sweep_dir)
+        executor = executor or build_executor(spec, sweep_dir)
+        outcomes = executor.map_unordered(execute_cell, jobs)
+        for job, outcome in tqdm(
+            outcomes, total=len(jobs), desc=f"sweep {spec.name}", disable=not progress
+        ):
+            if isinstance(outcome, BaseException):
+                _record_crash(job, outcome)
+            results.write_tables(sweep_dir)
+        return results.write_tables(sweep_dir)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def default_sweep() -> SweepSpec:
+    """The main job's sweep (``moe-vision sweep`` with no arguments), = ``sweeps/default.yaml``."""
+    return SweepSpec.from_dict(DEFAULT_SWEEP)
+
+
+DEFAULT_SWEEP: dict[str, Any] = {
+    "name": "default",
+    "experts": {"combinations": []},
+    "fusions": [],
+    "recipes": ["llava"],
+    "seeds": [0],
+}
+"""The default sweep as data (see :func:`default_sweep`)."""

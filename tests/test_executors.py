@@ -1,0 +1,73 @@
+"""Executors: inline, spawned processes (a crash stays with its item), submitit local."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from moe_vision.executors import (
+    InlineExecutor,
+    ProcessExecutor,
+    SubmititExecutor,
+    create_executor,
+    list_executors,
+)
+
+
+def square_or_fail(x: int) -> tuple[int, int]:
+    """Module-level (picklable): raises on 3, kills its own process on 4."""
+    if x == 3:
+        raise ValueError("three is bad")
+    if x == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x, os.getpid()
+
+
+def test_registry() -> None:
+    assert {"inline", "process", "submitit"} <= set(list_executors())
+    assert isinstance(create_executor("process", workers=2), ProcessExecutor)
+    with pytest.raises(KeyError, match="valid executors"):
+        create_executor("kubernetes")
+    with pytest.raises(TypeError, match="bad options"):
+        create_executor("inline", workers=3)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        ProcessExecutor(workers=0)
+
+
+def test_inline_runs_in_process_and_reports_exceptions() -> None:
+    out = dict(InlineExecutor().map_unordered(square_or_fail, [1, 2, 3]))
+    assert out[1] == (1, os.getpid()) and out[2] == (4, os.getpid())
+    assert isinstance(out[3], ValueError)
+
+
+def test_process_executor_isolates_a_crashing_item() -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    items = [1, 2, 3, 4, 5]
+    out = dict(ProcessExecutor(workers=2, threads=1).map_unordered(square_or_fail, items))
+    assert sorted(out) == items  # every item reported exactly once
+    for x in (1, 2, 5):
+        value, pid = out[x]
+        assert value == x * x and pid != os.getpid()
+    assert len({out[x][1] for x in (1, 2, 5)}) == 3  # a fresh process per item
+    assert isinstance(out[3], ValueError) and "three is bad" in str(out[3])
+    assert isinstance(out[4], BrokenProcessPool)  # the killed worker, and only that item
+
+
+def test_submitit_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the jobs unpickle this module's function: make the tests folder importable there
+    tests_dir = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    executor = SubmititExecutor(
+        folder=tmp_path / "jobs",
+        cluster="local",
+        parameters={"timeout_min": 5, "slurm_partition": "ignored-on-local"},
+        poll_s=0.2,
+    )
+    out = dict(executor.map_unordered(square_or_fail, [2, 3]))
+    assert out[2][0] == 4 and out[2][1] != os.getpid()
+    assert isinstance(out[3], Exception) and "three is bad" in str(out[3])
+    assert any((tmp_path / "jobs").iterdir())  # submitit's job files and logs
