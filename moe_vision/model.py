@@ -1,0 +1,525 @@
+"""The multimodal LLM: vision experts + fusion + projector + a Hugging Face causal LM.
+
+LLaVA-style assembly (Liu et al., *Visual Instruction Tuning*, 2023) with a mixture of vision
+experts in front (Eagle, Shi et al., arXiv 2408.15998; Cambrian-1, Tong et al., arXiv
+2406.16860)::
+
+    image --expert_i.preprocess--> inputs_i --expert_i--> FeatureMap_i (B, C_i, H_i, W_i)
+          --fusion--> (B, N, D) --projector--> visual tokens (B, N', D_llm)
+
+    prompt tokens (B, T) with one <image> id per row
+          --embed--> (B, T, D_llm) --splice visual tokens at <image>--> (B, T - 1 + N', D_llm)
+          --LLM (inputs_embeds)--> logits
+
+Labels are ``-100`` on the visual positions (the data already masks the prompt). Every part
+is built from :class:`ModelConfig` through the registries (``experts.create_expert``,
+``fusion.create_fusion``, ``fusion.create_projector``, :func:`moe_vision.llm.create_llm`);
+nothing here depends on which experts or LLM are used. Parameter names start with
+``experts.<i>.``, ``fusion.``, ``projector.`` and ``llm.`` (what training recipes match).
+
+``save_pretrained`` writes ``config.json`` (the :class:`ModelConfig`), ``model.safetensors``
+(every weight), ``llm/config.json`` (the LLM's architecture) and the tokenizer files, so that
+``from_pretrained`` rebuilds the model offline and exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from PIL import Image
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from experts import ExpertInputs, FeatureMap, collate_inputs, create_expert, get_spec, load_image
+from fusion import create_fusion, create_projector
+from moe_vision.data import IGNORE_INDEX
+from moe_vision.llm import create_llm, llm_from_saved, max_positions
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LLM_CONFIG_DIR = "llm"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a :class:`MoEVisionModel` (JSON/YAML friendly).
+
+    Attributes:
+        experts: expert preset names (``experts.list_experts()``), in fusion order.
+        expert_options: per-expert ``create_expert`` keyword arguments, keyed by preset name
+            (``input_size``, ``checkpoint``, ``pretrained``, ...).
+        fusion: fusion strategy (``fusion.list_fusions()``).
+        fusion_options: the strategy's config fields (``grid``, ``dim``, ...).
+        projector: projector (``fusion.list_projectors()``).
+        projector_options: the projector's extra keyword arguments.
+        llm: tiny preset (``moe_vision.llm.list_llms()``), hub id or local folder.
+        llm_options: config overrides for tiny LLM presets (``hidden_size``, ...).
+        image_token: the image placeholder in prompts.
+        max_length: longest sequence (text + visual tokens); ``None``: the LLM's own limit.
+    """
+
+    experts: list[str] = field(default_factory=lambda: ["clip-tiny"])
+    expert_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fusion: str = "channel_concat"
+    fusion_options: dict[str, Any] = field(default_factory=dict)
+    projector: str = "mlp2x_gelu"
+    projector_options: dict[str, Any] = field(default_factory=dict)
+    llm: str = "tiny-qwen2"
+    llm_options: dict[str, Any] = field(default_factory=dict)
+    image_token: str = "<image>"
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.experts, str):
+            self.experts = [self.experts]
+        self.experts = list(self.experts)
+        if not self.experts:
+            raise ValueError("ModelConfig.experts must name at least one expert")
+        unknown = sorted(set(self.expert_options) - set(self.experts))
+        if unknown:
+            raise ValueError(
+                f"ModelConfig.expert_options names experts {unknown} that are not in "
+                f"experts={self.experts}"
+            )
+        if self.max_length is not None and (
+            not isinstance(self.max_length, int) or self.max_length < 1
+        ):
+            raise ValueError(
+                f"ModelConfig.max_length must be a positive int or None, got {self.max_length!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of JSON types (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise with the valid ones listed."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(data) - valid)
+        if bad:
+            raise ValueError(f"unknown ModelConfig keys {bad}; valid keys are {sorted(valid)}")
+        return cls(**dict(data))
+
+
+def _without_weights(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in ("pretrained", "checkpoint", "device")}
+
+
+def _hf_checkpointing(module: PreTrainedModel, enable: bool) -> None:
+    """Switch a transformers model's activation checkpointing (v5 name, else the v4 one)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):
+        if enable:
+            module.activation_checkpointing_enable(kwargs)
+        else:
+            module.activation_checkpointing_disable()
+    elif enable:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_disable()
+
+
+class MoEVisionModel(nn.Module):
+    """Experts + fusion + projector + causal LM (see the module docstring).
+
+    Attributes:
+        config: the :class:`ModelConfig`.
+        experts: ``nn.ModuleList`` of :class:`experts.Expert`.
+        fusion: the :class:`fusion.Fusion` strategy.
+        projector: fused width to the LLM's width.
+        llm: the ``PreTrainedModel`` causal LM.
+        tokenizer: its tokenizer (``<image>`` is one special token).
+        num_visual_tokens: tokens one image becomes in the LLM's sequence.
+        max_length: longest sequence (text + visual tokens) the model accepts.
+        image_token_id: id of the placeholder.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        llm: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        load_checkpoints: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.experts = nn.ModuleList(
+            self._build_expert(name, load_checkpoints) for name in config.experts
+        )
+        specs = [e.spec for e in self.experts]
+        self.fusion = create_fusion(config.fusion, specs, **dict(config.fusion_options))
+        if llm is None or tokenizer is None:
+            llm, tokenizer = create_llm(config.llm, config.image_token, **config.llm_options)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        hidden = int(self.llm.get_input_embeddings().embedding_dim)
+        self.projector = create_projector(
+            config.projector,
+            int(self.fusion.out_dim),
+            hidden,
+            grid=self.fusion.out_grid,
+            **dict(config.projector_options),
+        )
+        self.num_visual_tokens = int(self.projector.num_tokens(self.fusion.num_tokens))
+        self.image_token_id = int(tokenizer.convert_tokens_to_ids(config.image_token))
+        if self.image_token_id == tokenizer.unk_token_id or self.image_token_id is None:
+            raise ValueError(f"the tokenizer has no {config.image_token!r} token")
+        self.max_length = self._resolve_max_length(config.max_length)
+        logger.info(
+            "built %s: experts %s, fusion %s, projector %s, LLM %s, %d visual tokens",
+            type(self).__name__,
+            config.experts,
+            config.fusion,
+            config.projector,
+            config.llm,
+            self.num_visual_tokens,
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: ModelConfig | Mapping[str, Any]) -> MoEVisionModel:
+        """Build from a :class:`ModelConfig` (or its dict); loads the checkpoints it names."""
+        if not isinstance(config, ModelConfig):
+            config = ModelConfig.from_dict(config)
+        return cls(config)
+
+    def _build_expert(self, name: str, load_checkpoints: bool) -> nn.Module:
+        options = dict(self.config.expert_options.get(name, {}))
+        if load_checkpoints:
+            return create_expert(name, **options)
+        # Weights come from the saved safetensors; keep the spec's checkpoint field as it was
+        # at training time so that feature-cache keys do not change.
+        expert = create_expert(name, **_without_weights(options))
+        ckpt = options.get("checkpoint")
+        if ckpt is None and options.get("pretrained"):
+            ckpt = get_spec(name, **_without_weights(options)).checkpoint
+        expert.spec = expert.spec.replace(checkpoint=ckpt)
+        return expert
+
+    def _resolve_max_length(self, requested: int | None) -> int:
+        limit = max_positions(self.llm)
+        if requested is None:
+            if limit is None:
+                raise ValueError(
+                    f"LLM {self.config.llm!r} does not state its maximum length; set "
+                    "ModelConfig.max_length"
+                )
+            return limit
+        if limit is not None and requested > limit:
+            raise ValueError(
+                f"ModelConfig.max_length={requested} exceeds what the LLM {self.config.llm!r} "
+                f"allows ({limit} positions)"
+            )
+        return int(requested)
+
+    @property
+    def preprocessors(self) -> list:
+        """One picklable ``PIL.Image -> ExpertInputs`` per expert (for data-loader workers)."""
+        return [e.preprocessor for e in self.experts]
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(
+        self,
+        images: Sequence[ExpertInputs] | None,
+        precomputed: Mapping[int, FeatureMap] | None = None,
+    ) -> torch.Tensor:
+        """Visual tokens ``(B, N', D_llm)``.
+
+        Args:
+            images: one batched input dict per expert (``collate`` output ``images``); may be
+                ``None`` when ``precomputed`` holds every expert's map.
+            precomputed: expert index -> its :class:`FeatureMap` ``(B, C, H, W)`` (from the
+                feature cache); those experts are not run.
+        """
+        precomputed = dict(precomputed or {})
+        missing = {i for i in range(len(self.experts)) if i not in precomputed}
+        missing = sorted(missing | self.fusion.staged_experts())
+        if images is None:
+            if missing:
+                names = [self.config.experts[i] for i in missing]
+                raise ValueError(
+                    f"encode_images: no images given and no precomputed maps for experts "
+                    f"{missing} ({names})"
+                )
+            images = [{} for _ in self.experts]
+        elif len(images) != len(self.experts):
+            raise ValueError(
+                f"encode_images: got inputs for {len(images)} experts, the model has "
+                f"{len(self.experts)} ({self.config.experts})"
+            )
+        fused = self.fusion.run(list(self.experts), list(images), precomputed)  # (B, N, D)
+        tokens = self.projector(fused)  # (B, N', D_llm)
+        return tokens.to(self.llm.get_input_embeddings().weight.dtype)
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Index ``(B,)`` of the single ``<image>`` token in each row of ``input_ids (B, T)``."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        is_image = input_ids == self.image_token_id
+        counts = is_image.sum(1)
+        bad = [(r, int(c)) for r, c in enumerate(counts.tolist()) if c != 1]
+        if bad:
+            raise ValueError(
+                f"every row needs exactly one {self.config.image_token!r} token "
+                f"(id {self.image_token_id}); (row, count) pairs that do not: {bad[:8]}"
+            )
+        return is_image.int().argmax(1)
+
+    def splice(
+        self,
+        input_ids: torch.Tensor,
+        visual: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replace each row's ``<image>`` token by the visual tokens.
+
+        Args:
+            input_ids: ``(B, T)``, one image token per row.
+            visual: ``(B, N, D)`` visual tokens.
+            attention_mask: ``(B, T)`` (``None``: all ones).
+            labels: ``(B, T)`` or ``None``.
+
+        Returns:
+            ``inputs_embeds (B, T - 1 + N, D)``, ``attention_mask (B, T - 1 + N)``, ``labels
+            (B, T - 1 + N)`` with ``-100`` on visual positions (or ``None``).
+        """
+        b, t = input_ids.shape
+        if visual.dim() != 3 or visual.shape[0] != b:
+            raise ValueError(
+                f"visual tokens must be (B={b}, N, D), got {tuple(visual.shape)}: "
+                "one image per row of input_ids"
+            )
+        n = visual.shape[1]
+        length = t - 1 + n
+        if length > self.max_length:
+            raise ValueError(
+                f"sequence too long: {t} text tokens with the image placeholder expanded to "
+                f"{n} visual tokens give {length} positions; the LLM allows {self.max_length}"
+            )
+        pos = self.image_positions(input_ids)[:, None]  # (B, 1)
+        j = torch.arange(length, device=input_ids.device)[None]  # (1, L)
+        is_visual = (j >= pos) & (j < pos + n)  # (B, L)
+        text_index = torch.where(j < pos, j, j - n + 1).clamp(0, t - 1)  # (B, L)
+        visual_index = (j - pos).clamp(0, n - 1)  # (B, L)
+        text = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
+        d = text.shape[-1]
+        if visual.shape[-1] != d:
+            raise ValueError(f"visual tokens have width {visual.shape[-1]}, the LLM takes {d}")
+        embeds = torch.where(
+            is_visual[..., None],
+            visual.gather(1, visual_index[..., None].expand(-1, -1, d)),
+            text.gather(1, text_index[..., None].expand(-1, -1, d)),
+        )  # (B, L, D)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = torch.where(is_visual, 1, attention_mask.gather(1, text_index))
+        if labels is not None:
+            labels = torch.where(is_visual, IGNORE_INDEX, labels.gather(1, text_index))
+        return embeds, mask, labels
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        images: Sequence[ExpertInputs] | None = None,
+        precomputed: Mapping[int, FeatureMap] | None = None,
+        **llm_kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Language-model output for a batch with one image per row.
+
+        Args:
+            input_ids: ``(B, T)`` with exactly one image token per row.
+            attention_mask: ``(B, T)``.
+            labels: ``(B, T)`` (``-100`` where not trained) or ``None``.
+            images: one batched input dict per expert.
+            precomputed: expert index -> cached :class:`FeatureMap`.
+            **llm_kwargs: passed to the LLM's forward.
+
+        Returns:
+            ``CausalLMOutputWithPast`` with ``logits (B, T - 1 + N, V)`` and ``loss`` when
+            ``labels`` is given.
+        """
+        self.image_positions(input_ids)  # fail on a bad prompt before running the experts
+        visual = self.encode_images(images, precomputed)
+        embeds, mask, labels = self.splice(input_ids, visual, attention_mask, labels)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
+
+    # ------------------------------------------------------------------ generation
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of a single-turn user ``prompt`` rendered with the chat template."""
+        count = prompt.count(self.config.image_token)
+        if count != 1:
+            raise ValueError(
+                f"a prompt needs exactly one {self.config.image_token!r} placeholder, found "
+                f"{count} in {prompt!r}"
+            )
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[Image.Image | str | os.PathLike[str]],
+        prompts: Sequence[str],
+        max_new_tokens: int = 16,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Greedy answers to one prompt per image (batched, left padding).
+
+        Args:
+            images: PIL images or image paths, one per prompt.
+            prompts: user turns, each with exactly one image placeholder.
+            max_new_tokens: generation budget per answer.
+            **generate_kwargs: passed to the LLM's ``generate``.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"generate: {len(images)} images but {len(prompts)} prompts")
+        if not prompts:
+            return []
+        ids = [self.prompt_ids(p) for p in prompts]
+        width = max(len(x) for x in ids)
+        pad = int(self.tokenizer.pad_token_id)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        pil = [load_image(im) for im in images]
+        inputs = [
+            {k: v.to(self.device) for k, v in collate_inputs([pre(im) for im in pil]).items()}
+            for pre in self.preprocessors
+        ]
+        was_training = self.training
+        self.eval()
+        try:
+            visual = self.encode_images(inputs)
+            embeds, mask, _ = self.splice(
+                input_ids.to(self.device), visual, attention.to(self.device)
+            )
+            eos = {int(self.tokenizer.eos_token_id)}
+            configured = self.llm.generation_config.eos_token_id
+            eos |= set(
+                configured
+                if isinstance(configured, list)
+                else [configured]
+                if configured is not None
+                else []
+            )
+            out = self.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=sorted(eos),
+                **generate_kwargs,
+            )
+        finally:
+            self.train(was_training)
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ memory
+    def gradient_checkpointing_enable(self) -> list[str]:
+        """Turn on activation checkpointing in the LLM and in every expert whose library
+        supports it (transformers ``gradient_checkpointing_enable``, timm/open_clip
+        ``set_grad_checkpointing``). Returns the names of the modules switched on."""
+        return self._set_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> list[str]:
+        """Undo :meth:`gradient_checkpointing_enable`."""
+        return self._set_checkpointing(False)
+
+    def _set_checkpointing(self, enable: bool) -> list[str]:
+        switched: list[str] = []
+
+        def visit(module: nn.Module, name: str) -> None:
+            if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+                _hf_checkpointing(module, enable)
+                switched.append(name)
+                return
+            if callable(getattr(module, "set_grad_checkpointing", None)):
+                module.set_grad_checkpointing(enable)
+                switched.append(name)
+                return
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name)
+
+        visit(self.llm, "llm")
+        for i, expert in enumerate(self.experts):
+            visit(expert, f"experts.{i}")
+        logger.info("gradient checkpointing %s in %s", "on" if enable else "off", switched)
+        return switched
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """True when the LLM runs with activation checkpointing."""
+        return bool(getattr(self.llm, "is_gradient_checkpointing", False))
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json``, ``model.safetensors``, ``llm/config.json`` and the tokenizer."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            safetensors.torch.save_model(self, tmp, metadata={"format": "pt"})
+            os.replace(tmp, out / WEIGHTS_NAME)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.llm.config.save_pretrained(out / LLM_CONFIG_DIR)
+        self.tokenizer.save_pretrained(out)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        os.replace(tmp, out / CONFIG_NAME)
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], device: str | torch.device | None = None
+    ) -> MoEVisionModel:
+        """Rebuild a model written by :meth:`save_pretrained` (offline; exact weights)."""
+        root = Path(directory)
+        for needed in (CONFIG_NAME, WEIGHTS_NAME, f"{LLM_CONFIG_DIR}/config.json"):
+            if not (root / needed).is_file():
+                raise FileNotFoundError(
+                    f"{root / needed} not found: is {root} a folder written by "
+                    "MoEVisionModel.save_pretrained?"
+                )
+        config = ModelConfig.from_dict(json.loads((root / CONFIG_NAME).read_text("utf-8")))
+        llm, tokenizer = llm_from_saved(root / LLM_CONFIG_DIR, root)
+        model = cls(config, llm=llm, tokenizer=tokenizer, load_checkpoints=False)
+        missing, unexpected = safetensors.torch.load_model(
+            model, root / WEIGHTS_NAME, strict=False, device=str(device or "cpu")
+        )
+        if missing or unexpected:
+            raise ValueError(
+                f"{root / WEIGHTS_NAME} does not fit the model of {root / CONFIG_NAME}: missing "
+                f"{sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}"
+            )
+        if device is not None:
+            model.to(device)
+        return model
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
