@@ -24,6 +24,7 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -95,10 +96,15 @@ class InlineExecutor(Executor):
 
 
 def _init_worker(threads: int) -> None:
-    """Worker initialiser: share the machine's cores among the concurrent workers."""
-    import torch
+    """Worker initialiser: share the machine's cores among the concurrent workers.
 
-    torch.set_num_threads(threads)
+    Sets the thread environment before torch is imported (torch reads it at start-up), so a
+    worker whose function never needs torch does not pay for importing it.
+    """
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 @register_executor("process")

@@ -578,14 +578,14 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     sweep_dir = Path(out_dir) if out_dir is not None else spec.output_dir()
-    cells = spec.expand()
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    lock = file_lock(sweep_dir / ".sweep.lock", blocking=False)
     try:
-        lock = file_lock(sweep_dir / ".sweep.lock", blocking=False)
         lock.__enter__()
     except BlockingIOError as e:
         raise RuntimeError(f"another sweep is already running in {sweep_dir}") from e
     try:
+        cells = spec.expand()
         results.write_json(
             sweep_dir / results.MANIFEST,
             {"spec": spec.to_dict(), "cells": [c.settings() for c in cells], "written_at": _now()},

@@ -1,0 +1,323 @@
+"""Sweep spec expansion, stable cell ids, the resumable runner, failures, kill + restart.
+
+The runner is exercised with :func:`fake_cell`, an injected entrypoint with the real
+signature ``(config, cell_dir) -> metrics`` that records each call, so these tests check the
+sweep machinery itself in seconds; ``tests/test_cli_sweep.py`` runs real cells.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_vision import results
+from moe_vision.executors import InlineExecutor, ProcessExecutor, SubmititExecutor
+from moe_vision.sweep import (
+    Cell,
+    ExpertCombos,
+    SweepSpec,
+    config_hash,
+    execute_cell,
+    run_sweep,
+)
+
+TESTS_DIR = Path(__file__).parent
+ENTRY = "test_sweep:fake_cell"  # workers import this module: keep its imports light
+
+
+@pytest.fixture(scope="module")
+def names() -> tuple[str, str, str]:
+    """Three registered expert names (the fake entrypoint never builds them)."""
+    import experts
+
+    found = list(dict.fromkeys(experts.list_experts("*-tiny") + experts.list_experts()))
+    assert len(found) >= 3, f"need 3 registered experts, found {found}"
+    return found[0], found[1], found[2]
+
+
+def fake_cell(config: dict, cell_dir: Path) -> dict:
+    """Injected entrypoint: logs the call, can block or fail, returns a deterministic row."""
+    with open(config["log"], "a") as f:
+        f.write(f"{cell_dir.name}\n")
+    fusion = config["model"]["fusion"]
+    if fusion == os.environ.get("FAKE_CELL_BLOCK"):
+        time.sleep(600)
+    if fusion == os.environ.get("FAKE_CELL_FAIL"):
+        raise RuntimeError(f"injected failure for {fusion}")
+    if fusion == os.environ.get("FAKE_CELL_DIE"):
+        os._exit(3)
+    n = len(config["model"]["experts"])
+    acc = 0.2 * n + (0.1 if fusion == "channel_concat" else 0.0) + 0.01 * config["seed"]
+    return {
+        "accuracy/color": acc,
+        "accuracy/ocr": acc / 2,
+        "accuracy/overall": 0.75 * acc,
+        "params_total": 1000 * n,
+        "params_trainable": 10 * n,
+        "visual_tokens": 16 * n,
+        "train_time_s": 0.01,
+        "throughput_samples_s": 1.0,
+        "peak_memory_mb": 1.0,
+    }
+
+
+def _spec(tmp_path: Path, names: tuple[str, str, str]) -> SweepSpec:
+    A, B, _ = names
+    return SweepSpec.from_dict(
+        {
+            "name": "t",
+            "experts": {"combinations": [[A], [A, B]]},
+            "fusions": ["channel_concat", "sequence_append"],
+            "recipes": ["llava"],
+            "seeds": [0],
+            "train": {"log": str(tmp_path / "calls.log")},
+            "entrypoint": ENTRY,
+        }
+    )
+
+
+def _calls(tmp_path: Path) -> list[str]:
+    path = tmp_path / "calls.log"
+    return path.read_text().split() if path.exists() else []
+
+
+# ---------------------------------------------------------------------------- spec
+def test_expert_combos_pool_k_base(names: tuple[str, str, str]) -> None:
+    A, B, C = names
+    combos = ExpertCombos(pool=[A, B, C], k=[2], base=A).expand()
+    assert combos == [(A, B), (A, C)] if C != B else [(A, B)]
+    combos = ExpertCombos(combinations=[[B], [A, B]], pool=[A, B], base=A).expand()
+    assert combos == [(A, B), (A,)]  # base first; [A, B] deduplicated; sizes 1..2
+    assert ExpertCombos(pool=[A, B], k=[1, 2]).expand() == [(A,), (B,), (A, B)]
+    with pytest.raises(ValueError, match=r"experts.k=4 is impossible"):
+        ExpertCombos(pool=[A, B], k=[4]).expand()
+    with pytest.raises(ValueError, match="repeats an expert"):
+        ExpertCombos(combinations=[[A, A]]).expand()
+    with pytest.raises(ValueError, match="no expert combinations"):
+        ExpertCombos().expand()
+
+
+def test_spec_yaml_round_trip_and_expansion(tmp_path: Path, names: tuple[str, str, str]) -> None:
+    A, B, C = names
+    text = f"""
+name: demo
+experts: {{base: {A}, pool: [{B}], k: [1, 2]}}
+fusions:
+  - channel_concat
+  - {{name: sequence_append, options: {{dim: 32}}, label: seq32}}
+recipe: llava
+seeds: [0, 1]
+model: {{llm: tiny-qwen2, fusion_options: {{align: bilinear}}}}
+executor: process
+"""
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    spec = SweepSpec.from_yaml(path)
+    assert spec.executor == {"kind": "process"} and spec.recipes == ["llava"]
+    cells = spec.expand()
+    assert len(cells) == 2 * 2 * 1 * 2
+    assert [c.experts for c in cells[:4]] == [(A,)] * 4
+    seq = [c for c in cells if c.fusion == "seq32"][0]
+    assert seq.config["model"]["fusion"] == "sequence_append"
+    assert seq.config["model"]["fusion_options"] == {"align": "bilinear", "dim": 32}
+    assert seq.config["model"]["llm"] == "tiny-qwen2" and seq.config["recipe"] == "llava"
+    assert seq.name == f"{A}__seq32__llava__s{seq.seed}"
+    # round trip, stable ids
+    again = SweepSpec.from_dict(yaml.safe_load(spec.to_yaml()))
+    assert again == spec
+    assert [c.cell_id for c in again.expand()] == [c.cell_id for c in cells]
+    assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_cell_id_is_a_hash_of_the_resolved_config(names: tuple[str, str, str]) -> None:
+    A, B, C = names
+    cfg = {"model": {"experts": [A], "fusion": "channel_concat"}, "seed": 0}
+    cell = Cell((A,), "channel_concat", {}, "llava", 0, cfg)
+    assert cell.cell_id.startswith(f"{A}__channel_concat__llava__s0-")
+    assert cell.cell_id.endswith(config_hash(cfg)[:10])
+    # key order does not matter, a value does, a runtime location does not
+    reordered = {"seed": 0, "model": {"fusion": "channel_concat", "experts": [A]}}
+    assert config_hash(reordered) == config_hash(cfg)
+    assert config_hash({**cfg, "seed": 1}) != config_hash(cfg)
+    assert config_hash({**cfg, "cache_dir": "/elsewhere"}) == config_hash(cfg)
+
+
+def test_spec_bad_input_errors(tmp_path: Path, names: tuple[str, str, str]) -> None:
+    A, B, C = names
+    base = {"experts": [[A]], "fusions": ["channel_concat"]}
+    with pytest.raises(ValueError, match=r"unknown keys \['fusoins'\]"):
+        SweepSpec.from_dict({**base, "fusoins": []})
+    with pytest.raises(KeyError, match="unknown experts.*valid experts are"):
+        SweepSpec.from_dict({**base, "experts": [["no-such-expert"]]}).expand()
+    with pytest.raises(KeyError, match="unknown fusions.*valid fusions are"):
+        SweepSpec.from_dict({**base, "fusions": ["concat"]}).expand()
+    with pytest.raises(KeyError, match="unknown recipe"):
+        SweepSpec.from_dict({**base, "recipes": ["nope"]}).expand()
+    with pytest.raises(ValueError, match="labels .* repeat"):
+        SweepSpec.from_dict({**base, "fusions": ["channel_concat", "channel_concat"]}).expand()
+    with pytest.raises(ValueError, match="model.experts is set per cell"):
+        SweepSpec.from_dict({**base, "model": {"experts": [A]}})
+    with pytest.raises(ValueError, match="has no 'name'"):
+        SweepSpec.from_dict({**base, "fusions": [{"options": {}}]})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SweepSpec.from_yaml(tmp_path / "missing.yaml")
+    spec = SweepSpec.from_dict(base).with_overrides({"model.llm": "tiny-llama", "seeds": [3]})
+    assert spec.model == {"llm": "tiny-llama"} and spec.seeds == [3]
+
+
+# ---------------------------------------------------------------------------- runner
+def test_sweep_runs_records_failures_and_resumes(
+    tmp_path: Path, names: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_CELL_FAIL", "sequence_append")
+    spec = _spec(tmp_path, names)
+    out = tmp_path / "sweep"
+    df = run_sweep(spec, out, progress=False)
+    assert len(df) == 4 and len(_calls(tmp_path)) == 4
+    ok, failed = df[df.status == "ok"], df[df.status == "failed"]
+    assert list(ok.fusion) == ["channel_concat"] * 2
+    assert len(failed) == 2
+    assert all(e == "RuntimeError: injected failure for sequence_append" for e in failed.error)
+    err = results.read_json(out / "cells" / failed.cell_id.iloc[0] / results.ERROR_FILE)
+    assert "Traceback" in err["traceback"] and "fake_cell" in err["traceback"]
+    assert ok["accuracy/overall"].tolist() == pytest.approx([0.225, 0.375])
+    assert (out / results.TABLE_CSV).exists() and (out / results.TABLE_PARQUET).exists()
+    cfg = results.read_json(out / "cells" / ok.cell_id.iloc[0] / results.CELL_FILE)["config"]
+    assert cfg["cache_dir"] == str(out / "feature_cache")  # shared feature cache
+
+    # resume without retrying: nothing runs again, the same rows
+    again = run_sweep(spec, out, retry_failed=False, progress=False)
+    assert len(_calls(tmp_path)) == 4
+    assert list(again.cell_id) == list(df.cell_id)
+    # the cause fixed: only the failed cells run again, and their rows turn ok
+    monkeypatch.delenv("FAKE_CELL_FAIL")
+    again = run_sweep(spec, out, progress=False)  # retry_failed=True
+    assert len(_calls(tmp_path)) == 6
+    assert sorted(_calls(tmp_path)[4:]) == sorted(failed.cell_id)
+    assert list(again.cell_id) == list(df.cell_id) and (again.status == "ok").all()
+    assert not (out / "cells" / failed.cell_id.iloc[0] / results.ERROR_FILE).exists()
+
+
+def test_rows_exactly_once_after_kill_and_restart(
+    tmp_path: Path, names: tuple[str, str, str]
+) -> None:
+    spec = _spec(tmp_path, names)
+    out = tmp_path / "sweep"
+    spec_path = tmp_path / "spec.yaml"
+    spec.to_yaml(spec_path)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "FAKE_CELL_BLOCK": "sequence_append",  # the 2nd cell hangs until killed
+    }
+    code = (
+        "import sys; from moe_vision.sweep import SweepSpec, run_sweep; "
+        "run_sweep(SweepSpec.from_yaml(sys.argv[1]), sys.argv[2], progress=False)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(spec_path), str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while len(_calls(tmp_path)) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the sweep did not reach its 2nd cell"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first, killed = _calls(tmp_path)
+    partial = results.load(out)
+    assert list(partial.cell_id) == [first]  # the killed cell has no row yet
+    assert (out / "cells" / killed / results.CELL_FILE).exists()
+
+    df = run_sweep(spec, out, progress=False)  # restart in this process (no blocking)
+    calls = _calls(tmp_path)
+    assert calls.count(first) == 1 and calls.count(killed) == 2
+    assert len(df) == 4 and df.cell_id.is_unique and (df.status == "ok").all()
+    assert sorted(df.cell_id) == sorted(c.cell_id for c in spec.expand())
+    assert len(results.load(out / results.TABLE_CSV)) == 4
+
+
+def test_sweep_lock_refuses_a_second_runner(tmp_path: Path, names: tuple[str, str, str]) -> None:
+    from moe_vision.sweep import file_lock
+
+    out = tmp_path / "sweep"
+    with file_lock(out / ".sweep.lock"):
+        code = (
+            "import sys; from moe_vision.sweep import SweepSpec, run_sweep; "
+            "run_sweep(SweepSpec.from_yaml(sys.argv[1]), sys.argv[2], progress=False)"
+        )
+        spec_path = tmp_path / "spec.yaml"
+        _spec(tmp_path, names).to_yaml(spec_path)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(spec_path), str(out)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(TESTS_DIR)},
+        )
+    assert proc.returncode != 0 and "another sweep is already running" in proc.stderr
+    assert _calls(tmp_path) == []
+
+
+def test_process_executor_sweep_records_a_dead_worker(
+    tmp_path: Path, names: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_CELL_DIE", "sequence_append")
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+    spec = _spec(tmp_path, names)
+    out = tmp_path / "sweep"
+    df = run_sweep(spec, out, executor=ProcessExecutor(workers=2, threads=1), progress=False)
+    assert len(df) == 4 and df.cell_id.is_unique
+    assert (df[df.fusion == "channel_concat"].status == "ok").all()
+    dead = df[df.fusion == "sequence_append"]
+    assert (dead.status == "failed").all()
+    assert all(e.startswith("worker crashed: BrokenProcessPool") for e in dead.error)
+
+
+def test_submitit_local_sweep(
+    tmp_path: Path, names: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    A, B, C = names
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+    monkeypatch.setenv("FAKE_CELL_FAIL", "sequence_append")
+    spec = _spec(tmp_path, names)
+    spec.experts = ExpertCombos(combinations=[[A]])
+    executor = SubmititExecutor(tmp_path / "jobs", cluster="local", poll_s=0.2)
+    df = run_sweep(spec, tmp_path / "sweep", executor=executor, progress=False)
+    assert list(df.status) == ["ok", "failed"]
+    assert df.error.iloc[1] == "RuntimeError: injected failure for sequence_append"
+
+
+def test_execute_cell_returns_finished_cell_without_running(
+    tmp_path: Path, names: tuple[str, str, str]
+) -> None:
+    cell = _spec(tmp_path, names).expand()[0]
+    from moe_vision.sweep import CellJob
+
+    job = CellJob(cell.cell_id, cell.settings(), cell.config, str(tmp_path / "c"), ENTRY)
+    first = execute_cell(job)
+    second = execute_cell(job)
+    assert first == second and first["status"] == "ok"
+    assert len(_calls(tmp_path)) == 1
+    bad = CellJob(cell.cell_id, cell.settings(), cell.config, str(tmp_path / "d"), "nomodule")
+    row = execute_cell(bad)
+    assert row["status"] == "failed" and "module:function" in row["error"]
+
+
+def test_inline_is_the_default_executor(tmp_path: Path, names: tuple[str, str, str]) -> None:
+    spec = _spec(tmp_path, names)
+    assert spec.executor == {"kind": "inline"}
+    from moe_vision.sweep import build_executor
+
+    assert isinstance(build_executor(spec, tmp_path), InlineExecutor)
+    sub = build_executor(spec.with_overrides({"executor": {"kind": "submitit"}}), tmp_path)
+    assert sub.folder == tmp_path / "submitit" and sub.parameters["timeout_min"] >= 60
