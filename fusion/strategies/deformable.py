@@ -8,7 +8,8 @@ per head in every expert's map::
 
     expert i map (B, C_i, H_i, W_i) --Linear_i--> (B, H_i*W_i, D) + level_embed[i]  (level i)
                                           \\ concatenated levels: memory (B, sum H_i*W_i, D)
-    queries (B, Gh*Gw, D): base expert aligned to (Gh, Gw) + Linear, or learned;
+    queries (B, Gh*Gw, D): base expert aligned to (Gh, Gw), Linear, + pos; or learned (then
+    pos = 0: learned queries are per cell already);
     reference point of query (y, x) = cell centre ((x+.5)/Gw, (y+.5)/Gh), scaled per level by
     the level's valid ratio (ragged Pix2Struct maps: the image fills the top-left part).
 
@@ -172,14 +173,15 @@ class DeformableLayer(nn.Module):
     def forward(
         self,
         query: torch.Tensor,
-        pos: torch.Tensor,
+        pos: torch.Tensor | None,
         reference_points: torch.Tensor,
         memory: torch.Tensor,
         shapes: Sequence[tuple[int, int]],
         memory_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``query (B, Q, D)``, ``pos (1, Q, D)`` -> ``(B, Q, D)``."""
-        attn = self.attn(query + pos, reference_points, memory, shapes, memory_mask)
+        """``query (B, Q, D)``, ``pos (1, Q, D)`` or None -> ``(B, Q, D)``."""
+        offset_query = query if pos is None else query + pos
+        attn = self.attn(offset_query, reference_points, memory, shapes, memory_mask)
         query = self.norm1(query + self.dropout(attn))
         return self.norm2(query + self.dropout(self.ffn(query)))
 
@@ -188,8 +190,11 @@ def _check_config(cfg: DeformableConfig, specs: Sequence[ExpertSpec]) -> None:
     problems = []
     if cfg.queries not in QUERY_MODES:
         problems.append(f"queries={cfg.queries!r} (expected one of {QUERY_MODES})")
-    if not 0 <= cfg.base_expert < len(specs):
-        problems.append(f"base_expert={cfg.base_expert} (expected 0..{len(specs) - 1})")
+    if not -len(specs) <= cfg.base_expert < len(specs):
+        problems.append(
+            f"base_expert={cfg.base_expert} (expected an index into the {len(specs)} experts "
+            f"{[s.name for s in specs]})"
+        )
     if cfg.offset_init not in OFFSET_INITS:
         problems.append(f"offset_init={cfg.offset_init!r} (expected one of {OFFSET_INITS})")
     if cfg.align not in ALIGN_METHODS:
@@ -218,7 +223,8 @@ class DeformableFusion(Fusion):
         super().__init__(specs, config)
         cfg = self.config
         _check_config(cfg, self.specs)
-        base = self.specs[cfg.base_expert]
+        self.base_expert = cfg.base_expert % len(self.specs)
+        base = self.specs[self.base_expert]
         self.grid: tuple[int, int] = tuple(cfg.grid) if cfg.grid is not None else tuple(base.grid)
         dim = cfg.dim if cfg.dim is not None else base.channels
         if dim % cfg.num_heads:
@@ -236,11 +242,13 @@ class DeformableFusion(Fusion):
                 msg = f"fusion 'deformable': base expert {base.name!r}: {err}"
                 raise FusionConfigError(msg) from err
             self.query_proj: nn.Module | None = nn.Linear(in_ch, dim)
-            self.query_embed = None
+            # Added to the initial queries and, as in Deformable DETR, to every layer's
+            # offset/weight input.
+            self.query_pos: nn.Parameter | None = nn.Parameter(torch.randn(1, n, dim) * 0.02)
+            self.query_embed: nn.Parameter | None = None
         else:
-            self.query_proj = None
+            self.query_proj, self.query_pos = None, None
             self.query_embed = nn.Parameter(torch.randn(n, dim) * 0.02)
-        self.query_pos = nn.Parameter(torch.randn(1, n, dim) * 0.02)
         self.input_proj = nn.ModuleList(nn.Linear(s.channels, dim) for s in self.specs)
         self.level_embed = nn.Parameter(torch.randn(len(self.specs), dim) * 0.02)
         self.layers = nn.ModuleList(
@@ -272,8 +280,8 @@ class DeformableFusion(Fusion):
         b = maps[0].features.shape[0]
         if self.query_proj is None:
             return self.query_embed.unsqueeze(0).expand(b, -1, -1)
-        base = align_to_grid(maps[self.config.base_expert], self.grid, self.config.align)
-        return self.query_proj(base.tokens())
+        base = align_to_grid(maps[self.base_expert], self.grid, self.config.align)
+        return self.query_proj(base.tokens()) + self.query_pos
 
     def memory(self, maps: Sequence[FeatureMap]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Levels projected and flattened: ``(B, S, D)`` and a ``(B, S)`` mask (or None)."""
