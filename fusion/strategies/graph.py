@@ -26,6 +26,7 @@ the readout, so padding never leaks; a cell where no expert is valid reads out z
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,8 +122,11 @@ def batch_edges(
 
 
 def _conv_class(name: str) -> type[nn.Module]:
-    # Imported here: torch-geometric takes seconds to import, only graph fusion needs it.
-    from torch_geometric.nn import GATConv, GATv2Conv
+    # Imported here: torch-geometric takes seconds to import, only graph fusion needs it. Its
+    # import-time use of the deprecated torch.jit.script is library noise, not the user's.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        from torch_geometric.nn import GATConv, GATv2Conv
 
     return {"gatv2": GATv2Conv, "gat": GATConv}[name]
 
