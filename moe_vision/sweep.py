@@ -20,7 +20,7 @@ encoder-combination study), as data:
     seeds: [0, 1]
     model: {llm: tiny-qwen2}     # shared ModelConfig fields
     data: {}                     # shared DataConfig fields
-    train: {}                    # other RunConfig fields
+    run: {overrides: {"*": {max_steps: 20}}, train: {progress_bar: false}}  # other RunConfig
     executor: {kind: process, workers: 2}
 
 :meth:`SweepSpec.expand` turns a spec into :class:`Cell` objects whose id is a readable name
@@ -62,9 +62,19 @@ from moe_vision.executors import Executor, create_executor
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENTRYPOINT = "moe_vision.sweep:run_cell"
-RUNTIME_KEYS: frozenset[str] = frozenset({"cache_dir"})
-"""Top-level run-config keys that say *where* a cell runs, not *what* it computes: they are
-left out of the cell id's hash (a feature-cache folder does not change the results)."""
+RUNTIME_KEYS: frozenset[str] = frozenset(
+    {
+        "cache_dir",
+        "train.progress_bar",
+        "train.num_workers",
+        "train.log_with",
+        "train.log_every",
+        "train.keep_checkpoints",
+    }
+)
+"""Dotted run-config keys that say *where* or *how visibly* a cell runs, not *what* it
+computes: they are left out of the cell id's hash (moving the feature cache or turning off
+progress bars does not make a finished cell stale)."""
 
 Entrypoint = Callable[[dict[str, Any], Path], Mapping[str, Any]]
 """``(run_config_dict, cell_dir) -> metrics row``: what a sweep runs for each cell."""
@@ -193,7 +203,8 @@ class SweepSpec:
         seeds: random seeds; each is a separate cell.
         model: shared :class:`moe_vision.model.ModelConfig` fields (not ``experts``/``fusion``).
         data: shared data config (:class:`moe_vision.run.DataConfig` fields).
-        train: other shared :class:`moe_vision.run.RunConfig` fields.
+        run: other shared :class:`moe_vision.run.RunConfig` fields (``overrides`` of the
+            recipe's stages, ``train`` options, ``eval_batch_size``, ``cache_dir``...).
         executor: ``{"kind": "inline" | "process" | "submitit", **options}``
             (:mod:`moe_vision.executors`).
         entrypoint: ``"module:function"`` run for each cell, ``(config, cell_dir) -> row``.
@@ -207,7 +218,7 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
     executor: dict[str, Any] = field(default_factory=lambda: {"kind": "inline"})
     entrypoint: str = DEFAULT_ENTRYPOINT
     output: str | None = None
@@ -224,7 +235,7 @@ class SweepSpec:
                     raise ValueError(f"sweep spec: give {single!r} or {plural!r}, not both")
                 data[plural] = data.pop(single)
         _check_keys(data, [f.name for f in dataclasses.fields(cls)], "the sweep spec")
-        for key in ("model", "data", "train"):
+        for key in ("model", "data", "run"):
             if key in data and not isinstance(data[key] or {}, Mapping):
                 raise TypeError(f"sweep spec: {key} must be a mapping of options")
         for key in ("experts", "fusion"):
@@ -244,7 +255,7 @@ class SweepSpec:
             seeds=[int(s) for s in _as_list(data.get("seeds", [0]), "seeds")],
             model=dict(data.get("model") or {}),
             data=dict(data.get("data") or {}),
-            train=dict(data.get("train") or {}),
+            run=dict(data.get("run") or {}),
             executor=dict(executor),
             entrypoint=str(data.get("entrypoint", DEFAULT_ENTRYPOINT)),
             output=data.get("output"),
@@ -278,7 +289,7 @@ class SweepSpec:
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> SweepSpec:
         """A copy with dotted-key overrides applied, e.g. ``{"model.llm": "tiny-llama",
-        "train.epochs": 2}`` (the ``--set`` flag of ``moe-vision sweep``)."""
+        "run.seed": 2}`` (the ``--set`` flag of ``moe-vision sweep``)."""
         data = self.to_dict()
         for dotted, value in overrides.items():
             keys = dotted.split(".")
@@ -329,15 +340,22 @@ class SweepSpec:
             raise ValueError("sweep spec: no seeds; give 'seeds'")
 
     def expand(self) -> list[Cell]:
-        """The sweep's cells, in order experts x fusions x recipes x seeds."""
+        """The sweep's cells, in order experts x fusions x recipes x seeds.
+
+        When the entrypoint has a ``resolve_config(config) -> dict`` attribute (the default
+        :func:`run_cell` does: :class:`~moe_vision.run.RunConfig` defaults filled in, the recipe
+        expanded), each cell's config is resolved with it, so a bad option fails here, before
+        any cell runs, and the cell id hashes everything that defines the run.
+        """
         self.validate()
+        resolve = getattr(resolve_entrypoint(self.entrypoint), "resolve_config", None)
         cells = []
         for combo, choice, recipe, seed in itertools.product(
             self.experts.expand(), self.fusions, self.recipes, self.seeds
         ):
             fusion_options = {**(self.model.get("fusion_options") or {}), **choice.options}
             config = {
-                **copy.deepcopy(self.train),
+                **copy.deepcopy(self.run),
                 "model": {
                     **copy.deepcopy(self.model),
                     "experts": list(combo),
@@ -348,6 +366,8 @@ class SweepSpec:
                 "data": copy.deepcopy(self.data),
                 "seed": seed,
             }
+            if resolve is not None:
+                config = resolve(config)
             cells.append(
                 Cell(
                     experts=combo,
@@ -372,7 +392,14 @@ def _slug(text: str, limit: int = 80) -> str:
 
 def config_hash(config: Mapping[str, Any]) -> str:
     """Stable hash of a run config (canonical JSON, sorted keys, ``RUNTIME_KEYS`` left out)."""
-    identity = {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
+    identity = copy.deepcopy(dict(config))
+    for dotted in RUNTIME_KEYS:
+        *parents, last = dotted.split(".")
+        node: Any = identity
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -453,6 +480,17 @@ def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
     from moe_vision.run import RunConfig, run_experiment
 
     return run_experiment(RunConfig.from_dict(config), cell_dir, resume=True)
+
+
+def resolve_run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A cell's config as :func:`run_cell` will run it: every ``RunConfig`` default filled in
+    and the recipe expanded with its overrides (so editing a recipe YAML changes the id)."""
+    from moe_vision.run import RunConfig
+
+    return RunConfig.from_dict(config).to_dict(resolve=True)
+
+
+run_cell.resolve_config = resolve_run_config  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -591,7 +629,6 @@ def run_sweep(
             {"spec": spec.to_dict(), "cells": [c.settings() for c in cells], "written_at": _now()},
         )
         spec.to_yaml(sweep_dir / "sweep.yaml")
-        runtime = {"cache_dir": str(sweep_dir / "feature_cache")}
         jobs = []
         for cell in cells:
             cell_dir = sweep_dir / results.CELLS_DIR / cell.cell_id
@@ -599,12 +636,11 @@ def run_sweep(
                 continue
             if (cell_dir / results.ERROR_FILE).exists() and not retry_failed:
                 continue
-            config = {**{k: v for k, v in runtime.items() if k not in cell.config}, **cell.config}
             jobs.append(
                 CellJob(
                     cell.cell_id,
                     cell.settings(),
-                    config,
+                    cell.config,
                     str(cell_dir),
                     entrypoint if entrypoint is not None else spec.entrypoint,
                 )

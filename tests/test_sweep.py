@@ -77,7 +77,7 @@ def _spec(tmp_path: Path, names: tuple[str, str, str]) -> SweepSpec:
             "fusions": ["channel_concat", "sequence_append"],
             "recipes": ["llava"],
             "seeds": [0],
-            "train": {"log": str(tmp_path / "calls.log")},
+            "run": {"log": str(tmp_path / "calls.log")},
             "entrypoint": ENTRY,
         }
     )
@@ -127,7 +127,10 @@ executor: process
     seq = [c for c in cells if c.fusion == "seq32"][0]
     assert seq.config["model"]["fusion"] == "sequence_append"
     assert seq.config["model"]["fusion_options"] == {"align": "bilinear", "dim": 32}
-    assert seq.config["model"]["llm"] == "tiny-qwen2" and seq.config["recipe"] == "llava"
+    assert seq.config["model"]["llm"] == "tiny-qwen2" and seq.recipe == "llava"
+    # resolved through RunConfig: the recipe expanded, defaults filled in
+    assert seq.config["recipe"]["name"] == "llava" and "stages" in seq.config["recipe"]
+    assert seq.config["model"]["projector"] == "mlp2x_gelu" and "train" in seq.config
     assert seq.name == f"{A}__seq32__llava__s{seq.seed}"
     # round trip, stable ids
     again = SweepSpec.from_dict(yaml.safe_load(spec.to_yaml()))
@@ -147,6 +150,9 @@ def test_cell_id_is_a_hash_of_the_resolved_config(names: tuple[str, str, str]) -
     assert config_hash(reordered) == config_hash(cfg)
     assert config_hash({**cfg, "seed": 1}) != config_hash(cfg)
     assert config_hash({**cfg, "cache_dir": "/elsewhere"}) == config_hash(cfg)
+    quiet = {**cfg, "train": {"progress_bar": False, "lr": 1}}
+    assert config_hash(quiet) == config_hash({**cfg, "train": {"lr": 1}})
+    assert config_hash(quiet) != config_hash({**cfg, "train": {"lr": 2}})
 
 
 def test_spec_bad_input_errors(tmp_path: Path, names: tuple[str, str, str]) -> None:
@@ -190,7 +196,7 @@ def test_sweep_runs_records_failures_and_resumes(
     assert ok["accuracy/overall"].tolist() == pytest.approx([0.225, 0.375])
     assert (out / results.TABLE_CSV).exists() and (out / results.TABLE_PARQUET).exists()
     cfg = results.read_json(out / "cells" / ok.cell_id.iloc[0] / results.CELL_FILE)["config"]
-    assert cfg["cache_dir"] == str(out / "feature_cache")  # shared feature cache
+    assert cfg == spec.expand()[0].config  # the cell folder holds its run config
 
     # resume without retrying: nothing runs again, the same rows
     again = run_sweep(spec, out, retry_failed=False, progress=False)
