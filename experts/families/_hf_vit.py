@@ -79,7 +79,10 @@ def stage_groups(depth: int, num_stages: int) -> list[range]:
 
 
 def check_state_dict(
-    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: str
+    expected: Mapping[str, torch.Tensor],
+    found: Mapping[str, torch.Tensor],
+    source: str,
+    expert: str = "",
 ) -> None:
     """Raise ``ValueError`` naming missing/unexpected keys and shape mismatches.
 
@@ -87,6 +90,7 @@ def check_state_dict(
         expected: the expert's own ``state_dict()``.
         found: the checkpoint's tensors.
         source: the checkpoint's name, for the message.
+        expert: the expert's preset name, for the message.
     """
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -109,8 +113,9 @@ def check_state_dict(
         parts.append(f"{len(missing)} missing keys [{head(missing)}]")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys [{head(unexpected)}]")
+    who = f"expert {expert!r}: " if expert else ""
     raise ValueError(
-        f"checkpoint {source} does not fit the expert's architecture: " + "; ".join(parts)
+        f"{who}checkpoint {source} does not fit the expert's architecture: " + "; ".join(parts)
     )
 
 
@@ -365,7 +370,7 @@ class HFViTExpert(ViTExpert):
         """
         local = looks_local(checkpoint)
         if local:
-            folder = Path(checkpoint).expanduser()
+            folder = Path(checkpoint).expanduser().absolute()
             if not folder.is_dir():
                 raise FileNotFoundError(
                     f"expert {self.spec.name!r}: checkpoint folder {folder} not found; expected a "
@@ -392,15 +397,18 @@ class HFViTExpert(ViTExpert):
                 f"{type(err).__name__}: {err}. Fetch it with `hf download {checkpoint}` on a "
                 f"machine with access, or pass a local save_pretrained folder."
             ) from err
-        if info.get("missing_keys") or info.get("mismatched_keys"):
+        missing = sorted(info.get("missing_keys") or [])
+        mismatched = list(info.get("mismatched_keys") or [])
+        if missing or mismatched:
+            what = [f"{len(missing)} missing keys {missing[:5]}"] if missing else []
+            what += [f"{len(mismatched)} mismatched keys {mismatched[:5]}"] if mismatched else []
             raise ValueError(
-                f"expert {self.spec.name!r}: checkpoint {checkpoint} is incomplete: missing keys "
-                f"{sorted(info.get('missing_keys', []))[:5]}, mismatched "
-                f"{list(info.get('mismatched_keys', []))[:5]}"
+                f"expert {self.spec.name!r}: checkpoint {checkpoint} is incomplete: "
+                + "; ".join(what)
             )
         self._check_config(loaded.config, checkpoint)
         state = loaded.state_dict()
-        check_state_dict(self.model.state_dict(), state, str(checkpoint))
+        check_state_dict(self.model.state_dict(), state, str(checkpoint), self.spec.name)
         self.model.load_state_dict(state, strict=True)
         logger.info("expert %s: loaded %s", self.spec.name, checkpoint)
 

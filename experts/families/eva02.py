@@ -94,13 +94,13 @@ class EVA02Expert(ViTExpert):
         if not looks_local(checkpoint):
             self._load_pretrained(checkpoint)
             return
-        state = self._read_file(Path(checkpoint).expanduser())
+        state = self._read_file(Path(checkpoint).expanduser().absolute())
         classifier = self.model.pretrained_cfg.get("classifier")
         if classifier and getattr(self.model, "num_classes", 0) == 0:
             dropped = [k for k in state if k.split(".")[0] == classifier]
             for k in dropped:  # this expert has no classifier head (num_classes=0)
                 state.pop(k)
-        check_state_dict(self.model.state_dict(), state, str(checkpoint))
+        check_state_dict(self.model.state_dict(), state, str(checkpoint), self.spec.name)
         self.model.load_state_dict(state, strict=True)
         logger.info("expert %s: loaded %s", self.spec.name, checkpoint)
 
