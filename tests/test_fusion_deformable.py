@@ -192,8 +192,12 @@ def test_defaults_follow_base_expert() -> None:
     assert negative.base_expert == 1 and negative.out_grid == (8, 6)
 
 
-def test_padded_cells_do_not_leak() -> None:
-    fuse = fusion.create_fusion("deformable", SPECS, grid=(4, 4), dim=16, num_heads=4).eval()
+@pytest.mark.parametrize("base_expert", [0, 2])
+def test_padded_cells_do_not_leak(base_expert: int) -> None:
+    """Also when the ragged expert is the base, at its own grid (alignment is a no-op)."""
+    fuse = fusion.create_fusion(
+        "deformable", SPECS, grid=(5, 5), dim=16, num_heads=4, base_expert=base_expert
+    ).eval()
     maps = make_maps()
     out = fuse(maps)
     doc = maps[2]

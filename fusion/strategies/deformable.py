@@ -281,7 +281,10 @@ class DeformableFusion(Fusion):
         if self.query_proj is None:
             return self.query_embed.unsqueeze(0).expand(b, -1, -1)
         base = align_to_grid(maps[self.base_expert], self.grid, self.config.align)
-        return self.query_proj(base.tokens()) + self.query_pos
+        tokens = base.tokens()  # (B, N, C')
+        if base.mask is not None:  # padding cells of a ragged base expert start from pos only
+            tokens = tokens * base.mask.flatten(1)[..., None].to(tokens.dtype)
+        return self.query_proj(tokens) + self.query_pos
 
     def memory(self, maps: Sequence[FeatureMap]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Levels projected and flattened: ``(B, S, D)`` and a ``(B, S)`` mask (or None)."""
