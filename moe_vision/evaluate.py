@@ -1,0 +1,262 @@
+"""Evaluation: greedy answers, VQA-style normalisation, accuracy per category.
+
+:func:`evaluate` asks the model every question of a LLaVA-format file (the first human turn,
+image placeholder included) with greedy decoding and scores the answer:
+
+* records with a single reference (the first ``gpt`` turn, as the built-in benchmark writes)
+  score 1 for an exact match after :func:`normalize_answer`, else 0;
+* records with an ``"answers"`` list of several human references (VQAv2 style) score
+  :func:`vqa_score`, ``min(#matching references / 3, 1)`` (Antol et al., *VQA: Visual Question
+  Answering*, ICCV 2015; the official script additionally averages this over the 10 subsets
+  of 9 references, which we do not).
+
+:func:`normalize_answer` follows the VQA evaluation's answer processing: lowercase,
+punctuation removed (a period between digits kept), number words to digits, articles
+dropped, whitespace collapsed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from moe_vision.data import (
+    DEFAULT_CATEGORY,
+    BadRecordPolicy,
+    DataError,
+    SkippedRecord,
+    check_image,
+    load_records,
+    record_id,
+    to_messages,
+)
+
+logger = logging.getLogger(__name__)
+
+NUMBER_WORDS: dict[str, str] = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+ARTICLES: frozenset[str] = frozenset({"a", "an", "the"})
+_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
+
+
+def normalize_answer(answer: str) -> str:
+    """VQA-style answer normalisation (see the module docstring).
+
+    >>> normalize_answer("  The Three Cats! ")
+    '3 cats'
+    """
+    text = answer.lower().replace("\n", " ").replace("\t", " ").strip()
+    text = _PERIOD.sub("", text)
+    text = _PUNCT.sub(" ", text)
+    words = [NUMBER_WORDS.get(w, w) for w in text.split()]
+    return " ".join(w for w in words if w not in ARTICLES)
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """``min(#answers equal to prediction / 3, 1)`` after :func:`normalize_answer`."""
+    if not answers:
+        raise ValueError("vqa_score needs at least one reference answer")
+    pred = normalize_answer(prediction)
+    matches = sum(normalize_answer(a) == pred for a in answers)
+    return min(matches / 3.0, 1.0)
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    """1.0 when the normalised prediction equals the normalised answer, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+@dataclass
+class EvalItem:
+    """One question to ask."""
+
+    id: str
+    image: Path
+    prompt: str
+    answers: list[str]
+    category: str
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation run.
+
+    Attributes:
+        per_category: mean score per category.
+        overall: mean score over all questions (micro average).
+        predictions: one dict per question: ``id``, ``category``, ``prompt``, ``prediction``,
+            ``answers``, ``score``.
+        counts: questions per category.
+        skipped: records left out under ``on_bad_record="skip"``.
+    """
+
+    per_category: dict[str, float]
+    overall: float
+    predictions: list[dict[str, Any]]
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+    @property
+    def macro(self) -> float:
+        """Mean of the per-category scores."""
+        return sum(self.per_category.values()) / max(len(self.per_category), 1)
+
+    def to_metrics(self, prefix: str = "accuracy") -> dict[str, float]:
+        """Flat metrics: ``{prefix}/{category}`` and ``{prefix}/overall``."""
+        out = {f"{prefix}/{c}": v for c, v in sorted(self.per_category.items())}
+        out[f"{prefix}/overall"] = self.overall
+        return out
+
+
+def load_eval_items(
+    json_path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    image_token: str = "<image>",
+    on_bad_record: BadRecordPolicy = "error",
+) -> tuple[list[EvalItem], list[SkippedRecord]]:
+    """The questions of a LLaVA file, validated like :class:`~moe_vision.data.LlavaDataset`."""
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    path, root = Path(json_path), Path(image_root)
+    items: list[EvalItem] = []
+    skipped: list[SkippedRecord] = []
+    for index, record in enumerate(load_records(path)):
+        rid = record_id(record, index)
+        try:
+            items.append(_eval_item(record, rid, root, image_token))
+        except (ValueError, OSError) as err:
+            message = f"{path} record {index} (id {rid!r}): {err}"
+            if on_bad_record == "error":
+                raise DataError(message) from err
+            logger.warning("skipping %s", message)
+            skipped.append(SkippedRecord(index, rid, str(err)))
+    if skipped:
+        logger.warning("%s: skipped %d records", path, len(skipped))
+    return items, skipped
+
+
+def _eval_item(record: Any, rid: str, root: Path, image_token: str) -> EvalItem:
+    messages = to_messages(record, image_token)
+    if messages[0]["role"] == "system":
+        messages = messages[1:]
+    if len(messages) < 2 or messages[0]["role"] != "user" or messages[1]["role"] != "assistant":
+        raise ValueError("an evaluation record must start with a human question and an answer")
+    if image_token not in messages[0]["content"]:
+        raise ValueError(f"the first question must hold the {image_token!r} placeholder")
+    answers = record.get("answers", [messages[1]["content"]])
+    if (
+        not isinstance(answers, list)
+        or not answers
+        or not all(isinstance(a, str) and a.strip() for a in answers)
+    ):
+        raise ValueError(
+            f"'answers' must be a non-empty list of non-empty strings, got {answers!r}"
+        )
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"record needs an 'image' path, got {image!r}")
+    check_image(root / image, verify=False)
+    category = str(record.get("category", DEFAULT_CATEGORY))
+    return EvalItem(rid, root / image, messages[0]["content"], answers, category)
+
+
+def score(prediction: str, answers: Sequence[str]) -> float:
+    """Exact match for a single reference, :func:`vqa_score` for several."""
+    return (
+        exact_match(prediction, answers[0]) if len(answers) == 1 else vqa_score(prediction, answers)
+    )
+
+
+def evaluate(
+    model: Any,
+    json_path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    on_bad_record: BadRecordPolicy = "error",
+    limit: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Greedy answers of ``model`` to every question of ``json_path``, scored per category.
+
+    Args:
+        model: a :class:`~moe_vision.model.MoEVisionModel` (anything with ``generate(images,
+            prompts, max_new_tokens)``, ``tokenizer`` and ``config.image_token``).
+        json_path: LLaVA-format file (the benchmark's ``test.json``, or a VQA-style file with
+            ``"answers"`` lists).
+        image_root: folder of the images.
+        batch_size: questions per ``generate`` call.
+        max_new_tokens: answer budget; ``None``: the longest reference in tokens + 2.
+        on_bad_record: ``"error"`` or ``"skip"`` (logged and counted in ``result.skipped``).
+        limit: only the first ``limit`` questions.
+        progress: show a progress bar.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items, skipped = load_eval_items(json_path, image_root, model.config.image_token, on_bad_record)
+    items = items[:limit] if limit is not None else items
+    if not items:
+        raise DataError(f"{json_path}: no questions to evaluate")
+    if max_new_tokens is None:
+        longest = max(
+            len(model.tokenizer(a, add_special_tokens=False)["input_ids"])
+            for it in items
+            for a in it.answers
+        )
+        max_new_tokens = longest + 2
+    predictions: list[dict[str, Any]] = []
+    batches = range(0, len(items), batch_size)
+    for start in tqdm(batches, desc=f"eval {Path(json_path).name}", disable=not progress):
+        batch = items[start : start + batch_size]
+        answers = model.generate(
+            [it.image for it in batch], [it.prompt for it in batch], max_new_tokens=max_new_tokens
+        )
+        for it, pred in zip(batch, answers):
+            predictions.append(
+                {
+                    "id": it.id,
+                    "category": it.category,
+                    "prompt": it.prompt,
+                    "prediction": pred,
+                    "answers": it.answers,
+                    "score": score(pred, it.answers),
+                }
+            )
+    return summarize(predictions, skipped)
+
+
+def summarize(
+    predictions: list[dict[str, Any]], skipped: list[SkippedRecord] | None = None
+) -> EvalResult:
+    """Per-category and overall means of the ``score`` of each prediction dict."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.Counter()
+    for p in predictions:
+        totals[p["category"]] += p["score"]
+        counts[p["category"]] += 1
+    per_category = {c: totals[c] / counts[c] for c in sorted(counts)}
+    overall = sum(p["score"] for p in predictions) / max(len(predictions), 1)
+    result = EvalResult(per_category, overall, predictions, dict(counts), list(skipped or []))
+    logger.info("evaluation: overall %.3f, per category %s", overall, per_category)
+    return result
