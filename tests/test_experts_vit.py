@@ -230,6 +230,34 @@ def test_checkpoint_round_trip(name, tiny, tmp_path) -> None:
         assert not torch.equal(tiny[name](x).features, source(x).features)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_expert_state_dict_file_loads(name, tmp_path) -> None:
+    torch.manual_seed(7)
+    source = create_expert(name).eval()
+    path = tmp_path / "expert.safetensors"
+    save_file(source.state_dict(), str(path))  # the expert's own keys, under "model."
+    loaded = create_expert(name, checkpoint=str(path)).eval()
+    x = {"pixel_values": torch.randn(1, 3, *source.spec.input_size)}
+    with torch.no_grad():
+        assert torch.equal(loaded(x).features, source(x).features)
+
+
+def test_eva02_drops_the_classifier_of_a_timm_file(tmp_path) -> None:
+    import timm
+
+    from experts.families._hf_vit import library_kwargs
+
+    kwargs = library_kwargs(get_spec("eva02-tiny").arch)
+    classifier = timm.create_model(kwargs.pop("model_name"), **{**kwargs, "num_classes": 5})
+    path = tmp_path / "with_head.safetensors"
+    save_file(classifier.state_dict(), str(path))
+    expert = create_expert("eva02-tiny", checkpoint=str(path)).eval()
+    x = torch.randn(1, 3, *expert.spec.input_size)
+    with torch.no_grad():
+        ref = classifier.eval().forward_features(x)
+    torch.testing.assert_close(expert({"pixel_values": x}).features, _tokens_to_map(ref, (8, 8)))
+
+
 def test_clip_loads_full_clip_model_checkpoint(tmp_path) -> None:
     """The hub checkpoint is a whole CLIPModel; its vision tower loads into the expert."""
     from transformers import CLIPConfig, CLIPModel

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
 from experts.base import Expert, ExpertInputs, StageState
@@ -117,6 +118,32 @@ def check_state_dict(
     raise ValueError(
         f"{who}checkpoint {source} does not fit the expert's architecture: " + "; ".join(parts)
     )
+
+
+def strip_expert_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An expert's ``state_dict()`` (every key under ``model.``) as the library model's."""
+    if state and all(k.startswith("model.") for k in state):
+        return {k[len("model.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def read_weights_file(path: Path, expert: str) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file (or a ``.bin``/``.pt``/``.pth`` state dict, read with
+    ``torch.load(weights_only=True)``: no pickled code runs)."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"expert {expert!r}: cannot read checkpoint {path}: {type(err).__name__}: {err} "
+            f"(is the file truncated or corrupt?)"
+        ) from err
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(f"expert {expert!r}: checkpoint {path} does not hold a state dict")
+    return dict(state)
 
 
 def looks_local(checkpoint: str) -> bool:
@@ -263,6 +290,16 @@ class ViTExpert(Expert):
     def _final_norm(self) -> nn.Module:
         """The library model's final norm (used when ``feature_norm`` is set)."""
 
+    # ------------------------------------------------------------------ loading
+    def load_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Check ``state`` key by key and shape by shape against the library model
+        (``self.model``), then load it strictly. The expert's own ``state_dict()`` (keys under
+        ``model.``) is accepted too."""
+        state = strip_expert_prefix(state)
+        check_state_dict(self.model.state_dict(), state, source, self.spec.name)
+        self.model.load_state_dict(state, strict=True)
+        logger.info("expert %s: loaded %s", self.spec.name, source)
+
     # ------------------------------------------------------------------ preprocessing
     @classmethod
     def preprocess_image(cls, spec: ExpertSpec, image: Image.Image) -> ExpertInputs:
@@ -362,7 +399,9 @@ class HFViTExpert(ViTExpert):
 
     def load_checkpoint(self, checkpoint: str) -> None:
         """Load ``checkpoint`` with ``model_cls.from_pretrained``: a hub id (cache first, and
-        offline when ``HF_HUB_OFFLINE=1``) or a folder written by ``save_pretrained``.
+        offline when ``HF_HUB_OFFLINE=1``) or a folder written by ``save_pretrained``. A single
+        ``.safetensors`` (or ``.bin``/``.pth``) file holding the library model's or the expert's
+        ``state_dict()`` is read directly.
 
         Raises:
             FileNotFoundError: the folder/files are missing, or the hub id cannot be fetched.
@@ -371,11 +410,14 @@ class HFViTExpert(ViTExpert):
         local = looks_local(checkpoint)
         if local:
             folder = Path(checkpoint).expanduser().absolute()
+            if folder.is_file():
+                self.load_state(read_weights_file(folder, self.spec.name), str(folder))
+                return
             if not folder.is_dir():
                 raise FileNotFoundError(
-                    f"expert {self.spec.name!r}: checkpoint folder {folder} not found; expected a "
+                    f"expert {self.spec.name!r}: checkpoint {folder} not found; expected a "
                     f"folder written by {self.model_cls.__name__}.save_pretrained() "
-                    f"(config.json + model.safetensors)"
+                    f"(config.json + model.safetensors) or a .safetensors state dict"
                 )
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(
@@ -407,10 +449,7 @@ class HFViTExpert(ViTExpert):
                 + "; ".join(what)
             )
         self._check_config(loaded.config, checkpoint)
-        state = loaded.state_dict()
-        check_state_dict(self.model.state_dict(), state, str(checkpoint), self.spec.name)
-        self.model.load_state_dict(state, strict=True)
-        logger.info("expert %s: loaded %s", self.spec.name, checkpoint)
+        self.load_state(loaded.state_dict(), str(checkpoint))
 
     def _check_config(self, config: Any, checkpoint: str) -> None:
         """The checkpoint's config must agree with every library kwarg of the preset's arch."""

@@ -37,7 +37,7 @@ from timm.models.eva import checkpoint_filter_fn
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from experts.families._hf_vit import ViTExpert, check_state_dict, library_kwargs, looks_local
+from experts.families._hf_vit import ViTExpert, library_kwargs, looks_local, strip_expert_prefix
 from experts.registry import register_expert
 from experts.spec import ExpertSpec
 
@@ -94,15 +94,13 @@ class EVA02Expert(ViTExpert):
         if not looks_local(checkpoint):
             self._load_pretrained(checkpoint)
             return
-        state = self._read_file(Path(checkpoint).expanduser().absolute())
+        state = strip_expert_prefix(self._read_file(Path(checkpoint).expanduser().absolute()))
         classifier = self.model.pretrained_cfg.get("classifier")
         if classifier and getattr(self.model, "num_classes", 0) == 0:
             dropped = [k for k in state if k.split(".")[0] == classifier]
             for k in dropped:  # this expert has no classifier head (num_classes=0)
                 state.pop(k)
-        check_state_dict(self.model.state_dict(), state, str(checkpoint), self.spec.name)
-        self.model.load_state_dict(state, strict=True)
-        logger.info("expert %s: loaded %s", self.spec.name, checkpoint)
+        self.load_state(state, str(checkpoint))
 
     def _read_file(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
