@@ -237,3 +237,11 @@ def test_wrong_maps_raise() -> None:
     fuse = fusion.create_fusion("deformable", SPECS, dim=16)
     with pytest.raises(ValueError, match="built for 3 experts"):
         fuse(make_maps()[:2])
+
+
+def test_mismatched_batch_raises() -> None:
+    fuse = fusion.create_fusion("deformable", SPECS, dim=16)
+    maps = make_maps()
+    maps[1] = make_maps(3)[1]
+    with pytest.raises(ValueError, match="same batch size"):
+        fuse(maps)

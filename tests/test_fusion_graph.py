@@ -152,3 +152,11 @@ def test_unshuffle_alignment_widens_inputs() -> None:
     assert fuse.input_proj[1].in_features == 16
     maps = [FeatureMap(torch.randn(1, s.channels, *s.grid), 4, s.name) for s in specs]
     assert fuse(maps).shape == (1, 9, 8)
+
+
+def test_mismatched_batch_raises() -> None:
+    fuse = fusion.create_fusion("graph", SPECS, dim=8, num_heads=2)
+    maps = make_maps()
+    maps[0] = make_maps(1)[0]
+    with pytest.raises(ValueError, match="same batch size"):
+        fuse(maps)

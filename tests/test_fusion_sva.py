@@ -171,3 +171,22 @@ def test_wrong_channels_raise() -> None:
     maps[0] = FeatureMap(torch.randn(2, 7, 4, 4), 8, "vit")
     with pytest.raises(ValueError, match="7 channels"):
         fuse(maps)
+
+
+def test_mismatched_batch_raises() -> None:
+    fuse = fusion.create_fusion("sva", SPECS, grid=(2, 2), dim=8, num_heads=2)
+    maps = make_maps()
+    maps[2] = make_maps(3)[2]
+    with pytest.raises(ValueError, match="same batch size"):
+        fuse(maps)
+
+
+def test_without_window_position_embedding() -> None:
+    with_pos = fusion.create_fusion("sva", SPECS, grid=(2, 2), dim=8, num_heads=2, num_layers=1)
+    without = fusion.create_fusion(
+        "sva", SPECS, grid=(2, 2), dim=8, num_heads=2, num_layers=1, window_pos_embed=False
+    )
+    assert without.layers[0].window_pos is None
+    windows = sum(k * w * s.channels for (k, w), s in zip(with_pos.windows, SPECS))
+    assert with_pos.num_parameters() - without.num_parameters() == windows
+    assert without(make_maps()).shape == (2, 4, 8)

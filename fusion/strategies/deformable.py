@@ -47,7 +47,11 @@ OFFSET_INITS = ("grid", "zero")
 
 @dataclass
 class DeformableConfig(FusionConfig):
-    """Options of :class:`DeformableFusion` (``grid``/``dim``/``align`` from FusionConfig).
+    """Options of :class:`DeformableFusion`.
+
+    ``grid`` is the query grid, ``dim`` the model width; ``align`` is how the base expert's map
+    is brought to ``grid`` for ``queries="base"`` (the levels themselves stay at their own
+    resolution).
 
     Attributes:
         queries: ``"base"``: the base expert's map aligned to ``grid`` (with ``align``) and
@@ -299,6 +303,11 @@ class DeformableFusion(Fusion):
     def forward(self, maps: Sequence[FeatureMap]) -> torch.Tensor:
         """``maps[i]`` ``(B, C_i, H_i, W_i)`` -> ``(B, Gh*Gw, D)``."""
         self.check_maps(maps)
+        batch = {m.source: m.features.shape[0] for m in maps}
+        if len(set(batch.values())) > 1:
+            raise ValueError(
+                f"fusion 'deformable': every map needs the same batch size, got {batch}"
+            )
         shapes = [m.grid for m in maps]
         memory, mask = self.memory(maps)
         ref = self.reference_points(maps)

@@ -222,6 +222,9 @@ class SpatialVisionAggregator(Fusion):
     def forward(self, maps: Sequence[FeatureMap]) -> torch.Tensor:
         """``maps[i]`` ``(B, C_i, H_i, W_i)`` -> ``(B, Gh*Gw, D)``."""
         self.check_maps(maps)
+        batch = {m.source: m.features.shape[0] for m in maps}
+        if len(set(batch.values())) > 1:
+            raise ValueError(f"fusion 'sva': every map needs the same batch size, got {batch}")
         windows, mask, context = self.prepare(maps)
         q = self.queries.unsqueeze(0).expand(maps[0].features.shape[0], -1, -1)
         for layer in self.layers:
