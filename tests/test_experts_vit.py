@@ -6,6 +6,8 @@ References are the libraries' own forwards (``transformers`` ``hidden_states`` /
 
 from __future__ import annotations
 
+import json
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +90,10 @@ def test_preprocessing_uses_own_mean_std(name, tiny, mixed_images) -> None:
     expected = (resized - np.array(spec.mean)) / np.array(spec.std)
     got = tiny[name].preprocessor(image)["pixel_values"]
     np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    # data-loader workers get a picklable preprocessor that needs no weights
+    worker = pickle.loads(pickle.dumps(tiny[name].preprocessor))
+    assert torch.equal(worker(image)["pixel_values"], got)
+    json.dumps(spec.to_dict())  # specs are JSON (run folders, feature-cache keys)
 
 
 def test_families_have_their_own_normalisation() -> None:
