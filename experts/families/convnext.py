@@ -101,7 +101,9 @@ class ConvNeXtExpert(Expert):
             checkpoint = cfg.hf_hub_id
         path = resolve_weight_file(checkpoint)
         state_dict = checkpoint_filter_fn(read_weight_file(path), self.model)
-        headless = {name for name, m in self.model.named_children() if not any(m.parameters())}
+        headless = {  # the pruned head: its checkpoint keys have no place in the trunk
+            name for name, m in self.model.named_children() if next(m.parameters(), None) is None
+        }
         load_into(self.model, state_dict, str(path), ignore=lambda k: k.split(".")[0] in headless)
 
     # ------------------------------------------------------------------ forward
