@@ -95,7 +95,10 @@ def pixel_unshuffle(fmap: FeatureMap, grid: tuple[int, int]) -> FeatureMap:
     r = unshuffle_factor(fmap.grid, tuple(grid))
     if r == 1:
         return fmap
-    y = F.pixel_unshuffle(fmap.features, r)
+    x = fmap.features
+    if fmap.mask is not None:  # padding cells become zero channels, never their raw values
+        x = torch.where(fmap.mask[:, None], x, torch.zeros_like(x))
+    y = F.pixel_unshuffle(x, r)
     mask = None
     if fmap.mask is not None:
         mask = F.pixel_unshuffle(fmap.mask[:, None].float(), r).amax(1) > 0
