@@ -341,6 +341,7 @@ def _width_key(name: str) -> str:
         ("siglip-tiny", "google/siglip-so400m-patch14-384"),
         ("dinov2-tiny", "facebook/dinov2-large"),
         ("eva02-tiny", "eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"),
+        ("eva02-tiny", "timm/eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"),
     ],
 )
 def test_offline_hub_id_fails_fast(name, checkpoint, monkeypatch) -> None:

@@ -12,13 +12,14 @@ for the avg-pool fine-tuned checkpoints that norm is the identity and pooling us
 ``fc_norm``). The model is built with ``dynamic_img_size=True``, so any input size works: the
 absolute position embeddings are resampled and the rotary table recomputed for the new grid.
 
-Presets: ``eva02-large`` (timm ``eva02_large_patch14_448.mim_m38m_ft_in22k_in1k``: MIM on
+Presets: ``eva02-large`` (``timm/eva02_large_patch14_448.mim_m38m_ft_in22k_in1k``: MIM on
 Merged-38M, fine-tuned on IN-22k then IN-1k; 448 px -> 32x32x1024, 24 blocks in 4 stages of 6;
 mean/std from timm's ``pretrained_cfg``), ``eva02-tiny`` (same builder, 4 blocks of width 64,
 patch 8, 64 px, random init). The classifier head is dropped (``num_classes=0``).
 
-Checkpoints: timm weights ``"<arch>.<tag>"`` (``timm.models.load_pretrained`` into the built
-model: cache first, offline with ``HF_HUB_OFFLINE=1``), or a local
+Checkpoints: timm weights ``"<arch>.<tag>"`` or their hub id ``"timm/<arch>.<tag>"``
+(``timm.models.load_pretrained`` into the built model: cache first, offline with
+``HF_HUB_OFFLINE=1``), or a local
 ``.safetensors``/``.pth`` state dict in timm's format (``safetensors.torch.save_file(
 expert.model.state_dict(), path)``), read with ``timm.models.load_state_dict``.
 """
@@ -118,20 +119,22 @@ class EVA02Expert(ViTExpert):
             ) from err
 
     def _load_pretrained(self, name: str) -> None:
-        """Timm weights ``"<arch>.<tag>"`` into ``self.model`` (``timm.models.load_pretrained``:
-        its hub download, cache and ``HF_HUB_OFFLINE`` handling; EVA's checkpoint filter)."""
+        """Timm weights ``"<arch>.<tag>"`` (or their hub id ``timm/<arch>.<tag>``) into
+        ``self.model`` (``timm.models.load_pretrained``: its hub download, cache and
+        ``HF_HUB_OFFLINE`` handling; EVA's checkpoint filter)."""
+        given, name = name, name.removeprefix("hf-hub:").removeprefix("timm/")
         arch_name = self.model.pretrained_cfg.get("architecture")
         known = timm.list_pretrained(f"{arch_name}.*")
         try:
             cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
         except RuntimeError as err:
             raise FileNotFoundError(
-                f"expert {self.spec.name!r}: checkpoint {name!r} is neither a local file nor "
+                f"expert {self.spec.name!r}: checkpoint {given!r} is neither a local file nor "
                 f"timm weights ({err}); weights for {arch_name}: {known}"
             ) from err
         if cfg.architecture != arch_name:
             raise ValueError(
-                f"expert {self.spec.name!r}: timm weights {name!r} are for {cfg.architecture}, "
+                f"expert {self.spec.name!r}: timm weights {given!r} are for {cfg.architecture}, "
                 f"this expert is {arch_name}; weights for {arch_name}: {known}"
             )
         try:
@@ -144,12 +147,12 @@ class EVA02Expert(ViTExpert):
             )
         except RuntimeError as err:
             raise ValueError(
-                f"expert {self.spec.name!r}: timm weights {name!r} do not fit the expert's "
+                f"expert {self.spec.name!r}: timm weights {given!r} do not fit the expert's "
                 f"architecture: {err}"
             ) from err
         except Exception as err:
             raise FileNotFoundError(
-                f"expert {self.spec.name!r}: could not fetch timm weights {name!r} "
+                f"expert {self.spec.name!r}: could not fetch timm weights {given!r} "
                 f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): "
                 f"{type(err).__name__}: {err}. Fetch them on a machine with hub access "
                 f"(timm.create_model({name!r}, pretrained=True) fills the cache), or pass a "
@@ -187,7 +190,7 @@ register_expert(
     EVA02Expert,
     _spec(
         "eva02-large",
-        EVA02_LARGE_TAG,
+        f"timm/{EVA02_LARGE_TAG}",
         _LARGE_SIZE,
         4,
         img_size=_LARGE_SIZE,
