@@ -233,6 +233,12 @@ def test_build_errors(options: dict, match: str) -> None:
         fusion.create_fusion("deformable", SPECS, **options)
 
 
+def test_single_sampling_point_needs_two_levels() -> None:
+    with pytest.raises(fusion.FusionConfigError, match="num_points=1 with a single expert"):
+        fusion.create_fusion("deformable", SPECS[:1], num_points=1, num_heads=4)
+    assert fusion.create_fusion("deformable", SPECS[:2], num_points=1, num_heads=4).out_dim == 16
+
+
 def test_wrong_maps_raise() -> None:
     fuse = fusion.create_fusion("deformable", SPECS, dim=16)
     with pytest.raises(ValueError, match="built for 3 experts"):

@@ -146,6 +146,12 @@ def test_build_errors(options: dict, match: str) -> None:
         fusion.create_fusion("graph", SPECS, **options)
 
 
+def test_single_node_graph_is_rejected() -> None:
+    with pytest.raises(fusion.FusionConfigError, match="single node"):
+        fusion.create_fusion("graph", SPECS[:1], grid=(1, 1), dim=8, num_heads=2)
+    assert fusion.create_fusion("graph", SPECS[:2], grid=(1, 1), dim=8, num_heads=2).num_tokens == 1
+
+
 def test_unshuffle_alignment_widens_inputs() -> None:
     specs = [make_spec("vit", 8, (3, 3)), make_spec("sam", 4, (6, 6))]
     fuse = fusion.create_fusion("graph", specs, align="unshuffle", dim=8, num_heads=2)

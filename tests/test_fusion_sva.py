@@ -190,3 +190,25 @@ def test_without_window_position_embedding() -> None:
     windows = sum(k * w * s.channels for (k, w), s in zip(with_pos.windows, SPECS))
     assert with_pos.num_parameters() - without.num_parameters() == windows
     assert without(make_maps()).shape == (2, 4, 8)
+
+
+def test_single_key_windows_pass_values_without_query_key_projections() -> None:
+    spec = make_spec("vit", 6, (3, 3))
+    fuse = fusion.create_fusion("sva", [spec], dim=8, num_heads=2, num_layers=1)
+    layer = fuse.layers[0]
+    assert layer.q_proj is None and layer.k_proj is None and fuse.windows == [(1, 1)]
+    mask = torch.ones(2, 3, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    fmap = FeatureMap(torch.randn(2, 6, 3, 3), 8, "vit", mask)
+    out = fuse([fmap])
+    with torch.no_grad():
+        q = (
+            fuse.queries
+            + layer.context_proj(
+                torch.stack([fmap.features[0].mean((1, 2)), fmap.features[1, :, :2].mean((1, 2))])
+            )[:, None]
+        )
+        v = layer.v_proj[0](fmap.tokens() + layer.window_pos[0]) * mask.flatten(1)[..., None]
+        q = q + layer.o_proj(v)
+        expected = q + layer.mlp(q)
+    torch.testing.assert_close(out, expected)

@@ -206,6 +206,11 @@ def _check_config(cfg: DeformableConfig, specs: Sequence[ExpertSpec]) -> None:
     for field in ("num_layers", "num_heads", "num_points"):
         if getattr(cfg, field) < 1:
             problems.append(f"{field}={getattr(cfg, field)} (expected >= 1)")
+    if len(specs) * cfg.num_points == 1:
+        problems.append(
+            "num_points=1 with a single expert (one sampling point per head: its attention "
+            "weight is always 1 and cannot be learned; expected num_points >= 2)"
+        )
     if cfg.ffn_ratio <= 0 or not 0 <= cfg.dropout < 1:
         problems.append(f"ffn_ratio={cfg.ffn_ratio}, dropout={cfg.dropout} (expected > 0, [0, 1))")
     if cfg.grid is not None and (len(cfg.grid) != 2 or min(cfg.grid) < 1):

@@ -197,6 +197,12 @@ class GraphFusion(Fusion):
         grid = tuple(int(g) for g in cfg.grid) if cfg.grid is not None else tuple(first.grid)
         dim = cfg.dim if cfg.dim is not None else first.channels
         _check_config(cfg, grid, dim, first)
+        if len(self.specs) * grid[0] * grid[1] < 2:
+            raise FusionConfigError(
+                f"fusion 'graph': one expert on a {grid} grid is a single node with only its "
+                "self loop, so graph attention has nothing to attend to; use a larger grid or "
+                "more experts"
+            )
         self.grid: tuple[int, int] = grid  # type: ignore[assignment]
         n, e = grid[0] * grid[1], len(self.specs)
         self.num_tokens, self.out_dim, self.out_grid = n, dim, self.grid

@@ -23,6 +23,8 @@ Grids that are not a multiple of the query grid (or are smaller than it) are bil
 token is dropped: a 5x5 map under a 2x2 query grid becomes 6x6 with 3x3 windows, a 1x1 map
 becomes 2x2 with 1x1 windows. Ragged (Pix2Struct) cells are masked out of the attention and
 of the global mean; a query whose windows are all padding outputs its residual stream only.
+With a single key per window (one expert whose grid equals the query grid) the attention
+weight is always 1, so the layer skips the query/key projections and passes the value on.
 Cambrian also re-inserts the aggregator inside the LLM's layers (its "multi-layer
 aggregation"); that needs LLM hooks and is out of scope here: this is the connector before
 the LLM, stacked ``num_layers`` times. Attention goes through :func:`fusion.attention.attention`
@@ -114,10 +116,16 @@ class SVALayer(nn.Module):
         self.context_proj = nn.Sequential(
             nn.LayerNorm(sum(channels)), nn.Linear(sum(channels), dim)
         )
-        self.q_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
-        self.k_proj = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(c), nn.Linear(c, dim)) for c in channels
-        )
+        # One key per window (a single expert whose grid equals the query grid): softmax over
+        # one key is 1, so queries and keys cannot change the output and are not built.
+        self.single_key = sum(kh * kw for kh, kw in windows) == 1
+        self.q_proj: nn.Module | None = None
+        self.k_proj: nn.ModuleList | None = None
+        if not self.single_key:
+            self.q_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+            self.k_proj = nn.ModuleList(
+                nn.Sequential(nn.LayerNorm(c), nn.Linear(c, dim)) for c in channels
+            )
         self.v_proj = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(c), nn.Linear(c, dim)) for c in channels
         )
@@ -135,15 +143,19 @@ class SVALayer(nn.Module):
             nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
         )
 
-    def keys_values(self, windows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert K/V of the windows ``(B, N, k_i*l_i, C_i)`` -> two ``(B, N, K, D)``."""
+    def keys_values(
+        self, windows: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Per-expert K/V of the windows ``(B, N, k_i*l_i, C_i)`` -> two ``(B, N, K, D)``
+        (keys None with a single key per window)."""
         keys, values = [], []
         for i, win in enumerate(windows):
             if self.window_pos is not None:
                 win = win + self.window_pos[i]
-            keys.append(self.k_proj[i](win))
+            if self.k_proj is not None:
+                keys.append(self.k_proj[i](win))
             values.append(self.v_proj[i](win))
-        return torch.cat(keys, 2), torch.cat(values, 2)
+        return (torch.cat(keys, 2) if keys else None), torch.cat(values, 2)
 
     def forward(
         self,
@@ -158,15 +170,19 @@ class SVALayer(nn.Module):
         h = self.num_heads
         query = query + self.context_proj(context)[:, None]
         keys, values = self.keys_values(windows)  # (B, N, K, D)
-        k_len = keys.shape[2]
-        # One attention row per window: (B*N, heads, 1 | K, D/heads).
-        q = self.q_proj(query).reshape(b * n, 1, h, d // h).transpose(1, 2)
-        k = keys.reshape(b * n, k_len, h, d // h).transpose(1, 2)
-        v = values.reshape(b * n, k_len, h, d // h).transpose(1, 2)
-        if mask is not None:
-            mask = mask.reshape(b * n, 1, 1, k_len)
-        out = attention(q, k, v, mask)  # (B*N, heads, 1, D/heads)
-        query = query + self.o_proj(out.transpose(1, 2).reshape(b, n, d))
+        if keys is None or self.q_proj is None:  # one key: attention returns its value
+            out = values[:, :, 0] if mask is None else values[:, :, 0] * mask[:, :, :1]
+        else:
+            k_len = keys.shape[2]
+            # One attention row per window: (B*N, heads, 1 | K, D/heads).
+            q = self.q_proj(query).reshape(b * n, 1, h, d // h).transpose(1, 2)
+            k = keys.reshape(b * n, k_len, h, d // h).transpose(1, 2)
+            v = values.reshape(b * n, k_len, h, d // h).transpose(1, 2)
+            if mask is not None:
+                mask = mask.reshape(b * n, 1, 1, k_len)
+            out = attention(q, k, v, mask)  # (B*N, heads, 1, D/heads)
+            out = out.transpose(1, 2).reshape(b, n, d)
+        query = query + self.o_proj(out)
         return query + self.mlp(query)
 
 
