@@ -158,6 +158,7 @@ def test_padded_cells_do_not_leak() -> None:
         ({"grid": (0, 2), "dim": 8, "num_heads": 2}, "grid="),
         ({"num_layers": 0, "dim": 8}, "num_layers=0"),
         ({"window": 3}, "has no options"),
+        ({"align": "unshuffle", "dim": 8, "num_heads": 2}, "align='unshuffle'"),
     ],
 )
 def test_build_errors(options: dict, match: str) -> None:

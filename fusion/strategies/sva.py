@@ -52,8 +52,9 @@ class SVAConfig(FusionConfig):
     """Options of :class:`SpatialVisionAggregator`.
 
     ``grid`` is the query grid (``None``: the first expert's grid; Cambrian uses 24x24) and
-    ``dim`` the query width (``None``: the first expert's channels). ``align`` is unused: SVA
-    reads windows at each expert's own resolution (see the module docstring).
+    ``dim`` the query width (``None``: the first expert's channels). SVA reads windows at each
+    expert's own resolution; the only resizing it does is the bilinear up-sampling to a
+    multiple of the query grid, so ``align`` must be ``"auto"`` or ``"bilinear"``.
 
     Attributes:
         num_layers: stacked aggregator layers (Cambrian-1 uses 3 before the LLM).
@@ -207,6 +208,12 @@ class SpatialVisionAggregator(Fusion):
                 f"dim={dim} (expected a positive multiple of num_heads={cfg.num_heads}"
                 + ("" if cfg.dim is not None else f"; dim defaults to {first.name!r}'s channels")
                 + ")"
+            )
+        if cfg.align not in ("auto", "bilinear"):
+            problems.append(
+                f"align={cfg.align!r} (SVA attends to windows at each expert's own resolution "
+                "and only up-samples bilinearly to a multiple of the query grid: expected "
+                "'auto' or 'bilinear')"
             )
         if cfg.num_layers < 1 or cfg.num_heads < 1 or cfg.mlp_ratio <= 0:
             problems.append(
