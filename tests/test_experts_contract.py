@@ -231,3 +231,29 @@ def test_bad_image_files_raise_image_error_naming_the_file(
     with pytest.raises(experts.ImageError) as err:
         _meta_expert(name).preprocess([path])
     assert path in str(err.value)
+
+
+def test_zoo_table_lists_every_preset_with_meta_parameter_counts() -> None:
+    from experts.zoo import COLUMNS, zoo_table
+
+    table = zoo_table()
+    assert list(table.columns) == list(COLUMNS)
+    assert list(table["name"]) == experts.list_experts()
+    tiny = zoo_table("*-tiny").set_index("name")
+    for name in TINY:
+        built = experts.create_expert(name)
+        assert tiny.loc[name, "parameters"] == sum(p.numel() for p in built.parameters())
+        spec = built.spec
+        assert tiny.loc[name, "channels"] == spec.channels
+        assert tiny.loc[name, "grid"] == f"{spec.grid[0]}x{spec.grid[1]}"
+    with pytest.raises(KeyError, match="valid experts"):
+        zoo_table("no-such-*")
+
+
+def test_cli_prints_the_zoo(capsys: pytest.CaptureFixture[str]) -> None:
+    from moe_vision.cli import main
+
+    assert main(["experts", "*-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in TINY) and "parameters" in out
+    assert main(["experts", "nothing-matches"]) == 2

@@ -273,3 +273,36 @@ def test_pix2struct_staged_injection_reaches_only_valid_cells() -> None:
         valid = state.extras["valid"]
         _close(state2.hidden[valid], state.hidden[valid] + 1.0)
         assert torch.equal(state2.hidden[~valid], state.hidden[~valid])
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch) -> None:
+    """A hub id already in the Hugging Face cache loads offline (the cache layout hf writes)."""
+    import huggingface_hub.constants
+
+    spec = experts.get_spec("convnext-tiny")
+    full = _timm_convnext(spec)
+    repo = tmp_path / "models--someorg--convnext-test"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(full.state_dict(), str(repo / "snapshots" / commit / "model.safetensors"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    expert = experts.create_expert("convnext-tiny", checkpoint="someorg/convnext-test").eval()
+    x = expert.preprocess(_images(1))
+    with torch.no_grad():
+        _close(expert(x).features, full.forward_features(x["pixel_values"]))
+
+
+def test_pix2struct_max_patches_override_resizes_the_grid() -> None:
+    expert = experts.create_expert("pix2struct-tiny", max_patches=32, num_stages=4)
+    assert expert.spec.grid == (8, 8) and expert.stages == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    inputs = expert.preprocess(_images(2))
+    assert inputs["flattened_patches"].shape == (2, 32, 770)
+    with torch.no_grad():
+        fmap = expert(inputs)
+    assert fmap.grid == (8, 8) and fmap.mask.flatten(1).sum(1).le(32).all()
+    with pytest.raises(ValueError, match="num_stages"):
+        experts.create_expert("pix2struct-tiny", num_stages=9)
+    with pytest.raises(ValueError, match="patch_embed_hidden_size"):
+        experts.create_expert("pix2struct-tiny", patch_size=8)

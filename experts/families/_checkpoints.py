@@ -96,15 +96,17 @@ def _from_hub(repo_id: str) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    offline_miss: Exception | None = None
     for name in WEIGHT_FILES:
         try:
             return Path(hf_hub_download(repo_id, name))
         except LocalEntryNotFoundError as err:  # (a subclass of EntryNotFoundError)
-            if not offline:  # the file may still exist under another name online
+            if offline:  # another file name may be in the cache: keep looking, locally
+                offline_miss = err
                 continue
             raise FileNotFoundError(
-                f"checkpoint {repo_id!r}: none of {list(WEIGHT_FILES)} is in the local Hugging "
-                f"Face cache and HF_HUB_OFFLINE=1; download it on a machine with hub access "
+                f"checkpoint {repo_id!r}: the Hugging Face hub cannot be reached and {name} is "
+                f"not in the local cache ({err}); download it on a machine with hub access "
                 f"(`hf download {repo_id}`) or pass a local folder/file"
             ) from err
         except EntryNotFoundError:
@@ -114,6 +116,12 @@ def _from_hub(repo_id: str) -> Path:
                 f"checkpoint {repo_id!r} could not be fetched from the Hugging Face hub: "
                 f"{type(err).__name__}: {err}"
             ) from err
+    if offline_miss is not None:
+        raise FileNotFoundError(
+            f"checkpoint {repo_id!r}: none of {list(WEIGHT_FILES)} is in the local Hugging "
+            f"Face cache and HF_HUB_OFFLINE=1; download it on a machine with hub access "
+            f"(`hf download {repo_id}`) or pass a local folder/file"
+        ) from offline_miss
     raise FileNotFoundError(
         f"hub repository {repo_id!r} has none of the weight files {list(WEIGHT_FILES)}"
     )
