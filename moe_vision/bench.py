@@ -1,0 +1,471 @@
+"""Benchmarks of the platform itself (``moe-vision bench``), written to ``results/bench.csv``.
+
+Three measurements, each taken in one run so that its ratio compares like with like:
+
+1. **Platform overhead**: the mixture's forward + backward (:class:`MoEVisionModel`) against
+   the same computation written by hand on the same modules: each expert's wrapped library
+   module called directly (transformers ``model(**inputs).last_hidden_state``, timm
+   ``forward_features``), the fusion's ``forward``, the projector, and the LLM on
+   hand-spliced ``inputs_embeds``. Ratio = mixture time / direct time (1.0 = no overhead).
+   Where an expert's library output cannot be read as its map (other readout layer, ragged
+   grid), the expert module itself stands in and the row says so.
+2. **Feature cache**: a frozen-expert sweep (recipe with frozen experts) over several fusion
+   strategies, run with and without the feature cache (:mod:`moe_vision.cache`); ratio =
+   uncached wall time / cached wall time.
+3. **Training throughput**: samples/s of full training steps (forward, backward, AdamW), the
+   achieved FLOP/s (FLOPs of one forward + backward counted with
+   ``torch.utils.flop_counter.FlopCounterMode``) against this machine's measured fp32 matmul
+   peak, and peak memory (CUDA: peak allocated; CPU: peak resident set size), for the default
+   configuration and for one real-size configuration (e.g. CLIP ViT-L/336 + ConvNeXt-L,
+   random init, batch 1).
+
+The CSV is long-format: ``section, config, metric, value, unit, device, note``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from moe_vision import results
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS: tuple[str, ...] = ("section", "config", "metric", "value", "unit", "device", "note")
+DEFAULT_MODEL: dict[str, Any] = {
+    "experts": ["clip-tiny", "convnext-tiny"],
+    "fusion": "channel_concat",
+}
+REAL_MODEL: dict[str, Any] = {
+    "experts": ["clip-vit-l-336", "convnext-l-clip-320"],
+    "fusion": "channel_concat",
+    "llm_options": {"max_position_embeddings": 2048},
+}
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of the benchmarks (the defaults are the reported run; tests shrink them).
+
+    Attributes:
+        model: ModelConfig dict of the default configuration.
+        batch_size: samples per step for the default configuration.
+        repeats: timed repetitions (medians are reported); ``warmup`` untimed ones first.
+        cache_fusions: fusion strategies of the frozen-expert sweep.
+        cache_sizes: built-in benchmark sizes of that sweep.
+        cache_run: RunConfig options of its cells (stage overrides, ...).
+        real_model: ModelConfig dict of the real-size configuration (``None``: skip it).
+        real_batch_size: its batch size.
+        real_steps: its timed steps.
+        matmul_size: ``n`` of the ``n x n`` fp32 matmuls that measure the peak.
+        seed: benchmark data and init seed.
+    """
+
+    model: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_MODEL))
+    batch_size: int = 8
+    repeats: int = 10
+    warmup: int = 2
+    cache_fusions: list[str] = field(
+        default_factory=lambda: ["channel_concat", "sequence_append", "mini_gemini"]
+    )
+    cache_sizes: dict[str, int] = field(
+        default_factory=lambda: {"align": 192, "instruct": 192, "val": 12, "test": 48}
+    )
+    cache_run: dict[str, Any] = field(
+        default_factory=lambda: {
+            "overrides": {"*": {"batch_size": 16, "lr": 2e-3, "epochs": 1}},
+            "train": {"progress_bar": False, "log_with": []},
+        }
+    )
+    real_model: dict[str, Any] | None = field(default_factory=lambda: copy.deepcopy(REAL_MODEL))
+    real_batch_size: int = 1
+    real_steps: int = 2
+    matmul_size: int = 2048
+    seed: int = 0
+
+
+def describe_device(device: torch.device) -> str:
+    """The machine in words, e.g. ``"CPU x86_64, 2 threads"`` or ``"cuda NVIDIA H100"``."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------- memory, peak
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA stats; CPU: Linux ``clear_refs`` resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        logger.debug("cannot reset the peak RSS; it covers the whole process")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: peak resident set size (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(n: int, device: torch.device, repeats: int = 5) -> float:
+    """Best achieved fp32 FLOP/s of ``n x n @ n x n`` matmuls on ``device`` (2 n^3 each)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------- data
+def benchmark_batch(model: Any, batch_size: int, data_root: Path, seed: int = 0) -> dict:
+    """A training batch of ``batch_size`` instruction samples from the built-in benchmark."""
+    from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
+    from moe_vision.data import LlavaDataset
+
+    n = max(batch_size, 6)
+    sizes = BenchmarkSizes(align=n, instruct=n, val=6, test=6)
+    bench = generate_benchmark(data_root / f"bench-{seed}-{n}", seed=seed, sizes=sizes)
+    ds = LlavaDataset(
+        bench.split("instruct"),
+        bench.images,
+        model.preprocessors,
+        model.tokenizer,
+        image_token=model.config.image_token,
+        max_length=model.max_length,
+        num_visual_tokens=model.num_visual_tokens,
+    )
+    return ds.collate([ds[i] for i in range(batch_size)])
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        out[key] = batch[key].to(device)
+    out["images"] = [{k: v.to(device) for k, v in x.items()} for x in batch["images"]]
+    return out
+
+
+# ---------------------------------------------------------------------------- 1. overhead
+def library_map(expert: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The expert's map ``(B, C, H, W)`` from its wrapped library module called directly.
+
+    transformers models: ``model(**inputs).last_hidden_state``; timm/open_clip trunks:
+    ``model.forward_features(pixels)``; token outputs ``(B, P + H*W, C)`` drop the ``P``
+    prefix tokens. ``None`` when the expert wraps no such module or the output is not a grid
+    of the spec's size.
+    """
+    from transformers import PreTrainedModel
+
+    module = getattr(expert, "model", None)
+    if isinstance(module, PreTrainedModel):
+        hidden = module(**inputs).last_hidden_state
+    elif module is not None and callable(getattr(module, "forward_features", None)):
+        if len(inputs) != 1:
+            return None
+        hidden = module.forward_features(next(iter(inputs.values())))
+    else:
+        return None
+    h, w = expert.spec.grid
+    c = expert.spec.channels
+    if hidden.dim() == 4:
+        return hidden if tuple(hidden.shape[1:]) == (c, h, w) else None
+    if hidden.dim() != 3 or hidden.shape[1] < h * w or hidden.shape[2] != c:
+        return None
+    return hidden[:, hidden.shape[1] - h * w :].transpose(1, 2).reshape(hidden.shape[0], c, h, w)
+
+
+def direct_forward(model: Any, batch: dict) -> tuple[torch.Tensor, list[str]]:
+    """The mixture's loss computed by hand on the same modules; returns ``(loss, paths)``
+    where ``paths[i]`` says how expert ``i`` ran (``"library"`` or ``"expert module"``)."""
+    from experts.spec import FeatureMap
+
+    maps, paths = [], []
+    for expert, inputs in zip(model.experts, batch["images"]):
+        features = library_map(expert, inputs)
+        if features is None:
+            maps.append(expert(inputs))
+            paths.append("expert module")
+        else:
+            maps.append(FeatureMap(features, expert.spec.patch_size, expert.spec.name))
+            paths.append("library")
+    visual = model.projector(model.fusion(maps))  # (B, N, D)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    text = model.llm.get_input_embeddings()(ids)  # (B, T, D)
+    n = visual.shape[1]
+    rows_e, rows_m, rows_l = [], [], []
+    for b in range(ids.shape[0]):
+        p = int((ids[b] == model.image_token_id).nonzero()[0, 0])
+        rows_e.append(torch.cat([text[b, :p], visual[b], text[b, p + 1 :]]))
+        rows_m.append(torch.cat([mask[b, :p], mask.new_ones(n), mask[b, p + 1 :]]))
+        rows_l.append(torch.cat([labels[b, :p], labels.new_full((n,), -100), labels[b, p + 1 :]]))
+    out = model.llm(
+        inputs_embeds=torch.stack(rows_e),
+        attention_mask=torch.stack(rows_m),
+        labels=torch.stack(rows_l),
+    )
+    return out.loss, paths
+
+
+def _mixture_loss(model: Any, batch: dict) -> torch.Tensor:
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        images=batch["images"],
+    ).loss
+
+
+def bench_overhead(cfg: BenchConfig, device: torch.device, data_root: Path) -> list[dict]:
+    """Section 1: mixture vs direct forward + backward (see the module docstring)."""
+    from moe_vision.model import MoEVisionModel
+
+    torch.manual_seed(cfg.seed)
+    model = MoEVisionModel.from_config(cfg.model).to(device)
+    batch = _to(benchmark_batch(model, cfg.batch_size, data_root, cfg.seed), device)
+    model.eval()  # no dropout: both paths must compute the same loss
+    with torch.no_grad():
+        mixture, (direct, paths) = _mixture_loss(model, batch), direct_forward(model, batch)
+    same = bool(torch.allclose(mixture, direct, rtol=1e-4, atol=1e-5))
+
+    def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            loss_fn().backward()
+
+        return run
+
+    t_mix = step(lambda: _mixture_loss(model, batch))
+    t_dir = step(lambda: direct_forward(model, batch)[0])
+    for _ in range(cfg.warmup):
+        t_mix(), t_dir()
+    mix_times, dir_times = [], []
+    for _ in range(cfg.repeats):  # interleaved, so drifting machine load hits both alike
+        mix_times.append(_median_time(t_mix, device, 1, 0))
+        dir_times.append(_median_time(t_dir, device, 1, 0))
+    mix, dirc = statistics.median(mix_times), statistics.median(dir_times)
+    name = _config_name(cfg.model, cfg.batch_size)
+    note = f"experts via {paths}; losses equal: {same}"
+    return [
+        _row("overhead", name, "mixture_fwd_bwd_ms", 1e3 * mix, "ms", device, note),
+        _row("overhead", name, "direct_fwd_bwd_ms", 1e3 * dirc, "ms", device, note),
+        _row("overhead", name, "overhead_ratio", mix / dirc, "x", device, note),
+    ]
+
+
+# ---------------------------------------------------------------------------- 2. cache
+def bench_feature_cache(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
+    """Section 2: a frozen-expert sweep over ``cfg.cache_fusions``, cached vs uncached."""
+    from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
+    from moe_vision.sweep import SweepSpec, run_sweep
+
+    data_dir = work / "cache-bench-data"
+    generate_benchmark(data_dir, seed=cfg.seed, sizes=BenchmarkSizes(**cfg.cache_sizes))
+    walls, rows_by_mode = {}, {}
+    for mode, use_cache in (("uncached", False), ("cached", True)):
+        run = copy.deepcopy(cfg.cache_run)
+        run.setdefault("train", {})["use_feature_cache"] = use_cache
+        run["cache_dir"] = str(work / f"features-{mode}")  # fresh: the cached sweep fills it
+        spec = SweepSpec.from_dict(
+            {
+                "name": f"cache-{mode}",
+                "experts": [cfg.model["experts"]],
+                "fusions": cfg.cache_fusions,
+                "recipes": ["llava"],  # experts frozen in every stage
+                "seeds": [cfg.seed],
+                "model": {k: v for k, v in cfg.model.items() if k not in ("experts", "fusion")},
+                "data": {"benchmark_dir": str(data_dir), "benchmark_sizes": cfg.cache_sizes},
+                "run": run,
+            }
+        )
+        start = time.perf_counter()
+        df = run_sweep(spec, work / f"sweep-{mode}", progress=False)
+        walls[mode] = time.perf_counter() - start
+        failed = df[df["status"] != results.STATUS_OK]
+        if len(failed):
+            raise RuntimeError(f"feature-cache benchmark: cells failed: {list(failed['error'])}")
+        rows_by_mode[mode] = df
+    cached = rows_by_mode["cached"]
+    hits = int(cached["cache_hits"].sum()) if "cache_hits" in cached else 0
+    misses = int(cached["cache_misses"].sum()) if "cache_misses" in cached else 0
+    name = f"{'+'.join(cfg.model['experts'])} x {len(cfg.cache_fusions)} fusions, llava"
+    note = (
+        f"fusions {cfg.cache_fusions}; sizes {cfg.cache_sizes}; cache hits {hits}/{hits + misses}"
+    )
+    return [
+        _row("feature_cache", name, "uncached_sweep_s", walls["uncached"], "s", device, note),
+        _row("feature_cache", name, "cached_sweep_s", walls["cached"], "s", device, note),
+        _row(
+            "feature_cache", name, "speedup", walls["uncached"] / walls["cached"], "x", device, note
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------- 3. throughput
+def train_step_flops(model: Any, batch: dict) -> int:
+    """FLOPs of one forward + backward on ``batch`` (``FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        _mixture_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def bench_throughput(
+    model_cfg: dict[str, Any],
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    peak_flops: float,
+    device: torch.device,
+    data_root: Path,
+    seed: int = 0,
+) -> list[dict]:
+    """Section 3 for one configuration: every parameter trains (AdamW), ``steps`` timed."""
+    from moe_vision.model import MoEVisionModel
+
+    torch.manual_seed(seed)
+    reset_peak_memory(device)
+    model = MoEVisionModel.from_config(model_cfg).to(device).train()
+    batch = _to(benchmark_batch(model, batch_size, data_root, seed), device)
+    flops = train_step_flops(model, batch)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        _mixture_loss(model, batch).backward()
+        optimizer.step()
+
+    seconds = _median_time(step, device, steps, warmup)
+    achieved = flops / seconds
+    name = _config_name(model_cfg, batch_size)
+    params = sum(p.numel() for p in model.parameters())
+    note = (
+        f"{params / 1e6:.1f}M params, all trained; {model.num_visual_tokens} visual tokens; "
+        f"FLOPs of forward+backward (optimizer not counted)"
+    )
+    rows = [
+        _row("throughput", name, "samples_per_s", batch_size / seconds, "samples/s", device, note),
+        _row("throughput", name, "step_s", seconds, "s", device, note),
+        _row("throughput", name, "flops_per_sample", flops / batch_size, "FLOP", device, note),
+        _row("throughput", name, "achieved_flops_per_s", achieved, "FLOP/s", device, note),
+        _row("throughput", name, "matmul_peak_flops_per_s", peak_flops, "FLOP/s", device, note),
+        _row("throughput", name, "fraction_of_peak", achieved / peak_flops, "x", device, note),
+        _row("throughput", name, "peak_memory_mb", peak_memory_mb(device), "MiB", device, note),
+    ]
+    return rows
+
+
+# ---------------------------------------------------------------------------- driver
+def _config_name(model_cfg: dict[str, Any], batch_size: int) -> str:
+    fusion = model_cfg.get("fusion", "channel_concat")
+    return f"{'+'.join(model_cfg['experts'])} {fusion} b{batch_size}"
+
+
+def _row(
+    section: str, config: str, metric: str, value: float, unit: str, device: torch.device, note: str
+) -> dict[str, Any]:
+    return {
+        "section": section,
+        "config": config,
+        "metric": metric,
+        "value": float(value),
+        "unit": unit,
+        "device": describe_device(device),
+        "note": note,
+    }
+
+
+SECTIONS: tuple[str, ...] = ("overhead", "feature_cache", "throughput")
+
+
+def run_bench(
+    cfg: BenchConfig | None = None,
+    out: str | os.PathLike[str] = "results/bench.csv",
+    sections: Sequence[str] = SECTIONS,
+    device: str | torch.device | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
+    """Run the benchmark ``sections`` and write the long-format CSV to ``out`` (atomically).
+
+    Args:
+        cfg: sizes (default: :class:`BenchConfig`, the reported run).
+        out: CSV path.
+        sections: any of :data:`SECTIONS`.
+        device: default: CUDA when available, else CPU.
+        work_dir: scratch folder (default: a temporary folder, removed afterwards).
+    """
+    cfg = cfg or BenchConfig()
+    bad = sorted(set(sections) - set(SECTIONS))
+    if bad:
+        raise ValueError(f"unknown bench sections {bad}; valid sections are {list(SECTIONS)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        work = Path(tmp)
+        if "overhead" in sections:
+            logger.info("bench: platform overhead")
+            rows += bench_overhead(cfg, dev, work)
+        if "feature_cache" in sections:
+            logger.info("bench: feature cache")
+            rows += bench_feature_cache(cfg, dev, work)
+        if "throughput" in sections:
+            peak = measure_matmul_peak(cfg.matmul_size, dev)
+            configs = [(cfg.model, cfg.batch_size, cfg.repeats)]
+            if cfg.real_model is not None:
+                configs.append((cfg.real_model, cfg.real_batch_size, cfg.real_steps))
+            for model_cfg, batch, steps in configs:
+                logger.info("bench: throughput of %s", _config_name(model_cfg, batch))
+                rows += bench_throughput(model_cfg, batch, steps, 1, peak, dev, work, cfg.seed)
+    df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    results.save(df, out)
+    return df

@@ -1,0 +1,70 @@
+"""``moe-vision bench``: measure platform overhead, feature-cache speed-up and training
+throughput (see :mod:`moe_vision.bench`); writes ``results/bench.csv`` and prints it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark overhead, feature cache and throughput; writes results/bench.csv",
+        description=__doc__,
+    )
+    p.add_argument("--out", default="results/bench.csv", help="CSV path (default: %(default)s)")
+    p.add_argument(
+        "--sections",
+        type=_csv,
+        default=None,
+        help="comma-separated subset of overhead,feature_cache,throughput (default: all)",
+    )
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument(
+        "--no-real", action="store_true", help="skip the real-size throughput configuration"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes everywhere (a smoke test of the harness, not a measurement)",
+    )
+    p.set_defaults(func=run)
+
+
+def quick_config():  # noqa: ANN201 - BenchConfig, imported lazily
+    """Tiny sizes: every code path of the benchmark, in seconds."""
+    from moe_vision.bench import BenchConfig
+
+    return BenchConfig(
+        batch_size=2,
+        repeats=2,
+        warmup=1,
+        cache_fusions=["channel_concat", "sequence_append"],
+        cache_sizes={"align": 8, "instruct": 8, "val": 2, "test": 6},
+        cache_run={
+            "overrides": {"*": {"batch_size": 4, "epochs": 1, "max_steps": 1}},
+            "train": {"progress_bar": False, "log_with": []},
+        },
+        real_model={"experts": ["siglip-tiny", "sam-tiny"], "fusion": "sequence_append"},
+        real_steps=1,
+        matmul_size=256,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from moe_vision.bench import SECTIONS, BenchConfig, run_bench
+
+    cfg = quick_config() if args.quick else BenchConfig()
+    if args.no_real:
+        cfg.real_model = None
+    df = run_bench(cfg, args.out, sections=args.sections or SECTIONS, device=args.device)
+    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+        print(df.drop(columns=["note"]).to_string(index=False))
+    print(f"\nwritten: {args.out}")
+    return 0
