@@ -1,0 +1,659 @@
+"""Staged training on ``accelerate``: one process, DDP, FSDP or DeepSpeed from the same loop.
+
+:class:`Trainer` runs a :class:`~moe_vision.recipes.Recipe` on a
+:class:`~moe_vision.model.MoEVisionModel`. The recipe is expanded into *units*: one per stage,
+or one per expert for a ``per_expert`` stage (Eagle's pre-alignment: each expert with its own
+projector and the shared, frozen LLM; the expert's trained weights stay in the mixture, the
+temporary fusion/projector are dropped).
+
+Per unit: :func:`~moe_vision.recipes.apply_stage` sets exactly the parameters the stage names
+trainable (and logs which modules train and which are frozen), AdamW gets per-pattern learning
+rates, a warm-up + cosine/linear schedule follows, and the loop uses
+``accelerator.accumulate`` for gradient accumulation, ``accelerator.backward``, clipping on
+synchronised steps, mixed precision (bf16 on CUDA only; fp32 on CPU) and the trackers set up
+with ``accelerator.init_trackers`` (TensorBoard by default). Distributed settings (DDP, FSDP,
+DeepSpeed) come from ``accelerate launch`` / ``accelerate config``; nothing here special-cases
+them.
+
+Data order is a pure function of ``(seed, unit, epoch)`` (:class:`EpochBatchSampler`), sharded
+across processes by accelerate; checkpoints (:mod:`moe_vision.checkpoint`) record the batch
+position, so ``resume`` continues a killed run at the same unit, epoch, batch, optimiser,
+scheduler and RNG state, ending with the same weights as an uninterrupted run.
+
+Frozen experts (whole expert frozen, not driven by the fusion itself) are served from the
+:class:`~moe_vision.cache.FeatureCache` when one is given; they run in ``eval`` mode either way
+so that cached and uncached runs compute the same thing.
+
+Non-finite losses: the batch is skipped on every process (no update) and counted; more than
+``TrainOptions.max_nonfinite`` skips (default 0) raises :class:`NonFiniteLossError` naming the
+unit, epoch, batch and sample ids. The number of skips is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from moe_vision import checkpoint as ckpt
+from moe_vision.cache import FeatureCache, expert_cache_key
+from moe_vision.recipes import Recipe, Stage, apply_stage, param_groups
+
+logger = logging.getLogger(__name__)
+
+KNOWN_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf more often than ``TrainOptions.max_nonfinite`` allows."""
+
+
+@dataclass
+class TrainOptions:
+    """How to train (independent of what: that is the recipe).
+
+    Attributes:
+        mixed_precision: ``"auto"`` (bf16 on CUDA when supported, else fp32), ``"no"``,
+            ``"bf16"`` or ``"fp16"``; a half-precision request without CUDA falls back to fp32
+            with a warning.
+        gradient_checkpointing: recompute activations in the LLM (and experts that support
+            it) during backward.
+        num_workers: DataLoader worker processes (each expert's preprocessing runs there).
+        log_with: experiment trackers for ``accelerator.init_trackers``; names that are not
+            installed are dropped with a warning, except when named explicitly in
+            ``require_trackers``.
+        log_every: optimiser steps between tracker logs.
+        checkpoint_every: optimiser steps between mid-unit checkpoints (0: only at unit ends).
+        keep_checkpoints: newest checkpoints kept (plus the ``unit_end`` ones still needed).
+        max_nonfinite: NaN/inf losses tolerated (skipped, counted) before raising.
+        use_feature_cache: serve frozen experts from the feature cache.
+        progress_bar: show a tqdm bar on the main process.
+        find_unused_parameters: DDP option (needed only when some trainable parameters get
+            no gradient in a step).
+    """
+
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 0
+    use_feature_cache: bool = True
+    progress_bar: bool = True
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(
+                "mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', "
+                f"got {self.mixed_precision!r}"
+            )
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with]
+        bad = [t for t in self.log_with if t not in KNOWN_TRACKERS]
+        if bad:
+            raise ValueError(f"unknown trackers {bad}; accelerate supports {list(KNOWN_TRACKERS)}")
+        for key in (
+            "num_workers",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_nonfinite",
+        ):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < (1 if key in ("log_every", "keep_checkpoints") else 0):
+                raise ValueError(f"TrainOptions.{key} must be a non-negative integer, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """bf16 on CUDA (``"auto"``), fp32 (``"no"``) on CPU whatever was asked."""
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if requested != "no" and not cuda:
+        logger.warning("mixed_precision=%r needs CUDA; training in fp32 on CPU", requested)
+        return "no"
+    return requested
+
+
+def available_trackers(names: Sequence[str]) -> list[str]:
+    """The trackers of ``names`` whose packages are installed (others dropped, logged)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    ok = []
+    for name in names:
+        cls = LOGGER_TYPE_TO_CLASS.get(name)
+        try:
+            usable = cls is not None and cls.requires_logging_directory is not None
+            from accelerate.utils import imports
+
+            check = getattr(imports, f"is_{name}_available", None)
+            usable = usable and (check is None or check())
+        except Exception:  # noqa: BLE001 - a broken optional tracker must not stop training
+            usable = False
+        if usable:
+            ok.append(name)
+        else:
+            logger.warning("tracker %r is not installed; not logging to it", name)
+    return ok
+
+
+def make_accelerator(options: TrainOptions, project_dir: str | Path) -> Accelerator:
+    """The run's :class:`~accelerate.Accelerator` (distributed setup from the environment)."""
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(options.mixed_precision),
+        log_with=available_trackers(options.log_with) or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(project_dir), logging_dir=str(project_dir)
+        ),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=options.find_unused_parameters)
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------ data order
+class EpochBatchSampler:
+    """Batches of a permutation that depends only on ``(seed, epoch)``.
+
+    Yields *global* batches of ``batch_size`` indices; ``accelerator.prepare`` hands batch
+    ``k`` to process ``k % num_processes``. Set :attr:`epoch` before iterating (it is not
+    named ``set_epoch`` on purpose: accelerate's loader would overwrite it with its own
+    iteration counter, which a resumed run does not share).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
+        if num_samples < 1:
+            raise ValueError("EpochBatchSampler needs at least one sample")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        for i in range(0, self.num_samples, self.batch_size):
+            yield order[i : i + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+
+# ------------------------------------------------------------------------------ units
+@dataclass(frozen=True)
+class TrainUnit:
+    """One pass of the loop: a stage, or one expert of a ``per_expert`` stage."""
+
+    index: int
+    stage: Stage
+    expert: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.stage.name if self.expert is None else f"{self.stage.name}[{self.expert}]"
+
+
+def expand_units(recipe: Recipe, num_experts: int) -> list[TrainUnit]:
+    """The recipe's stages as units (a ``per_expert`` stage becomes one unit per expert)."""
+    units: list[TrainUnit] = []
+    for stage in recipe.stages:
+        for e in range(num_experts) if stage.per_expert else [None]:
+            units.append(TrainUnit(len(units), stage, e))
+    return units
+
+
+@dataclass
+class StepEvent:
+    """What a step hook sees after each optimiser step."""
+
+    unit: TrainUnit
+    epoch: int
+    batches_done: int
+    optimizer_steps: int
+    global_step: int
+    loss: float
+
+
+StepHook = Callable[[StepEvent], None]
+DatasetFactory = Callable[[str, nn.Module], Dataset]
+"""``(stage.data, model) -> Dataset``: a stage's data for a model (its preprocessors/tokens)."""
+UnitModelFactory = Callable[[nn.Module, TrainUnit], nn.Module]
+"""``(mixture, unit) -> model`` for per-expert units (see :func:`moe_vision.model` helpers)."""
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load ``accelerator.save_model`` output (one file or sharded) into ``model`` in place.
+
+    Tied parameters (saved once) are allowed to be missing; anything else missing or
+    unexpected raises, naming the keys.
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"checkpoint weights not found: {folder / f}")
+        state.update(load_file(str(folder / f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    loaded = set(state)
+    really_missing = [
+        k
+        for k in missing
+        if not any(a in loaded for names in aliases.values() if k in names for a in names)
+    ]
+    if really_missing or unexpected:
+        raise ValueError(
+            f"checkpoint {folder} does not fit the model: missing {really_missing[:10]}, "
+            f"unexpected {list(unexpected)[:10]}"
+        )
+
+
+def _seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def _unit_seed(seed: int, unit: TrainUnit) -> int:
+    return seed * 7919 + unit.index * 104_729 + 1
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing through the model's own switch (LLM and capable experts)."""
+    switch = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(switch):
+        raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
+    switch()
+
+
+@dataclass
+class UnitReport:
+    """Summary of a finished unit."""
+
+    unit: str
+    params_trainable: int
+    params_total: int
+    optimizer_steps: int
+    samples: int
+    final_loss: float | None
+    train: list[str]
+    frozen: list[str]
+    cached_experts: list[int]
+
+
+class Trainer:
+    """Runs every unit of a recipe on a mixture model, with checkpoints and resume.
+
+    Args:
+        model: the mixture :class:`~moe_vision.model.MoEVisionModel` (trained in place).
+        recipe: the stages.
+        datasets: ``(stage.data, model) -> Dataset`` (each model has its own preprocessing
+            and visual token count, so datasets depend on the model).
+        out_dir: the run folder; checkpoints go to ``out_dir/checkpoints``.
+        accelerator: from :func:`make_accelerator`.
+        options: :class:`TrainOptions`.
+        seed: the run seed (data order, per-unit initialisation).
+        unit_model: builds the single-expert model of a per-expert unit from the mixture.
+        cache: the feature cache (``None``: frozen experts run every step).
+        hooks: called after every optimiser step with a :class:`StepEvent`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        datasets: DatasetFactory,
+        out_dir: str | Path,
+        accelerator: Accelerator,
+        options: TrainOptions,
+        seed: int = 0,
+        unit_model: UnitModelFactory | None = None,
+        cache: FeatureCache | None = None,
+        hooks: Sequence[StepHook] = (),
+    ) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.datasets = datasets
+        self.out_dir = Path(out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.accelerator = accelerator
+        self.options = options
+        self.seed = seed
+        self.unit_model = unit_model
+        self.cache = cache if options.use_feature_cache else None
+        self.hooks = list(hooks)
+        self.units = expand_units(recipe, len(model.experts))
+        if any(u.expert is not None for u in self.units) and unit_model is None:
+            raise ValueError("recipe has a per_expert stage but no unit_model factory was given")
+        self.state = ckpt.TrainerState("unit_end", -1, "init")
+
+    # -------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, kind: str, base: str | None, model: nn.Module | None = None) -> str:
+        """Write a checkpoint on every process (collective); returns its folder name.
+
+        ``kind == "unit_end"`` saves ``model`` (the mixture, prepared or not) with
+        ``accelerator.save_model`` (gathers FSDP/DeepSpeed shards, safetensors).
+        """
+        acc = self.accelerator
+        final, tmp = (
+            ckpt.next_checkpoint_dir(self.ckpt_root) if acc.is_main_process else (None, None)
+        )
+        names = [str(final), str(tmp)]
+        if acc.num_processes > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(names, src=0)
+        final, tmp = Path(names[0]), Path(names[1])
+        acc.wait_for_everyone()
+        if kind == "mid":
+            acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        else:
+            acc.save_model(
+                model if model is not None else self.model, str(tmp), safe_serialization=True
+            )
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.state.kind = kind  # type: ignore[assignment]
+            self.state.base = base
+            ckpt.write_state(tmp, self.state)
+            ckpt.commit(tmp, final)
+            ckpt.prune(self.ckpt_root, self.options.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final.name
+
+    def _restore(self) -> tuple[ckpt.TrainerState, Path] | None:
+        """Load the newest checkpoint's mixture weights; return its state and folder."""
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            return None
+        state = ckpt.TrainerState.load(latest)
+        end = (
+            latest
+            if state.kind == "unit_end"
+            else (self.ckpt_root / state.base if state.base else None)
+        )
+        if end is not None:
+            load_weights(self.model, end)
+        logger.info(
+            "resuming from %s (%s, unit %s, epoch %d, batch %d)",
+            latest,
+            state.kind,
+            state.unit_name,
+            state.epoch,
+            state.batches_done,
+        )
+        return state, latest
+
+    # -------------------------------------------------------------- main loop
+    def fit(self, resume: bool = True) -> list[UnitReport]:
+        """Train every unit (continuing from the newest checkpoint when ``resume``)."""
+        if not resume and ckpt.latest_checkpoint(self.ckpt_root) is not None:
+            raise FileExistsError(
+                f"{self.ckpt_root} already holds checkpoints; resume, or pick a new run folder"
+            )
+        restored = self._restore() if resume else None
+        start_unit, mid = 0, None
+        if restored is not None:
+            state, folder = restored
+            self.state = state
+            if state.kind == "unit_end":
+                start_unit = state.unit + 1
+            else:
+                start_unit, mid = state.unit, folder
+        self.model.to(self.accelerator.device)
+        for unit in self.units[start_unit:]:
+            self._train_unit(unit, mid)
+            mid = None
+        return [UnitReport(**r) for r in self.state.unit_reports]
+
+    def _unit_module(self, unit: TrainUnit) -> nn.Module:
+        if unit.expert is None:
+            return self.model
+        assert self.unit_model is not None
+        torch.manual_seed(_unit_seed(self.seed, unit))  # the temporary projector's init
+        return self.unit_model(self.model, unit).to(self.accelerator.device)
+
+    def _cached_experts(self, model: nn.Module) -> list[int]:
+        staged = set(model.fusion.staged_experts())
+        out = []
+        for i, expert in enumerate(model.experts):
+            frozen = not any(p.requires_grad for p in expert.parameters())
+            if frozen:
+                expert.eval()
+                if self.cache is not None and i not in staged:
+                    out.append(i)
+        return out
+
+    def _train_unit(self, unit: TrainUnit, mid: Path | None) -> None:
+        """Train one unit and write its ``unit_end`` checkpoint."""
+        acc, stage = self.accelerator, unit.stage
+        model = self._unit_module(unit)
+        groups = apply_stage(model, stage)
+        if self.options.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        model.train()
+        cached = self._cached_experts(model)
+        keys = {i: expert_cache_key(model.experts[i]) for i in cached}
+        for i in cached:
+            if acc.is_main_process and self.cache is not None:
+                self.cache.describe(model.experts[i], keys[i])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "unit %s: %d/%d parameters train; data %r; experts from cache: %s",
+            unit.name,
+            trainable,
+            total,
+            stage.data,
+            cached or "none",
+        )
+
+        dataset = self.datasets(stage.data, model)
+        sampler = EpochBatchSampler(len(dataset), stage.batch_size, _unit_seed(self.seed, unit))
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=dataset.collate,
+            num_workers=self.options.num_workers,
+            generator=torch.Generator().manual_seed(_unit_seed(self.seed, unit)),
+        )
+        groups_opt = param_groups(model, stage)
+        optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "names"} for g in groups_opt],
+            lr=stage.lr,
+            weight_decay=stage.weight_decay,
+        )
+        batches_per_epoch = math.ceil(len(sampler) / acc.num_processes)
+        steps_per_epoch = math.ceil(batches_per_epoch / stage.grad_accum)
+        total_steps = steps_per_epoch * stage.epochs
+        if stage.max_steps is not None:
+            total_steps = min(total_steps, stage.max_steps)
+        # AcceleratedScheduler steps once per process per optimiser step (split_batches=False).
+        scheduler = get_scheduler(
+            stage.scheduler,
+            optimizer,
+            num_warmup_steps=int(stage.warmup_ratio * total_steps) * acc.num_processes,
+            num_training_steps=total_steps * acc.num_processes,
+        )
+        acc.gradient_accumulation_steps = stage.grad_accum
+        prepared, optimizer, scheduler, loader = acc.prepare(model, optimizer, scheduler, loader)
+
+        start_epoch = skip = 0
+        if mid is not None:
+            acc.load_state(str(mid / "accelerate"))
+            start_epoch, skip = self.state.epoch, self.state.batches_done
+        else:
+            self.state.kind, self.state.unit, self.state.unit_name = "mid", unit.index, unit.name
+            self.state.optimizer_steps = 0
+            _seed_everything(_unit_seed(self.seed, unit))
+        base = self.state.base if mid is not None else self._last_unit_end()
+        trainable_params = [p for p in model.parameters() if p.requires_grad]
+        bar = tqdm(
+            total=total_steps,
+            initial=self.state.optimizer_steps,
+            desc=unit.name,
+            disable=not (self.options.progress_bar and acc.is_local_main_process),
+        )
+        last_loss: float | None = None
+        running, running_n = 0.0, 0
+        samples = 0
+        done = self.state.optimizer_steps >= total_steps
+        t_start = time.perf_counter()
+        for epoch in range(start_epoch, stage.epochs):
+            if done:
+                break
+            sampler.epoch = epoch
+            batches = acc.skip_first_batches(loader, skip) if skip else loader
+            self.state.epoch, self.state.batches_done = epoch, skip
+            skip = 0
+            for batch in batches:
+                with acc.accumulate(prepared), acc.autocast():
+                    precomputed = {
+                        i: self.cache.maps(  # type: ignore[union-attr]
+                            model.experts[i],
+                            keys[i],
+                            batch["images"][i],
+                            batch["image_keys"],
+                            acc.device,
+                        )
+                        for i in cached
+                    }
+                    out = prepared(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        labels=batch["labels"],
+                        images=batch["images"],
+                        precomputed=precomputed or None,
+                    )
+                    loss = out.loss
+                    if not self._finite(loss, unit, epoch, batch):
+                        optimizer.zero_grad()
+                    else:
+                        acc.backward(loss)
+                        if acc.sync_gradients and stage.max_grad_norm is not None:
+                            acc.clip_grad_norm_(trainable_params, stage.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                        running += float(loss.detach())
+                        running_n += 1
+                n = len(batch["ids"]) * acc.num_processes
+                samples += n
+                self.state.samples_seen += n
+                self.state.batches_done += 1
+                if acc.sync_gradients:
+                    self.state.optimizer_steps += 1
+                    self.state.global_step += 1
+                    last_loss = running / max(running_n, 1)
+                    running, running_n = 0.0, 0
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
+                    if self.state.global_step % self.options.log_every == 0:
+                        acc.log(
+                            {
+                                f"train/loss/{unit.name}": last_loss,
+                                "train/lr": scheduler.get_last_lr()[0],
+                            },
+                            step=self.state.global_step,
+                        )
+                    done = self.state.optimizer_steps >= total_steps
+                    every = self.options.checkpoint_every
+                    if every and self.state.optimizer_steps % every == 0 and not done:
+                        self.state.train_time_s += time.perf_counter() - t_start
+                        t_start = time.perf_counter()
+                        self._save_checkpoint("mid", base)
+                    event = StepEvent(
+                        unit,
+                        epoch,
+                        self.state.batches_done,
+                        self.state.optimizer_steps,
+                        self.state.global_step,
+                        last_loss,
+                    )
+                    for hook in self.hooks:
+                        hook(event)
+                    if done:
+                        break
+        bar.close()
+        self.state.train_time_s += time.perf_counter() - t_start
+        if self.cache is not None and cached:
+            logger.info(
+                "feature cache after %s: %d hits, %d misses",
+                unit.name,
+                self.cache.hits,
+                self.cache.misses,
+            )
+        report = UnitReport(
+            unit.name,
+            trainable,
+            total,
+            self.state.optimizer_steps,
+            samples,
+            last_loss,
+            groups["train"] + groups["partial"],
+            groups["frozen"],
+            cached,
+        )
+        self.state.unit_reports.append(dataclasses.asdict(report))
+        self.state.epoch = self.state.batches_done = self.state.optimizer_steps = 0
+        self._save_checkpoint("unit_end", None, prepared if unit.expert is None else self.model)
+        acc.free_memory()
+        for p in model.parameters():
+            p.grad = None
+
+    def _last_unit_end(self) -> str | None:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        while latest is not None:
+            st = ckpt.TrainerState.load(latest)
+            return latest.name if st.kind == "unit_end" else st.base
+        return None
+
+    def _finite(self, loss: torch.Tensor, unit: TrainUnit, epoch: int, batch: dict) -> bool:
+        """Whether every process's loss is finite; counts skips and raises past the limit."""
+        ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:
+            ok = self.accelerator.reduce(ok, reduction="sum") / self.accelerator.num_processes
+        if bool(ok.item() == 1.0):
+            return True
+        self.state.nonfinite_skipped += 1
+        msg = (
+            f"non-finite loss ({float(loss.detach())}) in unit {unit.name!r}, epoch {epoch}, "
+            f"batch {self.state.batches_done} (sample ids {batch['ids'][:8]})"
+        )
+        if self.state.nonfinite_skipped > self.options.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{msg}; {self.state.nonfinite_skipped} non-finite losses exceed "
+                f"max_nonfinite={self.options.max_nonfinite}. Lower the learning rate, check the "
+                "data, or raise train.max_nonfinite to skip such batches."
+            )
+        logger.warning("%s: batch skipped (%d so far)", msg, self.state.nonfinite_skipped)
+        return False
