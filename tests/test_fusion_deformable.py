@@ -224,6 +224,7 @@ def test_valid_ratios_scale_reference_points() -> None:
         ({"base_expert": 3}, "base_expert=3"),
         ({"num_points": 0}, "num_points=0"),
         ({"offset_init": "xavier"}, "offset_init"),
+        ({"queries": "learned", "align": "avgpool", "dim": 16}, "align only"),
         ({"dim": 10, "num_heads": 4}, "dim 10 must be divisible by num_heads 4"),
         ({"grid": (3, 3), "align": "unshuffle", "dim": 16}, "integer multiple"),
     ],

@@ -203,6 +203,11 @@ def _check_config(cfg: DeformableConfig, specs: Sequence[ExpertSpec]) -> None:
         problems.append(f"offset_init={cfg.offset_init!r} (expected one of {OFFSET_INITS})")
     if cfg.align not in ALIGN_METHODS:
         problems.append(f"align={cfg.align!r} (expected one of {ALIGN_METHODS})")
+    elif cfg.queries == "learned" and cfg.align != "auto":
+        problems.append(
+            f"align={cfg.align!r} with queries='learned' (align only brings the base expert's "
+            "map to the query grid for queries='base'; the levels keep their own resolution)"
+        )
     for field in ("num_layers", "num_heads", "num_points"):
         if getattr(cfg, field) < 1:
             problems.append(f"{field}={getattr(cfg, field)} (expected >= 1)")
