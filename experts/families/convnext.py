@@ -12,7 +12,8 @@ projection head pruned (``prune_intermediate_layers``): the map is the trunk's o
 * Staged execution: ``embed`` = stem, ``run_stage(i)`` = ``stages[i]``, ``finish`` = ``norm_pre``.
 * Readable layers: the 4 stages (strides 4, 8, 16, 32), read through timm's
   ``forward_intermediates``.
-* Mean/std come from timm's ``pretrained_cfg`` of the preset's weight tag, never re-typed.
+* Mean/std and resize interpolation come from timm's ``pretrained_cfg`` of the preset's weight
+  tag, never re-typed.
 * Checkpoints: timm weight tags (``convnext_xxlarge.clip_laion2b_soup``), timm hub repos
   (``timm/<model>.<tag>``), folders written by
   ``timm.models.save_for_hf`` and safetensors/``.bin`` files; OpenCLIP checkpoints
@@ -89,8 +90,11 @@ class ConvNeXtExpert(Expert):
     # ------------------------------------------------------------------ preprocessing
     @classmethod
     def preprocess_image(cls, spec: ExpertSpec, image: Image.Image) -> ExpertInputs:
-        """RGB image -> ``{"pixel_values": (3, H, W)}`` at ``spec.input_size``, CLIP mean/std."""
-        return {"pixel_values": resize_normalise(image, spec.input_size, spec.mean, spec.std)}
+        """RGB image -> ``{"pixel_values": (3, H, W)}`` at ``spec.input_size``, with the weight
+        tag's interpolation and mean/std."""
+        resample = Image.Resampling[spec.arch.get("interpolation", "bicubic").upper()]
+        x = resize_normalise(image, spec.input_size, spec.mean, spec.std, resample)
+        return {"pixel_values": x}
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(self, checkpoint: str) -> None:
@@ -114,6 +118,8 @@ class ConvNeXtExpert(Expert):
 
     def forward_layers(self, inputs: ExpertInputs, layers: Sequence[int]) -> list[FeatureMap]:
         """Stage outputs ``(B, C_i, H/s_i, W/s_i)`` for stage indices ``layers``."""
+        if not layers:
+            return []
         x = check_pixel_values(self.spec, inputs)
         order = sorted(set(layers))
         maps = self.model.forward_intermediates(
@@ -175,6 +181,7 @@ def convnext_spec(
         arch={
             "model": model,
             "pretrained_tag": pretrained_tag,
+            "interpolation": cfg.interpolation,
             "kwargs": {"depths": tuple(depths), "dims": tuple(dims)},
         },
     )

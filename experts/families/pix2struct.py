@@ -245,6 +245,8 @@ class Pix2StructExpert(Expert):
 
     def forward_layers(self, inputs: ExpertInputs, layers: Sequence[int]) -> list[FeatureMap]:
         """Encoder layer outputs (before the final norm) as ``(B, C, G, G)`` masked maps."""
+        if not layers:
+            return []
         state = self.embed(inputs)
         mask = self._grid_mask(state.extras)
         wanted, outs = set(layers), {}

@@ -16,7 +16,7 @@ modules: patch embedding -> absolute position embedding -> blocks -> neck.
   ``input_size`` (a multiple of 16) the expert resamples it bicubically to the new grid with
   timm's ``resample_abs_pos_embed_nhwc``; the decomposed relative position tables of the
   global blocks are resized (linearly) by transformers' own ``get_rel_pos``; windows pad.
-* Preprocessing: resize to ``input_size`` (not SAM's longest-side resize + pad, so that the
+* Preprocessing: bilinear resize to ``input_size`` (not SAM's longest-side resize + pad, so that the
   map stays spatially aligned with the other experts' maps) and ImageNet mean/std, SAM's own.
 * Checkpoints: ``facebook/sam-vit-*`` (full ``SamModel``: the encoder is read from
   ``vision_encoder.*``), folders written by ``save_pretrained`` of ``SamModel`` or
@@ -82,8 +82,10 @@ class SamExpert(Expert):
     # ------------------------------------------------------------------ preprocessing
     @classmethod
     def preprocess_image(cls, spec: ExpertSpec, image: Image.Image) -> ExpertInputs:
-        """RGB image -> ``{"pixel_values": (3, H, W)}`` at ``spec.input_size``."""
-        return {"pixel_values": resize_normalise(image, spec.input_size, spec.mean, spec.std)}
+        """RGB image -> ``{"pixel_values": (3, H, W)}`` at ``spec.input_size`` (bilinear, as
+        ``SamImageProcessor``)."""
+        x = resize_normalise(image, spec.input_size, spec.mean, spec.std, Image.Resampling.BILINEAR)
+        return {"pixel_values": x}
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(self, checkpoint: str) -> None:
@@ -137,6 +139,8 @@ class SamExpert(Expert):
 
     def forward_layers(self, inputs: ExpertInputs, layers: Sequence[int]) -> list[FeatureMap]:
         """Block outputs ``(B, C_vit, H/16, W/16)`` for block indices ``layers``."""
+        if not layers:
+            return []
         state = self.embed(inputs)
         wanted, last = set(layers), max(layers)
         outs: dict[int, torch.Tensor] = {}
