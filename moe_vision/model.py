@@ -472,7 +472,10 @@ class MoEVisionModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         """True when the LLM runs with activation checkpointing."""
-        return bool(getattr(self.llm, "is_gradient_checkpointing", False))
+        for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(self.llm), attr):
+                return bool(getattr(self.llm, attr))
+        return False
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
