@@ -514,6 +514,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def distributed_rank() -> int:
+    """This process's global rank when a cell runs as several tasks of one submitit job
+    (``tasks_per_node`` > 1, one task per GPU); 0 otherwise.
+
+    In that case it also exports the ``torch.distributed`` environment (``MASTER_ADDR``,
+    ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) that accelerate reads, through
+    ``submitit.helpers.TorchDistributedEnvironment``.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return 0
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return 0
+    dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return int(dist.rank)
+
+
 def execute_cell(job: CellJob) -> dict[str, Any]:
     """Run one cell in ``job.cell_dir`` and record its outcome there; returns its row.
 
@@ -524,6 +543,9 @@ def execute_cell(job: CellJob) -> dict[str, Any]:
     """
     cell_dir = Path(job.cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
+    if distributed_rank() != 0:
+        # Other ranks of a multi-task job only take part in the run; rank 0 keeps the books.
+        return dict(resolve_entrypoint(job.entrypoint)(copy.deepcopy(job.config), cell_dir))
     metrics_path, error_path = cell_dir / results.METRICS_FILE, cell_dir / results.ERROR_FILE
     with file_lock(cell_dir / ".lock"):
         if metrics_path.exists():

@@ -327,3 +327,21 @@ def test_inline_is_the_default_executor(tmp_path: Path, names: tuple[str, str, s
     assert isinstance(build_executor(spec, tmp_path), InlineExecutor)
     sub = build_executor(spec.with_overrides({"executor": {"kind": "submitit"}}), tmp_path)
     assert sub.folder == tmp_path / "submitit" and sub.parameters["timeout_min"] >= 60
+
+
+def test_submitit_multi_task_cell_keeps_books_on_rank_zero(
+    tmp_path: Path, names: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell run as 2 tasks of one job (one per GPU on a cluster): both ranks run the
+    entrypoint with the torch.distributed environment exported; one row, written by rank 0."""
+    A, B, C = names
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+    spec = _spec(tmp_path, names)
+    spec.experts = ExpertCombos(combinations=[[A]])
+    spec.fusions = spec.fusions[:1]
+    executor = SubmititExecutor(
+        tmp_path / "jobs", cluster="local", parameters={"tasks_per_node": 2}, poll_s=0.2
+    )
+    df = run_sweep(spec, tmp_path / "sweep", executor=executor, progress=False)
+    assert list(df.status) == ["ok"]
+    assert _calls(tmp_path) == [df.cell_id.iloc[0]] * 2  # both ranks ran it
