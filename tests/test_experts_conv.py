@@ -306,3 +306,14 @@ def test_pix2struct_max_patches_override_resizes_the_grid() -> None:
         experts.create_expert("pix2struct-tiny", num_stages=9)
     with pytest.raises(ValueError, match="patch_embed_hidden_size"):
         experts.create_expert("pix2struct-tiny", patch_size=8)
+
+
+@pytest.mark.parametrize("name", ["convnext-tiny", "sam-tiny", "pix2struct-tiny"])
+def test_experts_run_in_the_dtype_of_their_weights(name: str) -> None:
+    expert = experts.create_expert(name).eval()
+    inputs = expert.preprocess(_images(2))  # float32 from preprocessing
+    with torch.no_grad():
+        ref = expert(inputs)
+        wide = expert.double()(inputs)
+    assert wide.features.dtype == torch.float64
+    torch.testing.assert_close(wide.features.float(), ref.features, atol=1e-4, rtol=1e-4)

@@ -47,8 +47,11 @@ from experts.spec import ExpertSpec, FeatureMap
 STEM_STRIDE = 4  # timm ConvNeXt "patch" stem; each later stage halves the grid
 
 
-def check_pixel_values(spec: ExpertSpec, inputs: ExpertInputs) -> torch.Tensor:
-    """``inputs["pixel_values"]`` as ``(B, 3, H, W)`` at ``spec.input_size``, or a clear error."""
+def check_pixel_values(
+    spec: ExpertSpec, inputs: ExpertInputs, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``inputs["pixel_values"]`` as ``(B, 3, H, W)`` at ``spec.input_size``, cast to ``dtype``
+    (the expert's weights, e.g. bf16), or a clear error."""
     if "pixel_values" not in inputs:
         raise KeyError(
             f"expert {spec.name!r} expects inputs {{'pixel_values': (B, 3, H, W)}}, "
@@ -60,7 +63,7 @@ def check_pixel_values(spec: ExpertSpec, inputs: ExpertInputs) -> torch.Tensor:
             f"expert {spec.name!r}: pixel_values must be (B, 3, {spec.input_size[0]}, "
             f"{spec.input_size[1]}), got {tuple(x.shape)}; build them with expert.preprocess"
         )
-    return x
+    return x if dtype is None else x.to(dtype)
 
 
 class ConvNeXtExpert(Expert):
@@ -86,6 +89,10 @@ class ConvNeXtExpert(Expert):
                 f"{spec.patch_size}, timm {spec.arch['model']} has {channels} and "
                 f"{self.stage_strides[-1]}"
             )
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     # ------------------------------------------------------------------ preprocessing
     @classmethod
@@ -113,14 +120,14 @@ class ConvNeXtExpert(Expert):
     # ------------------------------------------------------------------ forward
     def forward_map(self, inputs: ExpertInputs) -> FeatureMap:
         """``(B, 3, H, W)`` -> map ``(B, C, H/32, W/32)`` (timm ``forward_features``)."""
-        x = check_pixel_values(self.spec, inputs)
+        x = check_pixel_values(self.spec, inputs, self._dtype)
         return FeatureMap(self.model.forward_features(x), self.spec.patch_size, self.spec.name)
 
     def forward_layers(self, inputs: ExpertInputs, layers: Sequence[int]) -> list[FeatureMap]:
         """Stage outputs ``(B, C_i, H/s_i, W/s_i)`` for stage indices ``layers``."""
         if not layers:
             return []
-        x = check_pixel_values(self.spec, inputs)
+        x = check_pixel_values(self.spec, inputs, self._dtype)
         order = sorted(set(layers))
         maps = self.model.forward_intermediates(
             x, indices=order, intermediates_only=True, stop_early=True
@@ -134,7 +141,7 @@ class ConvNeXtExpert(Expert):
     # ------------------------------------------------------------------ staged execution
     def embed(self, inputs: ExpertInputs) -> StageState:
         """Stem: ``(B, 3, H, W)`` -> ``(B, C_0, H/4, W/4)``."""
-        x = self.model.stem(check_pixel_values(self.spec, inputs))
+        x = self.model.stem(check_pixel_values(self.spec, inputs, self._dtype))
         return StageState(x, (int(x.shape[-2]), int(x.shape[-1])))
 
     def run_stage(self, state: StageState, index: int) -> StageState:

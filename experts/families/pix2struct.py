@@ -194,7 +194,8 @@ class Pix2StructExpert(Expert):
     def embed(self, inputs: ExpertInputs) -> StageState:
         """Patch + row/column embeddings: tokens ``(B, N, C)``; extras hold the scatter index."""
         flat, mask = self._check_inputs(inputs)
-        hidden = self.model.embeddings(flat)
+        # cast to the weights' dtype: row/col ids <= G stay exact (bf16 holds integers to 256)
+        hidden = self.model.embeddings(flat.to(self.model.embeddings.patch_projection.weight.dtype))
         extras = self._scatter_index(flat, mask)
         extras["attention"] = create_bidirectional_mask(
             config=self.model.config,

@@ -95,7 +95,7 @@ class SamExpert(Expert):
     # ------------------------------------------------------------------ staged execution
     def embed(self, inputs: ExpertInputs) -> StageState:
         """Patch embedding + absolute position embedding: ``(B, 3, H, W) -> (B, H/p, W/p, C)``."""
-        x = check_pixel_values(self.spec, inputs)
+        x = check_pixel_values(self.spec, inputs, self.encoder.patch_embed.projection.weight.dtype)
         enc = self.encoder
         native = tuple(enc.patch_embed.image_size)
         if tuple(x.shape[-2:]) == native:
