@@ -8,8 +8,9 @@ fusion parameter and reach every expert.
 
 Cost control (a documented choice; the whole matrix must run in seconds on 2 CPU cores):
 
-* Combinations: every singleton, every pair, every "rolling" triple
-  ``(e_i, e_{i+1}, e_{i+2})`` of the sorted preset list, and the full set. Fusions and tiny
+* Combinations: every singleton, every pair, two "rolling" triples
+  ``(e_i, e_{i+1}, e_{i+2})`` of the sorted preset list (``i = 0`` and ``i = n // 2``), and
+  the full set. Fusions and tiny
   experts come from the registries, so new strategies and experts are covered as they land.
 * In a cell, each expert's map is computed once per module and served through ``precomputed``
   (the feature-cache path) as a leaf tensor, and "reaches the expert" means a non-zero
@@ -42,11 +43,12 @@ BATCH = 2
 
 
 def combinations(names: list[str]) -> list[tuple[str, ...]]:
-    """Singletons, pairs, rolling triples and the full set, in a fixed order."""
+    """Singletons, pairs, two rolling triples and the full set, in a fixed order."""
     combos = [(n,) for n in names] + list(itertools.combinations(names, 2))
-    if len(names) > 3:
+    if len(names) > 3:  # two rolling triples, starting at the first and the middle preset
         combos += [
-            tuple(sorted(names[(i + k) % len(names)] for k in range(3))) for i in range(len(names))
+            tuple(sorted(names[(i + k) % len(names)] for k in range(3)))
+            for i in (0, len(names) // 2)
         ]
     if len(names) > 2:
         combos.append(tuple(names))
