@@ -8,8 +8,9 @@ A checkpoint is one of
 * a local **folder** as a library writes it (``save_pretrained`` in transformers,
   ``timm.models.save_for_hf`` in timm): ``model.safetensors``, a sharded
   ``model.safetensors.index.json``, or ``pytorch_model.bin``;
-* a **hub id** ``org/name``: resolved through ``huggingface_hub`` (what transformers and timm use
-  underneath), which respects ``HF_HUB_OFFLINE`` and the local cache and fails fast offline.
+* a **hub id** ``org/name`` (or timm's ``hf-hub:org/name``): resolved through
+  ``huggingface_hub`` (what transformers and timm use underneath), which respects
+  ``HF_HUB_OFFLINE`` and the local cache and fails fast offline.
 
 :func:`load_into` then finds the expert's module inside the checkpoint (a full ``SamModel``
 holds the image encoder under ``vision_encoder.``; a full Pix2Struct model holds its encoder
@@ -129,6 +130,8 @@ def _from_hub(repo_id: str) -> Path:
 
 def resolve_weight_file(checkpoint: str | os.PathLike) -> Path:
     """The weight file a checkpoint names (file, folder, or hub id; see the module docstring)."""
+    if isinstance(checkpoint, str) and checkpoint.startswith("hf-hub:"):  # timm's spelling
+        return _from_hub(checkpoint[len("hf-hub:") :])
     path = Path(checkpoint).expanduser()
     if path.is_file():
         return path
@@ -143,8 +146,9 @@ def resolve_weight_file(checkpoint: str | os.PathLike) -> Path:
     if isinstance(checkpoint, str) and _looks_like_hub_id(checkpoint):
         return _from_hub(checkpoint)
     raise FileNotFoundError(
-        f"checkpoint not found: {path} (expected a weight file, a folder written by "
-        "save_pretrained, or a hub id 'org/name')"
+        f"checkpoint not found: {path.resolve()} (expected a weight file, a folder written by "
+        "the library's save_pretrained / save_for_hf, or a hub id 'org/name'; fetch hub weights "
+        "with `hf download org/name --local-dir DIR`)"
     )
 
 
