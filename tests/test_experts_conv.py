@@ -317,3 +317,14 @@ def test_experts_run_in_the_dtype_of_their_weights(name: str) -> None:
         wide = expert.double()(inputs)
     assert wide.features.dtype == torch.float64
     torch.testing.assert_close(wide.features.float(), ref.features, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_save_pretrained_folder_loads(tmp_path) -> None:
+    spec = experts.get_spec("sam-tiny")
+    full = _sam_model(spec)
+    full.vision_encoder.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    expert = experts.create_expert("sam-tiny", checkpoint=str(tmp_path / "sharded")).eval()
+    x = expert.preprocess(_images(1))
+    with torch.no_grad():
+        _close(expert(x).features, full.vision_encoder(x["pixel_values"]).last_hidden_state)
