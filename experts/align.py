@@ -105,7 +105,9 @@ def pixel_unshuffle(fmap: FeatureMap, grid: tuple[int, int]) -> FeatureMap:
     return FeatureMap(y, fmap.stride * r, fmap.source, mask)
 
 
-def align_to_grid(fmap: FeatureMap, grid: tuple[int, int], method: AlignMethod = "auto") -> FeatureMap:
+def align_to_grid(
+    fmap: FeatureMap, grid: tuple[int, int], method: AlignMethod = "auto"
+) -> FeatureMap:
     """Align ``fmap`` to ``grid`` with ``method`` (see the module docstring)."""
     _check(method)
     grid = (int(grid[0]), int(grid[1]))
