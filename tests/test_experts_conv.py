@@ -22,7 +22,7 @@ from transformers import (
 )
 
 import experts
-from experts.families.pix2struct import patch_rows_cols
+from experts.families.pix2struct import patch_rows_cols, scatter_grid
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -222,6 +222,10 @@ def test_pix2struct_grid_bound_keeps_aspect_ratio() -> None:
         assert 1 <= rows <= g and 1 <= cols <= g and rows * cols <= spec.max_patches
         if h != w:
             assert (rows < cols) == (h < w) or min(rows, cols) == 1
+    # a bound looser than the budget still never exceeds the budget
+    assert patch_rows_cols(1, 4000, 16, 4, scatter_grid(4, 64.0)) == (1, 4)
+    with pytest.raises(ValueError, match="max_aspect_ratio must be >= 1"):
+        experts.create_expert("pix2struct-tiny", arch={"max_aspect_ratio": 0.5})
     # aspect ratio within the bound: exactly the processor's rule (full budget)
     assert patch_rows_cols(120, 90, 16, 64, g) == (9, 6)
     big = experts.get_spec("pix2struct-large")

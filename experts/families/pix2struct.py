@@ -65,6 +65,7 @@ def patch_rows_cols(
         shrink = min(grid / rows_f, grid / cols_f)
         rows = max(min(int(rows_f * shrink + 1e-6), grid), 1)
         cols = max(min(int(cols_f * shrink + 1e-6), grid), 1)
+        rows, cols = min(rows, max_patches), min(cols, max(max_patches // rows, 1))
     return rows, cols
 
 
@@ -100,7 +101,13 @@ class Pix2StructExpert(Expert):
             raise ValueError(
                 f"expert {spec.name!r}: max_patches must be >= 1, got {spec.max_patches}"
             )
-        g = scatter_grid(spec.max_patches, float(spec.arch["max_aspect_ratio"]))
+        aspect = float(spec.arch["max_aspect_ratio"])
+        if aspect < 1.0:
+            raise ValueError(
+                f"expert {spec.name!r}: arch max_aspect_ratio must be >= 1 (longer side over "
+                f"shorter side), got {aspect}"
+            )
+        g = scatter_grid(spec.max_patches, aspect)
         if g >= cfg["seq_len"]:
             raise ValueError(
                 f"expert {spec.name!r}: a {g}x{g} patch grid needs row/column ids up to {g}, "
