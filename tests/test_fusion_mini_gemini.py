@@ -34,7 +34,7 @@ def brute_force(fuse, low: torch.Tensor, high: torch.Tensor, key_valid: torch.Te
     low: (B, C_L, h, w); high: (B, C_H, h*wh, w*ww); key_valid: (B, h*wh, w*ww) or None.
     """
     b, c, h, w = low.shape
-    wh, ww = fuse.window
+    wh, ww = high.shape[2] // h, high.shape[3] // w
     heads = fuse.heads
     d = c // heads
     out = torch.zeros(b, h * w, c)
@@ -122,5 +122,59 @@ def test_gradients_reach_both_resolutions_and_every_parameter():
 )
 def test_build_time_errors(grids, options, match):
     specs = [make_spec(f"e{i}", 4, g) for i, g in enumerate(grids)]
+    with pytest.raises(FusionConfigError, match=match):
+        fusion.create_fusion("mini_gemini", specs, **options)
+
+
+def test_convnext_stages_as_highres_source():
+    """MGM's setup: CLIP tokens query ConvNeXt stages upsampled to the finest and concatenated."""
+    import numpy as np
+    from PIL import Image
+
+    import experts
+
+    clip, conv = experts.create_expert("clip-tiny"), experts.create_expert("convnext-tiny")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (70, 50, 3), dtype=np.uint8))] * 2
+    inputs = [clip.preprocess(images), conv.preprocess(images)]
+    specs = [clip.spec, conv.spec]
+    fuse = fusion.create_fusion(
+        "mini_gemini", specs, query_index=0, highres_indices=(1,), highres_layers=(0, 1, 2)
+    )
+    assert fuse.staged_experts() == {1} and fuse.num_tokens == clip.spec.num_tokens
+    with torch.no_grad():
+        out = fuse.run([clip, conv], inputs, precomputed={0: clip(inputs[0])})
+        stages = conv(inputs[1], layers=[0, 1, 2])
+        finest = stages[0].grid
+        high = torch.cat(
+            [
+                F.interpolate(s.features, size=finest, mode="bilinear", align_corners=False)
+                for s in stages
+            ],
+            1,
+        )
+        expected = brute_force(fuse, clip(inputs[0]).features, high, None)
+    assert finest == (32, 32)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="call run"):
+        fuse([clip(inputs[0]), conv(inputs[1])])
+    late = fusion.create_fusion(
+        "mini_gemini", specs, query_index=0, highres_indices=(1,), highres_layers=(3,)
+    )
+    with pytest.raises(ValueError, match="not larger than the query grid"):
+        late.run([clip, conv], inputs)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"highres_layers": (0,)}, "name that expert with highres_indices"),
+        ({"highres_layers": (7,), "highres_indices": (1,)}, "must be readable layers"),
+        ({"highres_layers": (0,), "highres_indices": (1,), "query_index": 1}, "must not be the"),
+    ],
+)
+def test_highres_layers_errors(options, match):
+    specs = [make_spec("low", 4, (2, 2)), make_spec("high", 4, (8, 8))]
+    specs[1] = specs[1].replace(layers=(0, 1), layer_channels=(2, 4))
     with pytest.raises(FusionConfigError, match=match):
         fusion.create_fusion("mini_gemini", specs, **options)

@@ -21,7 +21,11 @@ under a 24x24 grid)::
 Choices: the query expert is ``query_index`` or the one with the smallest grid; the high-res
 set is ``highres_indices`` or every expert whose grid is larger than the query grid in both
 directions. Several high-res maps are resized to the finest one's window-aligned grid and
-concatenated along channels (MGM concatenates several ConvNeXt stages the same way). Experts
+concatenated along channels. With ``highres_layers`` the single high-res expert is read at
+those intermediate layers (``Expert.forward_layers``), as MGM concatenates several ConvNeXt
+stages upsampled to the finest; the strategy then runs that expert itself
+(:meth:`MiniGemini.run`, listed in ``staged_experts``) and the window follows the finest
+stage's grid at run time (the spec does not give stage grids). Experts
 that are neither (e.g. a second low-res expert) are aligned to the query grid and
 concatenated to the query tokens. Key cells outside a ragged map's validity mask are never
 attended; query cells outside the query map's mask give zero tokens. The windows are gathered
@@ -30,13 +34,14 @@ with one reshape/permute, and attention runs through :func:`fusion.attention.att
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from experts.align import align_to_grid
+from experts.base import Expert, ExpertInputs
 from experts.spec import ExpertSpec, FeatureMap
 from fusion.attention import attention
 from fusion.base import Fusion, FusionConfig, FusionConfigError
@@ -79,11 +84,14 @@ class MiniGeminiConfig(FusionConfig):
         highres_indices: experts mined for detail (default: every map larger than the query
             grid).
         heads: attention heads; must divide the query width ``C_L``.
+        highres_layers: read the (single) high-res expert at these intermediate layers and
+            concatenate them (MGM's multi-stage ConvNeXt map); needs ``highres_indices``.
     """
 
     query_index: int | None = None
     highres_indices: tuple[int, ...] | None = None
     heads: int = 1
+    highres_layers: tuple[int, ...] | None = None
 
 
 @register_fusion("mini_gemini")
@@ -102,7 +110,15 @@ class MiniGemini(Fusion):
         else:
             self.query_index = min(range(len(grids)), key=lambda i: _area(grids[i]))
         self.grid = resolve_grid(self.name, cfg.grid, grids[self.query_index])
-        if cfg.highres_indices is not None:
+        self.highres_layers = self._check_layers(cfg)
+        if self.highres_layers is not None:
+            hr = [check_index(self.name, "highres_indices", cfg.highres_indices[0], self.specs)]
+            if hr[0] == self.query_index:
+                raise FusionConfigError(
+                    f"fusion {self.name!r}: the high-res expert must not be the query expert "
+                    f"{self.specs[self.query_index].name!r}"
+                )
+        elif cfg.highres_indices is not None:
             hr = [
                 check_index(self.name, "highres_indices", i, self.specs)
                 for i in cfg.highres_indices
@@ -131,11 +147,15 @@ class MiniGemini(Fusion):
         self.low_indices = [self.query_index] + [
             i for i in range(len(grids)) if i != self.query_index and i not in self.highres_indices
         ]
-        finest = max((grids[i] for i in self.highres_indices), key=_area)
-        self.window = (finest[0] // self.grid[0], finest[1] // self.grid[1])
-        self.highres_grid = (self.grid[0] * self.window[0], self.grid[1] * self.window[1])
         low_dim = sum(self.specs[i].channels for i in self.low_indices)
-        high_dim = sum(self.specs[i].channels for i in self.highres_indices)
+        if self.highres_layers is not None:
+            spec = self.specs[self.highres_indices[0]]
+            high_dim = sum(spec.layer_channels[spec.layers.index(i)] for i in self.highres_layers)
+            self.window: tuple[int, int] | None = None  # from the finest stage at run time
+        else:
+            high_dim = sum(self.specs[i].channels for i in self.highres_indices)
+            finest = max((grids[i] for i in self.highres_indices), key=_area)
+            self.window = (finest[0] // self.grid[0], finest[1] // self.grid[1])
         if not isinstance(cfg.heads, int) or cfg.heads < 1 or low_dim % cfg.heads:
             raise FusionConfigError(
                 f"fusion {self.name!r}: heads={cfg.heads!r} must be a positive divisor of the "
@@ -149,6 +169,39 @@ class MiniGemini(Fusion):
         self.num_tokens = _area(self.grid)
         self.out_dim = cfg.dim or low_dim
         self.out_grid = self.grid
+
+    def _check_layers(self, cfg: MiniGeminiConfig) -> tuple[int, ...] | None:
+        if cfg.highres_layers is None:
+            return None
+        if cfg.highres_indices is None or len(cfg.highres_indices) != 1:
+            raise FusionConfigError(
+                f"fusion {self.name!r}: highres_layers={cfg.highres_layers!r} reads one expert's "
+                f"stages; name that expert with highres_indices=(i,), got "
+                f"{cfg.highres_indices!r}"
+            )
+        i = check_index(self.name, "highres_indices", cfg.highres_indices[0], self.specs)
+        readable = self.specs[i].layers
+        if not cfg.highres_layers or any(layer not in readable for layer in cfg.highres_layers):
+            raise FusionConfigError(
+                f"fusion {self.name!r}: highres_layers={cfg.highres_layers!r} must be readable "
+                f"layers of {self.specs[i].name!r}: {list(readable)}"
+            )
+        return tuple(cfg.highres_layers)
+
+    def staged_experts(self) -> set[int]:
+        """The high-res expert when its stages are read (the cache holds final maps only)."""
+        return set(self.highres_indices) if self.highres_layers is not None else set()
+
+    def _window(self, high_maps: Sequence[FeatureMap]) -> tuple[int, int]:
+        if self.window is not None:
+            return self.window
+        finest = max((m.grid for m in high_maps), key=_area)
+        if not _larger(finest, self.grid):
+            raise ValueError(
+                f"fusion {self.name!r}: the finest high-res layer map has grid {finest}, which "
+                f"is not larger than the query grid {self.grid}; choose earlier highres_layers"
+            )
+        return (finest[0] // self.grid[0], finest[1] // self.grid[1])
 
     def _concat(
         self, maps: Sequence[FeatureMap], grid: tuple[int, int]
@@ -164,19 +217,49 @@ class MiniGemini(Fusion):
 
     def forward(self, maps: Sequence[FeatureMap]) -> torch.Tensor:
         """``maps[i]`` ``(B, C_i, H_i, W_i)`` -> tokens ``(B, h*w, D)``."""
+        if self.highres_layers is not None:
+            raise RuntimeError(
+                f"fusion {self.name!r} with highres_layers reads the high-res expert's stages "
+                f"itself: call run(experts, inputs, precomputed) instead of forward(maps)"
+            )
         self.check_maps(maps)
-        low, low_valid = self._concat([maps[i] for i in self.low_indices], self.grid)
-        high, high_valid = self._concat([maps[i] for i in self.highres_indices], self.highres_grid)
+        return self.mine(
+            [maps[i] for i in self.low_indices], [maps[i] for i in self.highres_indices]
+        )
+
+    def run(
+        self,
+        experts: Sequence[Expert],
+        inputs: Sequence[ExpertInputs],
+        precomputed: Mapping[int, FeatureMap] | None = None,
+    ) -> torch.Tensor:
+        """Like :meth:`Fusion.run`; with ``highres_layers`` the high-res expert's stages are
+        read with ``forward_layers``."""
+        if self.highres_layers is None:
+            return super().run(experts, inputs, precomputed)
+        precomputed = precomputed or {}
+        low = [
+            precomputed[i] if i in precomputed else experts[i](inputs[i]) for i in self.low_indices
+        ]
+        h = self.highres_indices[0]
+        return self.mine(low, experts[h](inputs[h], layers=list(self.highres_layers)))
+
+    def mine(self, low_maps: Sequence[FeatureMap], high_maps: Sequence[FeatureMap]) -> torch.Tensor:
+        """Query maps (query expert first) and high-res maps -> tokens ``(B, h*w, D)``."""
+        window = self._window(high_maps)
+        high_grid = (self.grid[0] * window[0], self.grid[1] * window[1])
+        low, low_valid = self._concat(low_maps, self.grid)
+        high, high_valid = self._concat(high_maps, high_grid)
         b, c = low.shape[:2]
         n, heads = self.num_tokens, self.heads
         low_tokens = low.flatten(2).transpose(1, 2)  # (B, h*w, C_L)
-        win = windows(high, self.grid, self.window)  # (B*h*w, wh*ww, C_H)
+        win = windows(high, self.grid, window)  # (B*h*w, wh*ww, C_H)
         q = self.q_proj(low_tokens).reshape(b * n, 1, heads, c // heads).transpose(1, 2)
         k = self.k_proj(win).reshape(b * n, -1, heads, c // heads).transpose(1, 2)
         v = self.v_proj(win).reshape(b * n, -1, heads, c // heads).transpose(1, 2)
         mask = None
         if high_valid is not None:
-            key_valid = windows(high_valid[:, None], self.grid, self.window)  # (B*h*w, win, 1)
+            key_valid = windows(high_valid[:, None], self.grid, window)  # (B*h*w, win, 1)
             mask = key_valid[:, None, None, :, 0]  # (B*h*w, 1, 1, win)
         mined = attention(q, k, v, mask)  # (B*h*w, heads, 1, d)
         tokens = low_tokens + mined.transpose(1, 2).reshape(b, n, c)  # (B, h*w, C_L)
