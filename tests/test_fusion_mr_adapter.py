@@ -152,3 +152,24 @@ def test_forward_on_maps_says_to_use_run():
     fuse = fusion.create_fusion("mr_adapter", _specs(VIT, CONV))
     with pytest.raises(RuntimeError, match="call run"):
         fuse([])
+
+
+STAGED_VITS = [
+    n
+    for n in experts.list_experts("*-tiny")
+    if experts.get_spec(n).architecture == "vit"
+    and experts.get_spec(n).num_stages >= 2
+    and not experts.get_spec(n).variable_resolution
+]
+
+
+@pytest.mark.parametrize("vit_name", STAGED_VITS)
+def test_identity_at_init_for_every_staged_vit(images, vit_name):
+    """Whatever the ViT family (CLS/register tokens, rotary, final norm, SAM's windowed
+    blocks), the adapter at init leaves its map untouched."""
+    (vit, conv), inputs = build([vit_name, CONV], images)
+    fuse = fusion.create_fusion("mr_adapter", [vit.spec, conv.spec])
+    with torch.no_grad():
+        out = fuse.run([vit, conv], inputs)
+        bare = vit.forward_map(inputs[0]).tokens()
+    assert torch.equal(out, bare)
