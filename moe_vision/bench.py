@@ -197,7 +197,8 @@ def _to(batch: dict, device: torch.device) -> dict:
 def library_map(expert: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The expert's map ``(B, C, H, W)`` from its wrapped library module called directly.
 
-    transformers models: ``model(**inputs).last_hidden_state``; timm/open_clip trunks:
+    transformers models: ``model(**inputs)``, the expert's readout block from
+    ``hidden_states`` (else ``last_hidden_state``); timm/open_clip trunks:
     ``model.forward_features(pixels)``; token outputs ``(B, P + H*W, C)`` drop the ``P``
     prefix tokens. ``None`` when the expert wraps no such module or the output is not a grid
     of the spec's size.
@@ -206,7 +207,11 @@ def library_map(expert: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 
     module = getattr(expert, "model", None)
     if isinstance(module, PreTrainedModel):
-        hidden = module(**inputs).last_hidden_state
+        # The expert may read an earlier block (LLaVA reads CLIP's penultimate one): take that
+        # block's output from the library's own hidden_states (the library runs every block).
+        block = getattr(expert, "feature_block", None)
+        out = module(**inputs, output_hidden_states=block is not None)
+        hidden = out.last_hidden_state if block is None else out.hidden_states[block + 1]
     elif module is not None and callable(getattr(module, "forward_features", None)):
         if len(inputs) != 1:
             return None

@@ -82,11 +82,22 @@ class Executor(ABC):
 
 @register_executor("inline")
 class InlineExecutor(Executor):
-    """Runs every item in this process, one after the other."""
+    """Runs every item in this process, one after the other.
+
+    Args:
+        threads: torch intra-op threads while the items run (default: leave as is).
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = int(threads) if threads else None
 
     def map_unordered(
         self, fn: Callable[[T], Any], items: Sequence[T]
     ) -> Iterator[tuple[T, Outcome]]:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         for item in items:
             try:
                 outcome = fn(item)

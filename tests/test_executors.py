@@ -32,7 +32,7 @@ def test_registry() -> None:
     with pytest.raises(KeyError, match="valid executors"):
         create_executor("kubernetes")
     with pytest.raises(TypeError, match="bad options"):
-        create_executor("inline", workers=3)
+        create_executor("inline", workers=3)  # inline takes only threads
     with pytest.raises(ValueError, match="workers must be >= 1"):
         ProcessExecutor(workers=0)
 

@@ -86,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e = p.add_argument_group("execution")
     e.add_argument("--executor", help="inline | process | submitit")
     e.add_argument("--workers", type=int, help="concurrent cells (process executor)")
+    e.add_argument("--threads", type=int, help="torch threads per cell (inline/process)")
     e.add_argument("--cluster", help="submitit cluster: slurm | local | debug (default: auto)")
     e.add_argument(
         "--no-retry-failed",
@@ -120,12 +121,14 @@ def build_spec(args: argparse.Namespace) -> Any:
         overrides["recipes"] = args.recipes
     if args.seeds:
         overrides["seeds"] = args.seeds
-    if args.executor or args.workers or args.cluster:
+    if args.executor or args.workers or args.cluster or args.threads:
         executor = dict(spec.executor)
         if args.executor and args.executor != executor.get("kind"):
             executor = {"kind": args.executor}
         if args.workers:
             executor["workers"] = args.workers
+        if args.threads:
+            executor["threads"] = args.threads
         if args.cluster:
             executor["cluster"] = args.cluster
         overrides["executor"] = executor
