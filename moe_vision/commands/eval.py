@@ -1,0 +1,89 @@
+"""``moe-vision eval``: evaluate a trained run's model, per category (VQA-style scoring).
+
+By default on the evaluation split of the run's own config (the built-in benchmark's test
+split); ``--data`` + ``--image-root`` evaluate any LLaVA-format file (records with
+``"answers"`` lists are scored VQA-style)::
+
+    moe-vision eval --run runs/x
+    moe-vision eval --run runs/x --data val.json --image-root data/images --limit 200
+
+Writes ``<run>/eval/<data file stem>.json`` (scores and predictions) and prints the scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a trained run (per-category accuracy, VQA-style scoring)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", type=Path, required=True, help="run folder written by `train`")
+    p.add_argument("--data", type=Path, help="LLaVA-format JSON (default: the run's eval split)")
+    p.add_argument("--image-root", type=Path, help="image folder of --data")
+    p.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
+    p.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records")
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moe_vision.evaluate import evaluate
+    from moe_vision.model import MoEVisionModel
+    from moe_vision.run import RunConfig, cache_root
+
+    model_dir = args.run / "model"
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"{args.run} holds no trained model ({model_dir}); has training finished?")
+    if (args.data is None) != (args.image_root is None):
+        raise SystemExit("--data and --image-root go together")
+    if args.data is None:
+        config = args.run / "config.yaml"
+        if not config.is_file():
+            raise SystemExit(f"{config} not found: pass --data and --image-root")
+        cfg = RunConfig.from_yaml(config)
+        splits, image_root = cfg.data.resolve(cache_root(cfg))
+        if cfg.data.eval_split not in splits:
+            raise SystemExit(f"eval split {cfg.data.eval_split!r} not in {sorted(splits)}")
+        data = splits[cfg.data.eval_split]
+    else:
+        data, image_root = args.data, args.image_root
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = MoEVisionModel.from_pretrained(model_dir, device=device).eval()
+    result = evaluate(
+        model,
+        data,
+        image_root,
+        batch_size=args.batch_size,
+        on_bad_record="skip" if args.skip_bad else "error",
+        limit=args.limit,
+        progress=True,
+    )
+    scores = {f"accuracy/{k}": v for k, v in sorted(result.per_category.items())}
+    scores["accuracy/overall"] = result.overall
+    scores["skipped_records"] = len(result.skipped)
+    out = args.run / "eval" / f"{Path(data).stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(
+        json.dumps(
+            {"data": str(data), "scores": scores, "predictions": result.predictions}, indent=1
+        )
+    )
+    os.replace(tmp, out)
+    print(json.dumps(scores, indent=1))
+    logger.info("wrote %s", out)
+    return 0

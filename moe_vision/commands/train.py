@@ -1,0 +1,171 @@
+"""``moe-vision train``: train a mixture-of-experts model with a staged recipe, then evaluate.
+
+Flags override the YAML config (``--config``, a :class:`moe_vision.run.RunConfig`), which
+overrides the defaults (tiny experts, tiny LLM, the built-in benchmark, the Eagle recipe)::
+
+    moe-vision train --experts clip-tiny,convnext-tiny --fusion channel_concat \\
+        --recipe eagle --out runs/x
+    moe-vision train --config recipes/run_tiny.yaml --out runs/y --override sft.epochs=2
+    moe-vision train --out runs/x --resume          # continue a killed run where it stopped
+    accelerate launch --num_processes 4 -m moe_vision.cli train --config run.yaml --out runs/z
+
+The run folder holds ``config.yaml`` (resolved), ``checkpoints/``, ``model/``,
+``predictions.json`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _override(text: str) -> tuple[str, str, Any]:
+    key, sep, value = text.partition("=")
+    stage, dot, name = key.strip().rpartition(".")
+    if not sep or not dot or not stage or not name:
+        raise argparse.ArgumentTypeError(
+            f"--override expects STAGE.FIELD=VALUE (STAGE may be '*'), e.g. sft.epochs=2, "
+            f"got {text!r}"
+        )
+    return stage, name, yaml.safe_load(value)
+
+
+def _split(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--data expects SPLIT=PATH.json, got {text!r}")
+    return name.strip(), path.strip()
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that build a :class:`~moe_vision.run.RunConfig` (shared with other commands)."""
+    p.add_argument("--config", type=Path, help="RunConfig YAML (flags override it)")
+    m = p.add_argument_group("model")
+    m.add_argument("--experts", type=_csv, metavar="A,B", help="expert presets, in fusion order")
+    m.add_argument("--fusion", help="fusion strategy (see `moe-vision experts` / fusion registry)")
+    m.add_argument("--projector", help="projector (linear, mlp2x_gelu, ...)")
+    m.add_argument("--llm", help="LLM preset, hub id or local folder")
+    t = p.add_argument_group("training")
+    t.add_argument("--recipe", help="recipe preset (eagle, cambrian, llava) or a recipe YAML path")
+    t.add_argument(
+        "--override",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="STAGE.FIELD=VALUE",
+        help="change a stage field, e.g. '*.epochs=2' or 'sft.lr=1e-4' (repeatable)",
+    )
+    t.add_argument("--seed", type=int, help="random seed")
+    t.add_argument("--cache-dir", help="feature cache folder (shared across runs)")
+    t.add_argument("--no-cache", action="store_true", help="do not use the feature cache")
+    t.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"])
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--num-workers", type=int, help="data-loader workers")
+    t.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
+    t.add_argument("--log-with", type=_csv, metavar="T,...", help="trackers (tensorboard, wandb)")
+    d = p.add_argument_group("data (default: the built-in benchmark)")
+    d.add_argument(
+        "--data",
+        type=_split,
+        action="append",
+        default=[],
+        metavar="SPLIT=PATH",
+        help="LLaVA-format JSON of a split (align, instruct, test, ...); repeatable",
+    )
+    d.add_argument("--image-root", help="folder the JSON files' image paths are relative to")
+    d.add_argument("--eval-split", help="split evaluated after training (default: test)")
+    d.add_argument("--benchmark-seed", type=int, help="seed of the built-in benchmark")
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The :class:`~moe_vision.run.RunConfig` of ``args`` (YAML config, then flags)."""
+    from moe_vision.run import RunConfig
+
+    data = RunConfig.from_yaml(args.config).to_dict() if args.config else RunConfig().to_dict()
+    model = data["model"]
+    if args.experts:
+        model["experts"] = args.experts
+        model["expert_options"] = {
+            k: v for k, v in model.get("expert_options", {}).items() if k in args.experts
+        }
+    for key in ("fusion", "projector", "llm"):
+        if getattr(args, key):
+            model[key] = getattr(args, key)
+    if args.recipe:
+        data["recipe"] = args.recipe
+    for stage, name, value in args.override:
+        data.setdefault("overrides", {}).setdefault(stage, {})[name] = value
+    if args.seed is not None:
+        data["seed"] = args.seed
+    if args.cache_dir:
+        data["cache_dir"] = args.cache_dir
+    train = data["train"]
+    if args.no_cache:
+        train["use_feature_cache"] = False
+    if args.mixed_precision:
+        train["mixed_precision"] = args.mixed_precision
+    if args.gradient_checkpointing:
+        train["gradient_checkpointing"] = True
+    if args.num_workers is not None:
+        train["num_workers"] = args.num_workers
+    if args.checkpoint_every is not None:
+        train["checkpoint_every"] = args.checkpoint_every
+    if args.log_with:
+        train["log_with"] = args.log_with
+    d = data["data"]
+    if args.data:
+        d["splits"] = {**d.get("splits", {}), **dict(args.data)}
+    if args.image_root:
+        d["image_root"] = args.image_root
+    if args.eval_split:
+        d["eval_split"] = args.eval_split
+    if args.benchmark_seed is not None:
+        d["benchmark_seed"] = args.benchmark_seed
+    return RunConfig.from_dict(data)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model with a staged recipe, then evaluate it",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint",
+    )
+    add_run_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_vision.run import run_experiment
+
+    if args.resume and args.config is None and (args.out / "config.yaml").is_file():
+        args.config = args.out / "config.yaml"  # resume what was started, flags still win
+    cfg = build_config(args)
+    if not args.resume and (args.out / "checkpoints").is_dir():
+        raise SystemExit(
+            f"{args.out} already holds a run; pass --resume to continue it or pick another --out"
+        )
+    metrics = run_experiment(cfg, args.out, resume=args.resume)
+    if metrics:
+        print(json.dumps(metrics, indent=1))
+    return 0

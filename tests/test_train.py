@@ -1,0 +1,174 @@
+"""Staged training: each stage trains exactly what its recipe names; NaN losses; accumulation.
+
+Small: two tiny experts, the tiny LLM, a 24-record benchmark, 2 optimiser steps per unit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from moe_vision.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
+from moe_vision.cache import FeatureCache
+from moe_vision.model import ModelConfig, MoEVisionModel
+from moe_vision.recipes import Recipe, Stage, get_recipe
+from moe_vision.run import DatasetCache, RunConfig, single_expert_model
+from moe_vision.train import (
+    NonFiniteLossError,
+    StepEvent,
+    Trainer,
+    TrainOptions,
+    expand_units,
+    make_accelerator,
+)
+
+EXPERTS = ["clip-tiny", "convnext-tiny"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkPaths:
+    sizes = BenchmarkSizes(align=24, instruct=24, val=4, test=12)
+    return generate_benchmark(tmp_path_factory.getbasetemp() / "tiny-bench", seed=0, sizes=sizes)
+
+
+def _model(seed: int = 0) -> MoEVisionModel:
+    set_seed(seed)
+    return MoEVisionModel.from_config(ModelConfig(experts=EXPERTS))
+
+
+def _trainer(
+    model: MoEVisionModel,
+    recipe: Recipe,
+    bench: BenchmarkPaths,
+    out: Path,
+    cache: FeatureCache | None = None,
+    hooks: tuple = (),
+    **options: object,
+) -> Trainer:
+    opts = TrainOptions(progress_bar=False, log_with=[], use_feature_cache=cache is not None)
+    for k, v in options.items():
+        setattr(opts, k, v)
+    splits = {n: bench.split(n) for n in ("align", "instruct", "val", "test")}
+    return Trainer(
+        model,
+        recipe,
+        DatasetCache(RunConfig(), splits, bench.images),
+        out,
+        make_accelerator(opts, out / "logs"),
+        opts,
+        unit_model=single_expert_model,
+        cache=cache,
+        hooks=hooks,
+    )
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
+
+
+@pytest.mark.parametrize("recipe_name", ["eagle", "cambrian"])
+def test_each_stage_trains_exactly_its_parameters(recipe_name: str, bench, tmp_path) -> None:
+    """Parameter by parameter: frozen ones bitwise unchanged, named ones trainable and moved."""
+    model = _model()
+    recipe = get_recipe(recipe_name).with_overrides(
+        {"*": {"max_steps": 2, "batch_size": 4, "lr": 1e-2}}
+    )
+    for k, stage in enumerate(recipe.stages):
+        seen_flags: dict[str, bool] = {}
+
+        def record(event: StepEvent, stage: Stage = stage, seen_flags: dict = seen_flags) -> None:
+            if not stage.per_expert and not seen_flags:
+                seen_flags.update({n: p.requires_grad for n, p in model.named_parameters()})
+
+        before = _snapshot(model)
+        one = Recipe(recipe.name, [stage])
+        _trainer(model, one, bench, tmp_path / f"s{k}", hooks=(record,)).fit()
+        after = _snapshot(model)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        if stage.per_expert:
+            # each expert trains in its own unit; the mixture's fusion/projector/LLM do not
+            expected = {n for n in before if n.startswith("experts.")}
+        else:
+            expected = {n for n in before if _matches(n, stage.train)}
+            assert {n for n, f in seen_flags.items() if f} == expected, stage.name
+        assert changed <= expected, f"{stage.name}: frozen parameters moved: {changed - expected}"
+        # every named module group really trained (parameters without gradient, such as
+        # heads the feature map does not use, may stay put)
+        groups = {
+            ".".join(n.split(".")[:2]) if n.startswith("experts.") else n.split(".")[0]
+            for n in expected
+        }
+        moved = {
+            ".".join(n.split(".")[:2]) if n.startswith("experts.") else n.split(".")[0]
+            for n in changed
+        }
+        assert groups == moved, f"{stage.name}: named but unchanged groups {groups - moved}"
+        assert len(changed) >= 0.8 * len(expected), f"{stage.name}: too few parameters moved"
+
+
+def test_units_and_accumulation(bench, tmp_path) -> None:
+    recipe = Recipe(
+        "acc", [Stage("s", "align", ["projector.*"], batch_size=4, grad_accum=2, epochs=2)]
+    )
+    assert [u.name for u in expand_units(get_recipe("eagle"), 2)] == [
+        "prealign[0]",
+        "prealign[1]",
+        "joint",
+        "sft",
+    ]
+    events: list[StepEvent] = []
+    reports = _trainer(_model(), recipe, bench, tmp_path, hooks=(events.append,)).fit()
+    # 24 samples / 4 = 6 micro-batches per epoch, 2 per optimiser step -> 3 steps x 2 epochs
+    assert [e.optimizer_steps for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e.batches_done for e in events] == [2, 4, 6, 2, 4, 6]
+    assert reports[0].optimizer_steps == 6 and reports[0].samples == 48
+    assert reports[0].train == ["projector"]
+
+
+def test_nonfinite_loss_is_counted_then_raises(bench, tmp_path) -> None:
+    model = _model()
+    model.projector.register_forward_hook(lambda m, i, o: o * float("nan"))
+    before = _snapshot(model)
+    recipe = Recipe("nan", [Stage("s", "align", ["projector.*"], batch_size=4)])
+    with pytest.raises(NonFiniteLossError, match=r"unit 's', epoch 0.*max_nonfinite=0"):
+        _trainer(model, recipe, bench, tmp_path / "a").fit()
+    trainer = _trainer(model, recipe, bench, tmp_path / "b", max_nonfinite=1)
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses exceed max_nonfinite=1"):
+        trainer.fit()
+    assert trainer.state.nonfinite_skipped == 2
+    after = _snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # no update from NaN batches
+
+
+def test_gradient_checkpointing_gives_the_same_training(bench, tmp_path) -> None:
+    recipe = Recipe("gc", [Stage("s", "instruct", ["*"], batch_size=4, max_steps=2, lr=1e-3)])
+    results = []
+    for flag in (False, True):
+        model = _model()
+        _trainer(model, recipe, bench, tmp_path / str(flag), gradient_checkpointing=flag).fit()
+        results.append(_snapshot(model))
+        assert model.is_gradient_checkpointing == flag
+    for n in results[0]:
+        torch.testing.assert_close(results[0][n], results[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_per_expert_stage_needs_a_unit_model_factory(bench, tmp_path) -> None:
+    opts = TrainOptions(progress_bar=False, log_with=[])
+    with pytest.raises(ValueError, match="per_expert stage but no unit_model"):
+        Trainer(
+            _model(),
+            get_recipe("eagle"),
+            DatasetCache(RunConfig(), {}, bench.images),
+            tmp_path,
+            make_accelerator(opts, tmp_path),
+            opts,
+        )
