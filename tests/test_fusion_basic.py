@@ -140,3 +140,37 @@ def test_unknown_fusion_and_bad_maps():
         fuse(maps[:2])
     with pytest.raises(ValueError, match="has 5 channels, expert 'b' was declared with 6"):
         fuse([maps[0], maps[2], maps[2]])
+
+
+def test_real_size_configurations_from_the_papers_build_on_meta():
+    """Token counts and widths of the published configurations, without allocating weights."""
+    import experts
+
+    clip448 = experts.get_spec("clip-vit-l-336", input_size=(448, 448))
+    clip336 = experts.get_spec("clip-vit-l-336")
+    convnext = experts.get_spec("convnext-xxl-clip")
+    sam = experts.get_spec("sam-vit-l")
+    with torch.device("meta"):
+        eagle = fusion.create_fusion(
+            "channel_concat", [clip448, convnext, sam], expert_align=("auto", "auto", "unshuffle")
+        )
+        llava_hr = fusion.create_fusion("mr_adapter", [clip336, convnext])
+        mgm_stages = fusion.create_fusion(  # MGM-HD: ConvNeXt stages at 768 px
+            "mini_gemini",
+            [clip336, experts.get_spec("convnext-xxl-clip", input_size=(768, 768))],
+            highres_indices=(1,),
+            highres_layers=(0, 1, 2),
+        )
+        mgm_hr = fusion.create_fusion(
+            "mini_gemini",
+            [clip336, experts.get_spec("convnext-xxl-clip", input_size=(1536, 1536))],
+        )
+        append = fusion.create_fusion(
+            "sequence_append", [clip336, experts.get_spec("dinov2-large")], per_expert_grid=True
+        )
+    assert (eagle.num_tokens, eagle.out_dim) == (1024, 1024 + 3072 + 256 * 4)  # Eagle: 32x32
+    assert (llava_hr.num_tokens, llava_hr.out_dim, len(llava_hr.adapters)) == (576, 1024, 3)
+    assert (mgm_stages.num_tokens, mgm_stages.staged_experts()) == (576, {1})
+    assert (mgm_hr.query_index, mgm_hr.window, mgm_hr.num_tokens) == (0, (2, 2), 576)
+    assert append.num_tokens == 24 * 24 + 37 * 37
+    assert llava_hr.num_parameters() > 0 and eagle.num_parameters() == 0
