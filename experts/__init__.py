@@ -8,14 +8,13 @@
 Each family lives in its own module and registers its presets on import.
 """
 
+# Family modules register their presets on import.
+from experts import families as _families  # noqa: E402,F401
 from experts.align import ALIGN_METHODS, align_to_grid  # noqa: F401
 from experts.base import Expert, ExpertInputs, StageState, collate_inputs
 from experts.images import ImageError, load_image, resize_normalise
 from experts.registry import create_expert, get_spec, list_experts, register_expert
 from experts.spec import ExpertSpec, FeatureMap
-
-# Family modules register their presets on import.
-from experts import families as _families  # noqa: E402,F401
 
 __all__ = [
     "ALIGN_METHODS",

@@ -62,7 +62,9 @@ def collate_inputs(items: Sequence[ExpertInputs]) -> ExpertInputs:
     keys = set(items[0])
     for i, it in enumerate(items):
         if set(it) != keys:
-            raise ValueError(f"collate_inputs: item {i} has keys {sorted(it)}, expected {sorted(keys)}")
+            raise ValueError(
+                f"collate_inputs: item {i} has keys {sorted(it)}, expected {sorted(keys)}"
+            )
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
@@ -101,7 +103,9 @@ class Expert(nn.Module, ABC):
                     f"expert {spec.name!r}: input_size {spec.input_size} must be a multiple of "
                     f"its patch size/stride {spec.patch_size}"
                 )
-            spec = spec.replace(input_size=(h, w), grid=(h // spec.patch_size, w // spec.patch_size))
+            spec = spec.replace(
+                input_size=(h, w), grid=(h // spec.patch_size, w // spec.patch_size)
+            )
         return spec
 
     @abstractmethod

@@ -53,7 +53,9 @@ def load_image(image: Image.Image | torch.Tensor | str | os.PathLike) -> Image.I
                 im.load()
                 image = im.copy()
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ImageError(f"cannot read image {path}: {err} (is the file corrupt or truncated?)") from err
+            raise ImageError(
+                f"cannot read image {path}: {err} (is the file corrupt or truncated?)"
+            ) from err
         what = str(path)
     else:
         what = "image"
@@ -69,7 +71,9 @@ def load_image(image: Image.Image | torch.Tensor | str | os.PathLike) -> Image.I
             raise ImageError(f"{what}: empty image {tuple(image.shape)}")
         return _to_uint8_rgb(t.numpy(), what)
     if not isinstance(image, Image.Image):
-        raise ImageError(f"expected a PIL image, a uint8 tensor or a path, got {type(image).__name__}")
+        raise ImageError(
+            f"expected a PIL image, a uint8 tensor or a path, got {type(image).__name__}"
+        )
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{what}: empty image of size {image.size}")
     mode = image.mode
@@ -89,7 +93,9 @@ def load_image(image: Image.Image | torch.Tensor | str | os.PathLike) -> Image.I
         return _to_uint8_rgb(np.asarray(image.convert("RGBA")), what)
     if mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV"):
         return image.convert("RGB")
-    raise ImageError(f"{what}: unsupported image mode {mode!r}; expected RGB, L, RGBA, P, I;16, I or F")
+    raise ImageError(
+        f"{what}: unsupported image mode {mode!r}; expected RGB, L, RGBA, P, I;16, I or F"
+    )
 
 
 def resize_normalise(

@@ -144,7 +144,11 @@ class FeatureMap:
         b, _, h, w = self.features.shape
         return torch.ones(b, h, w, dtype=torch.bool, device=self.features.device)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FeatureMap:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> FeatureMap:
         """Move the map (and its mask) to ``device``; cast the features to ``dtype``."""
         mask = self.mask.to(device) if (self.mask is not None and device is not None) else self.mask
-        return FeatureMap(self.features.to(device=device, dtype=dtype), self.stride, self.source, mask)
+        return FeatureMap(
+            self.features.to(device=device, dtype=dtype), self.stride, self.source, mask
+        )

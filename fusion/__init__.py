@@ -9,6 +9,8 @@ Strategy modules in :mod:`fusion.strategies` and projectors in :mod:`fusion.proj
 register themselves on import.
 """
 
+from fusion import projectors as _projectors  # noqa: E402,F401
+from fusion import strategies as _strategies  # noqa: E402,F401
 from fusion.attention import attention  # noqa: F401
 from fusion.base import Fusion, FusionConfig, FusionConfigError
 from fusion.registry import (
@@ -21,9 +23,6 @@ from fusion.registry import (
     register_fusion,
     register_projector,
 )
-
-from fusion import projectors as _projectors  # noqa: E402,F401
-from fusion import strategies as _strategies  # noqa: E402,F401
 
 __all__ = [
     "Fusion",
