@@ -245,7 +245,11 @@ class ViTExpert(Expert):
             )
         if not isinstance(arch.get("feature_norm", False), bool):
             raise ValueError(f"expert {spec.name!r}: arch feature_norm must be a bool")
-        stage_groups(depth, spec.num_stages)  # validates num_stages
+        if not 1 <= spec.num_stages <= depth:
+            raise ValueError(
+                f"expert {spec.name!r}: num_stages must be in [1, {depth}] (groups of its "
+                f"{depth} blocks), got {spec.num_stages}"
+            )
         return spec.replace(
             input_size=(h, w),
             patch_size=patch,
