@@ -153,6 +153,9 @@ def to_messages(record: Any, image_token: str) -> list[dict[str, str]]:
         if role == "assistant" and not turn["value"].strip():
             raise ValueError(f"turn {t} is an empty answer")
         messages.append({"role": role, "content": turn["value"]})
+    first = next((m["role"] for m in messages if m["role"] != "system"), None)
+    if first != "user":
+        raise ValueError(f"conversation must start with a human turn, starts with {first!r}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("conversation has no answer (no 'gpt' turn)")
     counts = [m["content"].count(image_token) for m in messages]

@@ -151,6 +151,10 @@ BAD_RECORDS = {
         {"conversations": [{"from": "robot", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
         "expected one of",
     ),
+    "answer first": (
+        {"conversations": list(reversed(_conv("<image>\nWhat?")))},
+        "must start with a human turn",
+    ),
     "missing image": ({"image": "nowhere.png"}, "image file not found"),
     "no image field": ({"image": None}, "needs an 'image'"),
 }
