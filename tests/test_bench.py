@@ -1,0 +1,100 @@
+"""``moe-vision bench`` at tiny sizes: every section runs and writes the CSV schema.
+
+No timing assertions (timings depend on the machine); the checks are on what is measured:
+the direct path computes the mixture's loss, FLOPs match an independent count, the cache is
+hit, and the CSV has one row per metric with finite values.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from moe_vision import bench
+from moe_vision.cli import main
+from moe_vision.commands.bench import quick_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_batch(tmp_path_factory: pytest.TempPathFactory):
+    from moe_vision.model import MoEVisionModel
+
+    torch.manual_seed(0)
+    model = MoEVisionModel.from_config(bench.DEFAULT_MODEL).eval()
+    batch = bench.benchmark_batch(model, 2, tmp_path_factory.mktemp("bench-data"))
+    return model, batch
+
+
+def test_direct_path_computes_the_same_loss_and_gradients(tiny_model_and_batch) -> None:
+    model, batch = tiny_model_and_batch
+    model.zero_grad()
+    mixture = bench._mixture_loss(model, batch)
+    mixture.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    direct, paths = bench.direct_forward(model, batch)
+    direct.backward()
+    assert paths == ["library", "library"]  # both experts ran as bare library modules
+    torch.testing.assert_close(direct, mixture)
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
+def test_flop_count_matches_the_llm_alone_lower_bound(tiny_model_and_batch) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, batch = tiny_model_and_batch
+    total = bench.train_step_flops(model, batch)
+    embeds, mask, labels = model.splice(
+        batch["input_ids"],
+        model.encode_images(batch["images"]).detach(),
+        batch["attention_mask"],
+        batch["labels"],
+    )
+    with FlopCounterMode(display=False) as counter:
+        model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward()
+    model.zero_grad()
+    assert total > counter.get_total_flops() > 0  # experts + fusion add to the LLM's FLOPs
+
+
+def test_matmul_peak_and_memory_are_positive() -> None:
+    cpu = torch.device("cpu")
+    assert bench.measure_matmul_peak(64, cpu, repeats=2) > 0
+    bench.reset_peak_memory(cpu)  # Linux: the peak restarts from the current RSS
+    before = bench.peak_memory_mb(cpu)
+    block = torch.ones(64, 2**20 // 4)  # 64 MiB, touched
+    assert bench.peak_memory_mb(cpu) - before > 48
+    del block
+
+
+def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.csv"
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    assert "written:" in capsys.readouterr().out
+    df = pd.read_csv(out)
+    assert list(df.columns) == list(bench.CSV_COLUMNS)
+    assert set(df.section) == set(bench.SECTIONS)
+    metrics = set(zip(df.section, df.metric))
+    for needed in [
+        ("overhead", "overhead_ratio"),
+        ("feature_cache", "speedup"),
+        ("throughput", "samples_per_s"),
+        ("throughput", "achieved_flops_per_s"),
+        ("throughput", "fraction_of_peak"),
+        ("throughput", "peak_memory_mb"),
+    ]:
+        assert needed in metrics
+    assert all(math.isfinite(v) and v > 0 for v in df.value)
+    assert df[df.section == "throughput"].config.nunique() == 2  # default + "real" config
+    cache_note = df[df.section == "feature_cache"].note.iloc[0]
+    hits = int(cache_note.split("cache hits ")[1].split("/")[0])
+    assert hits > 0  # the second fusion's cell read the first one's expert maps
+    assert quick_config().real_model["experts"] != bench.DEFAULT_MODEL["experts"]
+    with pytest.raises(ValueError, match="unknown bench sections"):
+        bench.run_bench(quick_config(), tmp_path / "x.csv", sections=["nope"])
