@@ -317,6 +317,11 @@ class SweepSpec:
             raise KeyError(
                 f"sweep spec: unknown experts {unknown}; valid experts are {sorted(known)}"
             )
+        stray = sorted(set(self.model.get("expert_options") or {}) - {e for c in combos for e in c})
+        if stray:
+            raise ValueError(
+                f"sweep spec: model.expert_options names experts {stray} that no combination uses"
+            )
         if not self.fusions:
             raise ValueError("sweep spec: no fusion strategies; give 'fusions'")
         valid_fusions = set(fusion.list_fusions())
@@ -354,10 +359,15 @@ class SweepSpec:
             self.experts.expand(), self.fusions, self.recipes, self.seeds
         ):
             fusion_options = {**(self.model.get("fusion_options") or {}), **choice.options}
+            model = copy.deepcopy(self.model)
+            if "expert_options" in model:  # shared per-expert options: those of this cell's
+                model["expert_options"] = {
+                    k: v for k, v in model["expert_options"].items() if k in combo
+                }
             config = {
                 **copy.deepcopy(self.run),
                 "model": {
-                    **copy.deepcopy(self.model),
+                    **model,
                     "experts": list(combo),
                     "fusion": choice.name,
                     "fusion_options": fusion_options,
@@ -686,14 +696,31 @@ def run_sweep(
 
 def default_sweep() -> SweepSpec:
     """The main job's sweep (``moe-vision sweep`` with no arguments), = ``sweeps/default.yaml``."""
-    return SweepSpec.from_dict(DEFAULT_SWEEP)
+    return SweepSpec.from_dict(copy.deepcopy(DEFAULT_SWEEP))
 
 
 DEFAULT_SWEEP: dict[str, Any] = {
     "name": "default",
-    "experts": {"combinations": []},
-    "fusions": [],
-    "recipes": ["llava"],
+    # Eagle's question at laptop scale: which second expert helps a CLIP base most, and does
+    # the answer depend on how the maps are fused?
+    "experts": {
+        "base": "clip-tiny",
+        "pool": ["convnext-tiny", "pix2struct-tiny"],
+        "k": [2],
+    },
+    "fusions": ["channel_concat", "sequence_append", "deformable"],
+    "recipes": ["cambrian"],
     "seeds": [0],
+    "data": {"benchmark_sizes": {"align": 600, "instruct": 1200, "val": 0, "test": 300}},
+    "run": {
+        "overrides": {
+            "*": {"batch_size": 16, "lr": 0.002},
+            "instruct": {"epochs": 10},
+        },
+        "train": {"progress_bar": False},
+    },
+    "executor": {"kind": "process", "workers": 2, "threads": 1},
 }
-"""The default sweep as data (see :func:`default_sweep`)."""
+"""The default sweep as data: 2 expert pairs x 3 fusions = 6 cells over tiny experts on the
+built-in benchmark, 2 cells at a time on one core each (tiny models gain nothing from more
+threads, and two single-threaded cells use a 2-core laptop fully)."""

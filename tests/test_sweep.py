@@ -174,6 +174,8 @@ def test_spec_bad_input_errors(tmp_path: Path, names: tuple[str, str, str]) -> N
         SweepSpec.from_dict({**base, "fusions": [{"options": {}}]})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SweepSpec.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"expert_options names experts \['nope'\]"):
+        SweepSpec.from_dict({**base, "model": {"expert_options": {"nope": {}}}}).expand()
     spec = SweepSpec.from_dict(base).with_overrides({"model.llm": "tiny-llama", "seeds": [3]})
     assert spec.model == {"llm": "tiny-llama"} and spec.seeds == [3]
 

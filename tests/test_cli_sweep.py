@@ -1,0 +1,76 @@
+"""``moe-vision sweep`` end to end: real cells (tiny sizes), the failed-cell row, the outputs,
+the default sweep's definition, and the YAML copy of it in ``sweeps/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from moe_vision import results
+from moe_vision.cli import main
+from moe_vision.sweep import SweepSpec, default_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RUN = {
+    "overrides": {"*": {"batch_size": 4, "epochs": 1, "max_steps": 2}},
+    "train": {"progress_bar": False, "log_with": []},
+}
+TINY_DATA = {"benchmark_sizes": {"align": 8, "instruct": 8, "val": 2, "test": 12}}
+
+
+def test_default_sweep_definition_and_yaml_copy() -> None:
+    spec = default_sweep()
+    cells = spec.expand()
+    assert len(cells) >= 6
+    assert len({c.fusion for c in cells}) >= 3 and len({c.experts for c in cells}) >= 2
+    assert all(e.endswith("-tiny") for c in cells for e in c.experts)
+    assert spec.data == {} or "splits" not in spec.data  # the built-in benchmark
+    assert SweepSpec.from_yaml(REPO / "sweeps" / "default.yaml") == spec
+
+
+def test_example_sweep_specs_expand() -> None:
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        assert SweepSpec.from_yaml(path).expand(), path
+
+
+def test_dry_run_lists_cells(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "--dry-run", "--fusions", "channel_concat", "--seeds", "0,1"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 2 * len(default_sweep().experts.expand())
+    assert all("__channel_concat__" in i for i in ids)
+
+
+def test_sweep_cli_runs_real_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = {
+        "name": "cli",
+        # channel_concat works; mr_adapter needs a ViT *and* a high-res convolutional map, so
+        # building its model raises: that cell must become a failed row, the other finishes
+        "experts": [["clip-tiny"]],
+        "fusions": ["channel_concat", "mr_adapter"],
+        "recipes": ["llava"],
+        "data": TINY_DATA,
+        "run": {**TINY_RUN, "cache_dir": str(tmp_path / "cache")},
+    }
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out, res = tmp_path / "sweep", tmp_path / "results"
+    code = main(["sweep", str(path), "--out", str(out), "--results-dir", str(res)])
+    printed = capsys.readouterr().out
+    assert code == 1  # a failed cell makes the exit status non-zero
+    df = pd.read_csv(res / "cli.csv")
+    assert list(df.fusion) == ["channel_concat", "mr_adapter"]
+    ok, failed = df.iloc[0], df.iloc[1]
+    assert ok.status == "ok" and failed.status == "failed"
+    assert "mr_adapter" in failed.error and "FAILED" in printed
+    categories = [c for c in df.columns if c.startswith("accuracy/") and c != "accuracy/overall"]
+    assert len(categories) == 6
+    assert 0.0 <= ok["accuracy/overall"] <= 1.0
+    assert ok.params_total > ok.params_trainable > 0 and ok.visual_tokens > 0
+    assert ok.train_time_s > 0 and ok.peak_memory_mb > 0
+    assert (res / "cli.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "cells" / ok.cell_id / "metrics.json").exists()
+    assert (out / "cells" / ok.cell_id / "config.yaml").exists()  # run_experiment's run folder
+    pd.testing.assert_frame_equal(results.load(out), df, check_dtype=False)
