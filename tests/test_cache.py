@@ -1,0 +1,158 @@
+"""Feature cache: storage round trip, keys, and training with cached frozen experts.
+
+Cached and uncached training give the same losses; a warm cache runs no expert at all; an
+expert changed by an earlier stage (Eagle pre-alignment) gets a new key; experts the fusion
+drives itself are never served from the cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from experts import FeatureMap, create_expert
+from moe_vision.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
+from moe_vision.cache import FeatureCache, expert_cache_key, stack_maps, weights_fingerprint
+from moe_vision.model import ModelConfig, MoEVisionModel
+from moe_vision.recipes import Recipe, Stage
+from moe_vision.run import DatasetCache, RunConfig
+from moe_vision.train import StepEvent, Trainer, TrainOptions, make_accelerator
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkPaths:
+    sizes = BenchmarkSizes(align=24, instruct=24, val=4, test=12)
+    return generate_benchmark(tmp_path_factory.getbasetemp() / "tiny-bench", seed=0, sizes=sizes)
+
+
+def test_put_get_round_trip_is_exact_and_atomic(tmp_path) -> None:
+    cache = FeatureCache(tmp_path)
+    feats = torch.randn(2, 5, 3, 4)
+    mask = torch.rand(2, 3, 4) > 0.3
+    cache.put("k" * 32, "ab12", FeatureMap(feats, 14, "pix2struct-tiny", mask), index=1)
+    got = cache.get("k" * 32, "ab12")
+    assert torch.equal(got.features, feats[1:2]) and torch.equal(got.mask, mask[1:2])
+    assert (got.stride, got.source) == (14, "pix2struct-tiny")
+    assert cache.get("k" * 32, "cd34") is None
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    with pytest.raises(ValueError, match="invalid image key"):
+        cache.get("k" * 32, "../escape")
+
+
+def test_stack_pads_ragged_grids_with_a_mask() -> None:
+    a = FeatureMap(torch.ones(1, 2, 2, 3), 8, "x")
+    b = FeatureMap(torch.ones(1, 2, 3, 2), 8, "x")
+    out = stack_maps([a, b])
+    assert out.features.shape == (2, 2, 3, 3)
+    assert out.mask[0].tolist() == [[True] * 3, [True] * 3, [False] * 3]
+    assert out.mask[1].tolist() == [[True, True, False]] * 3
+    assert out.features[0, :, 2].abs().sum() == 0
+    same = stack_maps([a, a])
+    assert same.mask is None and torch.equal(same.features, torch.ones(2, 2, 2, 3))
+
+
+def test_key_follows_spec_and_weights() -> None:
+    torch.manual_seed(0)
+    e1 = create_expert("clip-tiny")
+    torch.manual_seed(0)
+    e2 = create_expert("clip-tiny")
+    assert expert_cache_key(e1) == expert_cache_key(e2)
+    torch.manual_seed(0)
+    e3 = create_expert("clip-tiny", input_size=(96, 96))  # other preprocessing -> other key
+    assert expert_cache_key(e3) != expert_cache_key(e1)
+    before = weights_fingerprint(e2)
+    with torch.no_grad():
+        next(e2.parameters()).add_(1e-6)  # an earlier stage trained it
+    assert weights_fingerprint(e2) != before
+    assert expert_cache_key(e2) != expert_cache_key(e1)
+
+
+def test_maps_computes_only_misses(tmp_path) -> None:
+    torch.manual_seed(0)
+    expert = create_expert("clip-tiny").eval()
+    images = expert.preprocess([torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8)] * 3)
+    cache = FeatureCache(tmp_path)
+    key = expert_cache_key(expert)
+    with torch.no_grad():
+        ref = expert(images).features
+    cache.maps(expert, key, {k: v[:1] for k, v in images.items()}, ["i0"])
+    calls = []
+    expert.register_forward_pre_hook(lambda m, args: calls.append(args[0]["pixel_values"].shape[0]))
+    got = cache.maps(expert, key, images, ["i0", "i1", "i2"])
+    assert calls == [2]  # only the two misses ran
+    assert (cache.hits, cache.misses) == (1, 3)
+    torch.testing.assert_close(got.features, ref, rtol=1e-5, atol=1e-6)
+
+
+def _train(bench, out, cache, hooks=(), seed=0):
+    set_seed(seed)
+    model = MoEVisionModel.from_config(ModelConfig(experts=["clip-tiny", "convnext-tiny"]))
+    recipe = Recipe("c", [Stage("connector", "align", ["projector.*"], batch_size=8, epochs=2)])
+    opts = TrainOptions(progress_bar=False, log_with=[], use_feature_cache=cache is not None)
+    splits = {n: bench.split(n) for n in ("align", "instruct")}
+    trainer = Trainer(
+        model,
+        recipe,
+        DatasetCache(RunConfig(), splits, bench.images),
+        out,
+        make_accelerator(opts, out / "logs"),
+        opts,
+        cache=cache,
+        hooks=hooks,
+    )
+    return trainer.fit(), model
+
+
+def test_cached_and_uncached_training_give_the_same_loss(bench, tmp_path) -> None:
+    plain: list[StepEvent] = []
+    _train(bench, tmp_path / "plain", None, hooks=(plain.append,))
+    cache = FeatureCache(tmp_path / "features")
+    cached: list[StepEvent] = []
+    reports, _ = _train(bench, tmp_path / "cached", cache, hooks=(cached.append,))
+    assert reports[0].cached_experts == [0, 1]
+    # epoch 0 fills the cache (24 images x 2 experts), epoch 1 reads it back
+    assert (cache.misses, cache.hits) == (48, 48)
+    assert len(plain) == len(cached) == 6
+    for a, b in zip(plain, cached):
+        assert a.loss == pytest.approx(b.loss, rel=1e-6, abs=1e-7)
+
+
+def test_warm_cache_runs_no_expert(bench, tmp_path, monkeypatch) -> None:
+    cache = FeatureCache(tmp_path / "features")
+    first: list[StepEvent] = []
+    _train(bench, tmp_path / "a", cache, hooks=(first.append,))
+
+    def no_expert(self, *args, **kwargs):
+        raise AssertionError(f"expert {self.spec.name} ran although its maps are cached")
+
+    from experts.base import Expert
+
+    monkeypatch.setattr(Expert, "forward", no_expert)
+    warm = FeatureCache(tmp_path / "features")
+    second: list[StepEvent] = []
+    _train(bench, tmp_path / "b", warm, hooks=(second.append,))
+    assert warm.misses == 0 and warm.hits == 96
+    assert [e.loss for e in first] == [e.loss for e in second]
+
+
+def test_experts_the_fusion_drives_are_never_cached(bench, tmp_path) -> None:
+    set_seed(0)
+    model = MoEVisionModel.from_config(ModelConfig(experts=["clip-tiny", "convnext-tiny"]))
+    opts = TrainOptions(progress_bar=False, log_with=[])
+    trainer = Trainer(
+        model,
+        Recipe("c", [Stage("s", "align", ["projector.*"])]),
+        DatasetCache(RunConfig(), {}, bench.images),
+        tmp_path,
+        make_accelerator(opts, tmp_path / "logs"),
+        opts,
+        cache=FeatureCache(tmp_path / "f"),
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.fusion.staged_experts = lambda: {0}
+    assert trainer._cached_experts(model) == [1]
+    for p in model.experts[1].parameters():
+        p.requires_grad_(True)
+    assert trainer._cached_experts(model) == []  # a trained expert is never cached
