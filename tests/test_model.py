@@ -288,3 +288,22 @@ def test_forward_backward_is_fast(bench) -> None:
         model(b["input_ids"], b["attention_mask"], b["labels"], b["images"]).loss.backward()
         times.append(time.perf_counter() - start)
     assert min(times) < 1.0, times
+
+
+def test_reload_does_not_fetch_expert_checkpoints(tmp_path: Path) -> None:
+    """Saved weights already hold the experts: reloading never touches their checkpoints,
+    and the spec keeps the checkpoint name (feature-cache keys stay the same)."""
+    cfg = ModelConfig(
+        experts=["clip-tiny"],
+        expert_options={"clip-tiny": {"checkpoint": str(tmp_path / "not-here")}},
+        fusion_options={"grid": [2, 2]},
+    )
+    with pytest.raises(FileNotFoundError, match="not-here"):
+        MoEVisionModel.from_config(cfg)
+    model = MoEVisionModel(cfg, load_checkpoints=False)
+    assert model.experts[0].spec.checkpoint == str(tmp_path / "not-here")
+    model.save_pretrained(tmp_path / "m")
+    loaded = MoEVisionModel.from_pretrained(tmp_path / "m")
+    assert loaded.experts[0].spec == model.experts[0].spec
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
