@@ -136,6 +136,13 @@ def _hf_checkpointing(module: PreTrainedModel, enable: bool) -> None:
 class MoEVisionModel(nn.Module):
     """Experts + fusion + projector + causal LM (see the module docstring).
 
+    Args:
+        config: what to build.
+        llm, tokenizer: an already built LLM and tokenizer to use (shared between models, or
+            rebuilt by :meth:`from_pretrained`); ``None`` builds ``config.llm``.
+        load_checkpoints: load the expert checkpoints named in ``config.expert_options``
+            (False when the weights come from a saved model instead).
+
     Attributes:
         config: the :class:`ModelConfig`.
         experts: ``nn.ModuleList`` of :class:`experts.Expert`.
@@ -175,9 +182,10 @@ class MoEVisionModel(nn.Module):
             **dict(config.projector_options),
         )
         self.num_visual_tokens = int(self.projector.num_tokens(self.fusion.num_tokens))
-        self.image_token_id = int(tokenizer.convert_tokens_to_ids(config.image_token))
-        if self.image_token_id == tokenizer.unk_token_id or self.image_token_id is None:
+        token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {config.image_token!r} token")
+        self.image_token_id = int(token_id)
         self.max_length = self._resolve_max_length(config.max_length)
         logger.info(
             "built %s: experts %s, fusion %s, projector %s, LLM %s, %d visual tokens",
