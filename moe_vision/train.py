@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -159,7 +160,11 @@ def available_trackers(names: Sequence[str]) -> list[str]:
 
 def make_accelerator(options: TrainOptions, project_dir: str | Path) -> Accelerator:
     """The run's :class:`~accelerate.Accelerator` (distributed setup from the environment)."""
+    # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU box):
+    # data-parallel on CPU with gloo, which accelerate only picks when told `cpu=True`.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=multi_cpu,
         mixed_precision=resolve_mixed_precision(options.mixed_precision),
         log_with=available_trackers(options.log_with) or None,
         project_config=ProjectConfiguration(
@@ -373,6 +378,7 @@ class Trainer:
 
             dist.broadcast_object_list(names, src=0)
         final, tmp = Path(names[0]), Path(names[1])
+        tmp.mkdir(parents=True, exist_ok=True)  # every rank writes into it (RNG states)
         acc.wait_for_everyone()
         if kind == "mid":
             acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
