@@ -159,6 +159,8 @@ class RunConfig:
 
     def resolved_recipe(self) -> Recipe:
         """The recipe with :attr:`overrides` applied."""
+        if isinstance(self.recipe, dict):
+            self.recipe = Recipe.from_dict(self.recipe)
         recipe = self.recipe if isinstance(self.recipe, Recipe) else get_recipe(self.recipe)
         return recipe.with_overrides(self.overrides)
 

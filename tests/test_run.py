@@ -1,0 +1,99 @@
+"""``run_experiment``: the run folder, the metrics row, RunConfig YAML, and beating chance."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from moe_vision.benchmark import CHANCE, BenchmarkSizes
+from moe_vision.model import ModelConfig, MoEVisionModel
+from moe_vision.recipes import get_recipe
+from moe_vision.run import DataConfig, RunConfig, run_experiment
+from moe_vision.train import TrainOptions
+
+
+def _small(tmp_path, **changes) -> RunConfig:
+    sizes = BenchmarkSizes(align=16, instruct=16, val=4, test=12)
+    cfg = RunConfig(
+        model=ModelConfig(experts=["clip-tiny", "convnext-tiny"]),
+        recipe="cambrian",
+        overrides={"*": {"batch_size": 8, "max_steps": 2}},
+        data=DataConfig(benchmark_sizes=sizes.to_dict(), benchmark_dir=str(tmp_path / "bench")),
+        train=TrainOptions(progress_bar=False),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_run_folder_and_metrics_row(tmp_path) -> None:
+    cfg = _small(tmp_path)
+    out = tmp_path / "run"
+    metrics = run_experiment(cfg, out, resume=False)
+    for cat in ("color", "shape", "count", "spatial", "ocr", "detail"):
+        assert 0.0 <= metrics[f"accuracy/{cat}"] <= 1.0
+    model = MoEVisionModel.from_pretrained(out / "model")
+    assert metrics["params_total"] == sum(p.numel() for p in model.parameters())
+    projector = sum(p.numel() for p in model.projector.parameters())
+    llm = sum(p.numel() for p in model.llm.parameters())
+    assert metrics["params_trainable/connector"] == projector  # channel_concat: no parameters
+    assert metrics["params_trainable/instruct"] == projector + llm
+    assert metrics["params_trainable"] == projector + llm  # the most any stage trained
+    assert metrics["visual_tokens"] == model.num_visual_tokens
+    assert metrics["train_time_s"] > 0 and metrics["throughput_samples_s"] > 0
+    assert metrics["peak_memory_mb"] > 0 and metrics["flops_per_sample"] > 1e5
+    assert metrics["eval_samples"] == 12 and metrics["nonfinite_skipped"] == 0
+    assert metrics["cache_misses"] == 2 * 16 * 2  # 2 frozen experts x 16 images x 2 stages
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert len(json.loads((out / "predictions.json").read_text())) == 12
+    assert list((out / "logs").rglob("events.out.tfevents*"))  # TensorBoard by default
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["recipe"]["name"] == "cambrian" and resolved["overrides"] == {}
+    assert [s["max_steps"] for s in resolved["recipe"]["stages"]] == [2, 2]
+    again = RunConfig.from_yaml(out / "config.yaml")
+    assert again.to_dict(resolve=True) == cfg.to_dict(resolve=True)
+
+
+def test_run_config_yaml_round_trip_and_errors(tmp_path) -> None:
+    cfg = _small(tmp_path, seed=3, recipe=get_recipe("llava"))
+    path = tmp_path / "run.yaml"
+    cfg.to_yaml(path)
+    back = RunConfig.from_yaml(path)
+    assert back.to_dict() == cfg.to_dict()
+    assert back.resolved_recipe() == cfg.resolved_recipe()
+    with pytest.raises(ValueError, match=r"unknown keys \['epochs'\]"):
+        RunConfig.from_dict({"epochs": 3})
+    with pytest.raises(ValueError, match=r"train: unknown keys \['lr'\]"):
+        RunConfig.from_dict({"train": {"lr": 1.0}})
+    with pytest.raises(Exception, match="overrides name stages"):
+        RunConfig.from_dict({"recipe": "llava", "overrides": {"sft": {"lr": 1.0}}})
+    with pytest.raises(ValueError, match="splits needs image_root"):
+        DataConfig(splits={"align": "a.json"})
+
+
+def test_a_stage_naming_missing_modules_fails_before_training(tmp_path) -> None:
+    recipe = get_recipe("llava").to_dict()
+    recipe["stages"][0]["train"] = ["mm_projector.*"]
+    cfg = _small(tmp_path, recipe=recipe, overrides={})
+    with pytest.raises(ValueError, match=r"'mm_projector\.\*' matches no parameter.*'projector'"):
+        run_experiment(cfg, tmp_path / "run", resume=False)
+
+
+@pytest.mark.timeout(600)
+def test_tiny_eagle_run_beats_chance_on_easy_categories(tmp_path) -> None:
+    """LONG (about a minute on 2 idle cores): the default tiny run, Eagle recipe, as a sweep
+    cell runs it, must clearly beat chance on colour and shape of the test split."""
+    cfg = RunConfig(cache_dir=str(tmp_path / "cache"), train=TrainOptions(progress_bar=False))
+    metrics = run_experiment(cfg, tmp_path / "run", resume=False)
+    print({k: round(v, 3) for k, v in metrics.items() if k.startswith("accuracy/")})
+    for cat in ("color", "shape"):
+        n = metrics["eval_samples"] / 6
+        margin = 3 * math.sqrt(CHANCE[cat] * (1 - CHANCE[cat]) / n)  # 3 sigma above chance
+        assert metrics[f"accuracy/{cat}"] > CHANCE[cat] + margin, (cat, metrics)
+    assert torch.isfinite(torch.tensor(metrics["final_loss/sft"]))
