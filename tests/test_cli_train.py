@@ -1,0 +1,68 @@
+"""``moe-vision train`` / ``moe-vision eval``: flags, YAML configs, resume, run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from moe_vision.benchmark import BenchmarkSizes
+from moe_vision.cli import build_parser, main
+from moe_vision.run import DataConfig, RunConfig
+from moe_vision.train import TrainOptions
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    sizes = BenchmarkSizes(align=8, instruct=8, val=4, test=6)
+    cfg = RunConfig(
+        overrides={"*": {"batch_size": 4, "max_steps": 1}},
+        data=DataConfig(benchmark_sizes=sizes.to_dict(), benchmark_dir=str(tmp_path / "bench")),
+        train=TrainOptions(progress_bar=False, log_with=[]),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    path = tmp_path / "run.yaml"
+    cfg.to_yaml(path)
+    return path
+
+
+def test_train_then_eval(tmp_path, config_file, capsys) -> None:
+    out = tmp_path / "runs" / "x"
+    argv = ["train", "--config", str(config_file), "--out", str(out)]
+    argv += ["--experts", "clip-tiny", "--fusion", "sequence_append", "--recipe", "llava"]
+    argv += ["--override", "finetune.lr=0.01", "--override", "*.batch_size=2"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads(capsys.readouterr().out) == metrics  # the CLI prints the metrics row
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"]["experts"] == ["clip-tiny"]
+    assert resolved["model"]["fusion"] == "sequence_append"
+    stages = {s["name"]: s for s in resolved["recipe"]["stages"]}
+    assert stages["finetune"]["lr"] == 0.01 and stages["pretrain"]["batch_size"] == 2
+    assert stages["pretrain"]["max_steps"] == 1  # from the YAML config
+
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["train", "--config", str(config_file), "--out", str(out)])
+    assert main(["train", "--out", str(out), "--resume"]) == 0  # finished: metrics read back
+
+    assert main(["eval", "--run", str(out)]) == 0
+    scores = json.loads((out / "eval" / "test.json").read_text())["scores"]
+    assert scores["accuracy/overall"] == pytest.approx(metrics["accuracy/overall"])
+    assert set(k for k in scores if k.startswith("accuracy/")) == set(
+        k for k in metrics if k.startswith("accuracy/")
+    )
+
+
+def test_bad_flags_are_named(tmp_path, capsys) -> None:
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--out", "x", "--override", "lr=1"])
+    assert "STAGE.FIELD=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--out", "x", "--data", "align.json"])
+    assert "SPLIT=PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no trained model"):
+        main(["eval", "--run", str(tmp_path)])
+    with pytest.raises(KeyError, match="unknown recipe 'nope'"):
+        main(["train", "--out", str(tmp_path / "r"), "--recipe", "nope"])
