@@ -106,12 +106,16 @@ class InlineExecutor(Executor):
             yield item, outcome
 
 
-def _init_worker(threads: int) -> None:
-    """Worker initialiser: share the machine's cores among the concurrent workers.
+def _init_worker(threads: int, log_level: int) -> None:
+    """Worker initialiser: share the machine's cores among the concurrent workers and log like
+    the parent.
 
     Sets the thread environment before torch is imported (torch reads it at start-up), so a
     worker whose function never needs torch does not pay for importing it.
     """
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s"
+    )
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     if "torch" in sys.modules:
@@ -147,7 +151,7 @@ class ProcessExecutor(Executor):
                         max_workers=1,
                         mp_context=context,
                         initializer=_init_worker,
-                        initargs=(self.threads,),
+                        initargs=(self.threads, logging.getLogger().getEffectiveLevel()),
                     )
                     running[pool.submit(fn, item)] = (item, pool)
                 done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
