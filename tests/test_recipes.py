@@ -149,3 +149,20 @@ def test_parameter_free_module_is_a_warning_not_an_error(caplog) -> None:
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(RecipeError, match="no trainable parameters"):
         param_groups(model, only_empty)
+
+
+def test_example_yaml_files_load() -> None:
+    from pathlib import Path
+
+    from moe_vision.run import RunConfig
+
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    files = sorted(folder.glob("*.yaml"))
+    assert {"eagle.yaml", "cambrian.yaml", "llava.yaml"} <= {f.name for f in files}
+    for f in files:
+        if f.name.startswith("run_"):
+            assert RunConfig.from_yaml(f).resolved_recipe().stages, f
+        else:
+            recipe = Recipe.from_yaml(f)
+            if recipe.name in list_recipes():
+                assert recipe == get_recipe(recipe.name), f
