@@ -92,7 +92,7 @@ class TrainOptions:
     num_workers: int = 0
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     log_every: int = 10
-    checkpoint_every: int = 0
+    checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_nonfinite: int = 0
     use_feature_cache: bool = True
