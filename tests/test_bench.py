@@ -88,10 +88,13 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
         ("throughput", "achieved_flops_per_s"),
         ("throughput", "fraction_of_peak"),
         ("throughput", "peak_memory_mb"),
+        ("feature_cache", "cache_speedup_bound"),
     ]:
         assert needed in metrics
     assert all(math.isfinite(v) and v > 0 for v in df.value)
     assert df[df.section == "throughput"].config.nunique() == 2  # default + "real" config
+    share = df[df.metric == "frozen_expert_flops_share"].value
+    assert ((share > 0) & (share < 1)).all()
     cache_note = df[df.section == "feature_cache"].note.iloc[0]
     hits = int(cache_note.split("cache hits ")[1].split("/")[0])
     assert hits > 0  # the second fusion's cell read the first one's expert maps
