@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -93,6 +94,13 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert needed in metrics
     assert all(math.isfinite(v) and v > 0 for v in df.value)
     assert df[df.section == "throughput"].config.nunique() == 2  # default + "real" config
+    tp = df[df.section == "throughput"].pivot(index="config", columns="metric", values="value")
+    np.testing.assert_allclose(
+        tp.fraction_of_peak, tp.achieved_flops_per_s / tp.matmul_peak_flops_per_s
+    )
+    np.testing.assert_allclose(
+        tp.achieved_flops_per_s, tp.flops_per_sample * tp.samples_per_s, rtol=1e-6
+    )
     share = df[df.metric == "frozen_expert_flops_share"].value
     assert ((share > 0) & (share < 1)).all()
     cache_note = df[df.section == "feature_cache"].note.iloc[0]
