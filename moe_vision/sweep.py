@@ -70,6 +70,7 @@ RUNTIME_KEYS: frozenset[str] = frozenset(
         "train.log_with",
         "train.log_every",
         "train.keep_checkpoints",
+        "train.checkpoint_every",
     }
 )
 """Dotted run-config keys that say *where* or *how visibly* a cell runs, not *what* it
