@@ -34,9 +34,9 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkPaths:
     return generate_benchmark(tmp_path_factory.getbasetemp() / "tiny-bench", seed=0, sizes=sizes)
 
 
-def _model(seed: int = 0) -> MoEVisionModel:
+def _model(seed: int = 0, experts: list[str] = EXPERTS) -> MoEVisionModel:
     set_seed(seed)
-    return MoEVisionModel.from_config(ModelConfig(experts=EXPERTS))
+    return MoEVisionModel.from_config(ModelConfig(experts=experts))
 
 
 def _trainer(
@@ -80,7 +80,7 @@ def test_each_stage_trains_exactly_its_parameters(recipe_name: str, bench, tmp_p
     """Parameter by parameter: frozen ones bitwise unchanged, named ones trainable and moved."""
     model = _model()
     recipe = get_recipe(recipe_name).with_overrides(
-        {"*": {"max_steps": 2, "batch_size": 4, "lr": 1e-2}}
+        {"*": {"max_steps": 2, "batch_size": 2, "lr": 1e-2}}
     )
     for k, stage in enumerate(recipe.stages):
         seen_flags: dict[str, bool] = {}
@@ -126,7 +126,8 @@ def test_units_and_accumulation(bench, tmp_path) -> None:
         "sft",
     ]
     events: list[StepEvent] = []
-    reports = _trainer(_model(), recipe, bench, tmp_path, hooks=(events.append,)).fit()
+    model = _model(experts=["clip-tiny"])
+    reports = _trainer(model, recipe, bench, tmp_path, hooks=(events.append,)).fit()
     # 24 samples / 4 = 6 micro-batches per epoch, 2 per optimiser step -> 3 steps x 2 epochs
     assert [e.optimizer_steps for e in events] == [1, 2, 3, 4, 5, 6]
     assert [e.batches_done for e in events] == [2, 4, 6, 2, 4, 6]
@@ -135,7 +136,7 @@ def test_units_and_accumulation(bench, tmp_path) -> None:
 
 
 def test_nonfinite_loss_is_counted_then_raises(bench, tmp_path) -> None:
-    model = _model()
+    model = _model(experts=["clip-tiny"])
     model.projector.register_forward_hook(lambda m, i, o: o * float("nan"))
     before = _snapshot(model)
     recipe = Recipe("nan", [Stage("s", "align", ["projector.*"], batch_size=4)])
@@ -153,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_training(bench, tmp_path) -> None
     recipe = Recipe("gc", [Stage("s", "instruct", ["*"], batch_size=4, max_steps=2, lr=1e-3)])
     results = []
     for flag in (False, True):
-        model = _model()
+        model = _model(experts=["clip-tiny"])
         _trainer(model, recipe, bench, tmp_path / str(flag), gradient_checkpointing=flag).fit()
         results.append(_snapshot(model))
         assert model.is_gradient_checkpointing == flag
