@@ -27,7 +27,11 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> str:
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "moe-vision tests",
         "language": "python",
-        "env": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"},
+        "env": {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",  # figures as outputs
+        },
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     mp = pytest.MonkeyPatch()
