@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
 
-BENCHMARK_VERSION = 1
+BENCHMARK_VERSION = 2
 """Bumped whenever the generator's output changes; part of the manifest."""
 
 IMAGE_SIZE = 64
@@ -252,7 +252,7 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
 def _scene_single(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
     color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
     img = _background(IMAGE_SIZE, rng)
-    r = float(rng.uniform(0.18, 0.3) * IMAGE_SIZE)
+    r = float(rng.uniform(0.25, 0.4) * IMAGE_SIZE)
     cx, cy = rng.uniform(r + 2, IMAGE_SIZE - r - 2, size=2)
     _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, _jitter(COLORS[color], rng, 12))
     return img, {"color": color, "shape": shape}
@@ -428,6 +428,7 @@ def generate_benchmark(
         seed: the only source of randomness.
         sizes: records per split (default :class:`BenchmarkSizes`).
         overwrite: replace a finished benchmark with different seed/sizes instead of raising.
+            A benchmark written by another generator version is always regenerated.
 
     Returns:
         :class:`BenchmarkPaths` of the folder.
@@ -446,7 +447,8 @@ def generate_benchmark(
     if _same(found, wanted):
         logger.info("benchmark in %s is up to date (seed %d); reusing it", root, seed)
         return paths
-    if found is not None and not overwrite:
+    stale = found is not None and found.get("version") != BENCHMARK_VERSION
+    if found is not None and not overwrite and not stale:
         raise FileExistsError(
             f"{root} holds a benchmark with {found}, not the requested {wanted}; "
             "pass overwrite=True or pick another folder"

@@ -180,3 +180,15 @@ def test_bad_arguments() -> None:
         BenchmarkPaths(Path(".")).split("train")
     with pytest.raises(TypeError, match="BenchmarkSizes"):
         generate_benchmark(Path("unused"), sizes={"align": 1})  # type: ignore[arg-type]
+
+
+def test_output_of_an_older_generator_is_regenerated(tmp_path: Path) -> None:
+    small = BenchmarkSizes(align=6, instruct=6, val=6, test=6)
+    paths = generate_benchmark(tmp_path / "b", seed=0, sizes=small)
+    expected = paths.split("test").read_bytes()
+    manifest = json.loads(paths.manifest.read_text())
+    paths.manifest.write_text(json.dumps({**manifest, "version": -1}))
+    paths.split("test").write_text("[]")
+    generate_benchmark(tmp_path / "b", seed=0, sizes=small)
+    assert paths.split("test").read_bytes() == expected
+    assert json.loads(paths.manifest.read_text()) == manifest
