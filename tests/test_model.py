@@ -4,8 +4,6 @@ checkpointing, the feature-cache path, save/load round trip and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -266,28 +264,6 @@ def test_config_round_trip_and_errors() -> None:
         ModelConfig(experts=["clip-tiny"], expert_options={"sam-tiny": {}})
     with pytest.raises(KeyError, match="valid experts"):
         MoEVisionModel.from_config({"experts": ["no-such-expert"]})
-
-
-def test_forward_backward_is_fast(bench) -> None:
-    """Tiny LLM + two tiny experts, batch of 8: forward + backward under a second on an idle
-    2-core CPU. Wall-clock bounds mean nothing on an oversubscribed machine: skipped there."""
-    if os.getloadavg()[0] > (os.cpu_count() or 1):
-        pytest.skip(f"machine busy (load {os.getloadavg()[0]:.1f}); timing not meaningful")
-    model = MoEVisionModel.from_config(CONFIG).train()
-    ds = LlavaDataset(
-        bench.split("instruct"),
-        bench.images,
-        model.preprocessors,
-        model.tokenizer,
-        num_visual_tokens=model.num_visual_tokens,
-    )
-    b = ds.collate([ds[i] for i in range(8)])
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        model(b["input_ids"], b["attention_mask"], b["labels"], b["images"]).loss.backward()
-        times.append(time.perf_counter() - start)
-    assert min(times) < 1.0, times
 
 
 def test_reload_does_not_fetch_expert_checkpoints(tmp_path: Path) -> None:
