@@ -300,7 +300,7 @@ def plot_heatmap(df: pd.DataFrame, ax: Any = None, value: str = OVERALL) -> Any:
         for j in range(table.shape[1]):
             v = data[i, j]
             label = "n/a" if v != v else f"{100 * v:.1f}"
-            colour = "black" if (v == v and v > mid) else "white"
+            colour = "white" if (v == v and v <= mid) else "black"  # n/a: black on blank
             ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=8)
     if finite.size:
         ax.figure.colorbar(image, ax=ax, label=value)
