@@ -87,10 +87,11 @@ def test_a_stage_naming_missing_modules_fails_before_training(tmp_path) -> None:
 
 @pytest.mark.timeout(900)
 def test_tiny_eagle_run_beats_chance_on_colour(tmp_path) -> None:
-    """LONG (the slowest test of the suite; minutes on 2 cores): tiny experts + tiny LLM trained
-    from scratch with the Eagle recipe (short pre-alignment and joint stages, 10 SFT epochs)
-    must clearly beat chance on the colour questions of the test split (3 sigma of a random
-    guesser). Shape is reported, not asserted: at this budget it stays near chance."""
+    """LONG (the slowest test here: about 45 s on 2 idle cores). Tiny experts + tiny LLM trained
+    from scratch with the Eagle recipe (short pre-alignment and joint stages, 10 SFT epochs at
+    1e-3) must clearly beat chance on the colour questions of the test split (3 sigma above a
+    random guesser; measured 0.80 vs 0.125). Shape is not asserted: at this budget it stays
+    near chance (0.15 vs 0.20)."""
     sizes = BenchmarkSizes(align=64, instruct=480, val=0, test=120)
     cfg = RunConfig(
         recipe="eagle",
@@ -98,7 +99,7 @@ def test_tiny_eagle_run_beats_chance_on_colour(tmp_path) -> None:
             "*": {"batch_size": 16, "lr": 2e-3},
             "prealign": {"max_steps": 4},
             "joint": {"max_steps": 4},
-            "sft": {"epochs": 10, "lr": 3e-3},
+            "sft": {"epochs": 10, "lr": 1e-3},
         },
         data=DataConfig(benchmark_sizes=sizes.to_dict(), benchmark_dir=str(tmp_path / "bench")),
         cache_dir=str(tmp_path / "cache"),
