@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from synthetic import synthetic_spec
 
 import fusion
 from experts.spec import ExpertSpec, FeatureMap
@@ -13,20 +14,7 @@ from fusion import FusionConfigError
 
 
 def make_spec(name: str, channels: int, grid: tuple[int, int], stride: int = 8) -> ExpertSpec:
-    return ExpertSpec(
-        name=name,
-        family=name,
-        library="test",
-        role="alignment",
-        architecture="vit",
-        checkpoint=None,
-        input_size=(grid[0] * stride, grid[1] * stride),
-        patch_size=stride,
-        channels=channels,
-        grid=grid,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    )
+    return synthetic_spec(name, channels, grid, stride=stride)
 
 
 def make_map(spec: ExpertSpec, batch: int = 2, mask: torch.Tensor | None = None) -> FeatureMap:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from synthetic import synthetic_spec
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     MultiScaleDeformableAttention,
 )
@@ -18,21 +19,7 @@ from fusion.strategies.deformable import DeformableConfig, DeformableFusion, MSD
 
 
 def make_spec(name: str, channels: int, grid: tuple[int, int], ragged: bool = False) -> ExpertSpec:
-    return ExpertSpec(
-        name=name,
-        family=name,
-        library="timm",
-        role="alignment",
-        architecture="vit",
-        checkpoint=None,
-        input_size=(grid[0] * 4, grid[1] * 4),
-        patch_size=4,
-        channels=channels,
-        grid=grid,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        variable_resolution=ragged,
-    )
+    return synthetic_spec(name, channels, grid, ragged=ragged)
 
 
 SPECS = [make_spec("vit", 16, (4, 4)), make_spec("conv", 12, (8, 6)), make_spec("doc", 10, (5, 5))]

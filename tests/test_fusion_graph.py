@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic import synthetic_spec
 from torch_geometric.data import Batch, Data
 
 import fusion
@@ -13,20 +14,7 @@ from fusion.strategies.graph import EDGE_TYPES, batch_edges, build_edges
 
 
 def make_spec(name: str, channels: int, grid: tuple[int, int]) -> ExpertSpec:
-    return ExpertSpec(
-        name=name,
-        family=name,
-        library="timm",
-        role="alignment",
-        architecture="vit",
-        checkpoint=None,
-        input_size=(grid[0] * 4, grid[1] * 4),
-        patch_size=4,
-        channels=channels,
-        grid=grid,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    )
+    return synthetic_spec(name, channels, grid)
 
 
 SPECS = [make_spec("vit", 8, (3, 3)), make_spec("conv", 6, (6, 6)), make_spec("doc", 5, (4, 5))]

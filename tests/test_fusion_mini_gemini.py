@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from synthetic import synthetic_spec
 
 import fusion
 from experts.spec import ExpertSpec, FeatureMap
@@ -12,20 +13,7 @@ from fusion import FusionConfigError
 
 
 def make_spec(name: str, channels: int, grid: tuple[int, int]) -> ExpertSpec:
-    return ExpertSpec(
-        name=name,
-        family=name,
-        library="test",
-        role="high-resolution",
-        architecture="convnet",
-        checkpoint=None,
-        input_size=(grid[0] * 4, grid[1] * 4),
-        patch_size=4,
-        channels=channels,
-        grid=grid,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    )
+    return synthetic_spec(name, channels, grid, architecture="convnet")
 
 
 def brute_force(fuse, low: torch.Tensor, high: torch.Tensor, key_valid: torch.Tensor | None):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from synthetic import synthetic_spec
 
 import fusion
 from experts.align import interpolate
@@ -15,20 +16,7 @@ from fusion.strategies.sva import SpatialVisionAggregator, SVAConfig, to_windows
 
 
 def make_spec(name: str, channels: int, grid: tuple[int, int]) -> ExpertSpec:
-    return ExpertSpec(
-        name=name,
-        family=name,
-        library="timm",
-        role="alignment",
-        architecture="convnet",
-        checkpoint=None,
-        input_size=(grid[0] * 8, grid[1] * 8),
-        patch_size=8,
-        channels=channels,
-        grid=grid,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    )
+    return synthetic_spec(name, channels, grid, stride=8, architecture="convnet")
 
 
 # Query grid (2, 2): a divisible 4x4 map (2x2 windows), a ragged 5x5 map (resized to 6x6,
