@@ -100,6 +100,11 @@ class Fusion(nn.Module):
                 f"fusion {self.name!r} was built for {len(self.specs)} experts "
                 f"({[s.name for s in self.specs]}), got {len(maps)} maps"
             )
+        batch = {f"{i}:{m.source}": m.features.shape[0] for i, m in enumerate(maps)}
+        if len(set(batch.values())) > 1:
+            raise ValueError(
+                f"fusion {self.name!r}: every map needs the same batch size, got {batch}"
+            )
         for m, s in zip(maps, self.specs):
             if m.channels != s.channels:
                 raise ValueError(

@@ -313,11 +313,6 @@ class DeformableFusion(Fusion):
     def forward(self, maps: Sequence[FeatureMap]) -> torch.Tensor:
         """``maps[i]`` ``(B, C_i, H_i, W_i)`` -> ``(B, Gh*Gw, D)``."""
         self.check_maps(maps)
-        batch = {f"{i}:{m.source}": m.features.shape[0] for i, m in enumerate(maps)}
-        if len(set(batch.values())) > 1:
-            raise ValueError(
-                f"fusion 'deformable': every map needs the same batch size, got {batch}"
-            )
         shapes = [m.grid for m in maps]
         memory, mask = self.memory(maps)
         ref = self.reference_points(maps)

@@ -253,9 +253,6 @@ class GraphFusion(Fusion):
     def forward(self, maps: Sequence[FeatureMap]) -> torch.Tensor:
         """``maps[i]`` ``(B, C_i, H_i, W_i)`` -> ``(B, Gh*Gw, D)``."""
         self.check_maps(maps)
-        batch = {f"{i}:{m.source}": m.features.shape[0] for i, m in enumerate(maps)}
-        if len(set(batch.values())) > 1:
-            raise ValueError(f"fusion 'graph': every map needs the same batch size, got {batch}")
         x, valid = self.nodes(maps)  # (B, E, N, D)
         b, e, n, d = x.shape
         edge_index, edge_type = batch_edges(self.edge_index, self.edge_type, b, e * n)

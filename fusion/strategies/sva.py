@@ -245,9 +245,6 @@ class SpatialVisionAggregator(Fusion):
     def forward(self, maps: Sequence[FeatureMap]) -> torch.Tensor:
         """``maps[i]`` ``(B, C_i, H_i, W_i)`` -> ``(B, Gh*Gw, D)``."""
         self.check_maps(maps)
-        batch = {f"{i}:{m.source}": m.features.shape[0] for i, m in enumerate(maps)}
-        if len(set(batch.values())) > 1:
-            raise ValueError(f"fusion 'sva': every map needs the same batch size, got {batch}")
         windows, mask, context = self.prepare(maps)
         q = self.queries.unsqueeze(0).expand(maps[0].features.shape[0], -1, -1)
         for layer in self.layers:
