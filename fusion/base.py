@@ -86,12 +86,20 @@ class Fusion(nn.Module):
         precomputed: Mapping[int, FeatureMap] | None = None,
     ) -> torch.Tensor:
         """Run the experts (or read their maps from ``precomputed``) and fuse: ``(B, N, D)``."""
-        precomputed = precomputed or {}
-        maps = [
-            precomputed[i] if i in precomputed else expert(inputs[i])
-            for i, expert in enumerate(experts)
-        ]
+        maps = [self.expert_map(i, experts, inputs, precomputed) for i in range(len(experts))]
         return self(maps)
+
+    @staticmethod
+    def expert_map(
+        index: int,
+        experts: Sequence[Expert],
+        inputs: Sequence[ExpertInputs],
+        precomputed: Mapping[int, FeatureMap] | None = None,
+    ) -> FeatureMap:
+        """Expert ``index``'s map: from ``precomputed`` (the feature cache) when there, else run."""
+        if precomputed and index in precomputed:
+            return precomputed[index]
+        return experts[index](inputs[index])
 
     def check_maps(self, maps: Sequence[FeatureMap]) -> None:
         """Raise a clear error when ``maps`` do not match the specs this module was built for."""

@@ -237,10 +237,7 @@ class MiniGemini(Fusion):
         read with ``forward_layers``."""
         if self.highres_layers is None:
             return super().run(experts, inputs, precomputed)
-        precomputed = precomputed or {}
-        low = [
-            precomputed[i] if i in precomputed else experts[i](inputs[i]) for i in self.low_indices
-        ]
+        low = [self.expert_map(i, experts, inputs, precomputed) for i in self.low_indices]
         h = self.highres_indices[0]
         return self.mine(low, experts[h](inputs[h], layers=list(self.highres_layers)))
 

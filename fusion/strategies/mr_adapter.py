@@ -272,10 +272,9 @@ class MRAdapterFusion(Fusion):
                 f"({[s.name for s in self.specs]}), got {len(experts)} experts and "
                 f"{len(inputs)} inputs"
             )
-        precomputed = precomputed or {}
 
         def full_map(i: int) -> FeatureMap:
-            return precomputed[i] if i in precomputed else experts[i](inputs[i])
+            return self.expert_map(i, experts, inputs, precomputed)
 
         h = self.highres_index
         if self.injection == "per_stage":
