@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from moe_vision.model import ModelConfig, MoEVisionModel
 from moe_vision.recipes import get_recipe
 from moe_vision.run import DataConfig, RunConfig, run_experiment
 from moe_vision.train import TrainOptions
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _small(tmp_path, **changes) -> RunConfig:
@@ -85,29 +88,27 @@ def test_a_stage_naming_missing_modules_fails_before_training(tmp_path) -> None:
         run_experiment(cfg, tmp_path / "run", resume=False)
 
 
-@pytest.mark.timeout(900)
-def test_tiny_eagle_run_beats_chance_on_colour(tmp_path) -> None:
-    """LONG (the slowest test here: about 45 s on 2 idle cores). Tiny experts + tiny LLM trained
-    from scratch with the Eagle recipe (short pre-alignment and joint stages, 10 SFT epochs at
-    1e-3) must clearly beat chance on the colour questions of the test split (3 sigma above a
-    random guesser; measured 0.80 vs 0.125). Shape is not asserted: at this budget it stays
-    near chance (0.15 vs 0.20)."""
-    sizes = BenchmarkSizes(align=64, instruct=480, val=0, test=120)
-    cfg = RunConfig(
-        recipe="eagle",
-        overrides={
-            "*": {"batch_size": 16, "lr": 2e-3},
-            "prealign": {"max_steps": 4},
-            "joint": {"max_steps": 4},
-            "sft": {"epochs": 10, "lr": 1e-3},
-        },
-        data=DataConfig(benchmark_sizes=sizes.to_dict(), benchmark_dir=str(tmp_path / "bench")),
-        cache_dir=str(tmp_path / "cache"),
-        train=TrainOptions(progress_bar=False, log_with=[]),
-    )
+@pytest.mark.timeout(1200)
+def test_tiny_eagle_run_beats_chance_on_colour_and_shape(tmp_path) -> None:
+    """LONG (the slowest test here: about 3 min on 2 idle cores). The laptop Eagle run of
+    ``recipes/run_tiny.yaml`` (tiny random-init experts + tiny LLM, short pre-alignment and joint
+    stages, 16 SFT epochs over 1440 instructions with the experts at 0.01x LR) must clearly beat
+    chance on the easy categories of a 600-question test split: colour and shape each 3 sigma
+    above a uniform random guesser (measured: colour 1.00 vs 0.125, shape 0.41-0.46 vs 0.20).
+
+    Shape is the slow one: a bag of random patch features carries it only weakly, and the LLM
+    needs ~1000 optimiser steps on shape questions before the readout forms (10 SFT epochs give
+    0.33-0.46 depending on the seed, 480 instructions stay near chance)."""
+    cfg = RunConfig.from_yaml(RECIPES / "run_tiny.yaml")
+    cfg.data.benchmark_dir = str(tmp_path / "bench")
+    cfg.cache_dir = str(tmp_path / "cache")
+    cfg.train = TrainOptions(progress_bar=False, log_with=[])
     metrics = run_experiment(cfg, tmp_path / "run", resume=False)
     print({k: round(v, 3) for k, v in metrics.items() if k.startswith("accuracy/")})
+    assert metrics["eval_samples"] == 1200
     n = metrics["eval_samples"] / 6
-    margin = 3 * math.sqrt(CHANCE["color"] * (1 - CHANCE["color"]) / n)
-    assert metrics["accuracy/color"] > CHANCE["color"] + margin, metrics
+    for category in ("color", "shape"):
+        chance = CHANCE[category]
+        margin = 3 * math.sqrt(chance * (1 - chance) / n)
+        assert metrics[f"accuracy/{category}"] > chance + margin, (category, metrics)
     assert torch.isfinite(torch.tensor(metrics["final_loss/sft"]))
