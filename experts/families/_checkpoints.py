@@ -173,6 +173,29 @@ def _summarise(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOW]) + more
 
 
+def state_dict_mismatches(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """What keeps ``found`` from loading into a module whose ``state_dict()`` is ``expected``:
+    one message each for shape mismatches, missing keys and unexpected keys (a few of each
+    named); empty when it fits."""
+    shapes = [
+        f"{k}: checkpoint {tuple(found[k].shape)} vs expert {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {_summarise(shapes)}")
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_summarise(unexpected)}")
+    return problems
+
+
 def load_into(
     module: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -206,20 +229,7 @@ def load_into(
         sd.pop(k)
     if dropped:
         log.info("%s: ignoring %d keys of parts the expert does not build", source, len(dropped))
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs expert {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_summarise(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {_summarise(shapes)}")
+    problems = state_dict_mismatches(target, sd)
     if problems:
         where = f" (under prefix {prefix!r})" if prefix else ""
         raise ValueError(

@@ -41,10 +41,10 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
 from experts.base import Expert, ExpertInputs, StageState
+from experts.families._checkpoints import read_weight_file, state_dict_mismatches
 from experts.images import resize_normalise
 from experts.spec import ExpertSpec, FeatureMap
 
@@ -79,70 +79,10 @@ def stage_groups(depth: int, num_stages: int) -> list[range]:
     return groups
 
 
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor],
-    found: Mapping[str, torch.Tensor],
-    source: str,
-    expert: str = "",
-) -> None:
-    """Raise ``ValueError`` naming missing/unexpected keys and shape mismatches.
-
-    Args:
-        expected: the expert's own ``state_dict()``.
-        found: the checkpoint's tensors.
-        source: the checkpoint's name, for the message.
-        expert: the expert's preset name, for the message.
-    """
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(found[k].shape)} vs expert {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if tuple(found[k].shape) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-
-    def head(items: list[str]) -> str:
-        more = f" ... (+{len(items) - 5} more)" if len(items) > 5 else ""
-        return ", ".join(items[:5]) + more
-
-    parts = []
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches [{head(shapes)}]")
-    if missing:
-        parts.append(f"{len(missing)} missing keys [{head(missing)}]")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys [{head(unexpected)}]")
-    who = f"expert {expert!r}: " if expert else ""
-    raise ValueError(
-        f"{who}checkpoint {source} does not fit the expert's architecture: " + "; ".join(parts)
-    )
-
-
 def strip_expert_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An expert's ``state_dict()`` (every key under ``model.``) as the library model's."""
     if state and all(k.startswith("model.") for k in state):
         return {k[len("model.") :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def read_weights_file(path: Path, expert: str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file (or a ``.bin``/``.pt``/``.pth`` state dict, read with
-    ``torch.load(weights_only=True)``: no pickled code runs)."""
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"expert {expert!r}: cannot read checkpoint {path}: {type(err).__name__}: {err} "
-            f"(is the file truncated or corrupt?)"
-        ) from err
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise ValueError(f"expert {expert!r}: checkpoint {path} does not hold a state dict")
     return dict(state)
 
 
@@ -300,7 +240,12 @@ class ViTExpert(Expert):
         (``self.model``), then load it strictly. The expert's own ``state_dict()`` (keys under
         ``model.``) is accepted too."""
         state = strip_expert_prefix(state)
-        check_state_dict(self.model.state_dict(), state, source, self.spec.name)
+        problems = state_dict_mismatches(self.model.state_dict(), state)
+        if problems:
+            raise ValueError(
+                f"expert {self.spec.name!r}: checkpoint {source} does not fit the expert's "
+                "architecture: " + "; ".join(problems)
+            )
         self.model.load_state_dict(state, strict=True)
         logger.info("expert %s: loaded %s", self.spec.name, source)
 
@@ -415,7 +360,7 @@ class HFViTExpert(ViTExpert):
         if local:
             folder = Path(checkpoint).expanduser().absolute()
             if folder.is_file():
-                self.load_state(read_weights_file(folder, self.spec.name), str(folder))
+                self.load_state(read_weight_file(folder), str(folder))
                 return
             if not folder.is_dir():
                 raise FileNotFoundError(
