@@ -3,11 +3,15 @@
 Flags override the YAML config (``--config``, a :class:`moe_vision.run.RunConfig`), which
 overrides the defaults (tiny experts, tiny LLM, the built-in benchmark, the Eagle recipe)::
 
+    moe-vision train --config recipes/run_tiny.yaml --out runs/tiny   # tuned laptop run, ~2 min
     moe-vision train --experts clip-tiny,convnext-tiny --fusion channel_concat \\
         --recipe eagle --out runs/x
     moe-vision train --config recipes/run_tiny.yaml --out runs/y --override sft.epochs=2
     moe-vision train --out runs/x --resume          # continue a killed run where it stopped
     accelerate launch --num_processes 4 -m moe_vision.cli train --config run.yaml --out runs/z
+
+The defaults alone are generic tiny settings for every recipe; ``recipes/run_tiny.yaml`` is the
+Eagle run tuned for random-init tiny models (colour 1.00, shape 0.445 on the test split).
 
 The run folder holds ``config.yaml`` (resolved), ``checkpoints/``, ``model/``,
 ``predictions.json`` and ``metrics.json``.
