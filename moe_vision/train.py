@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, send_to_device
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -83,8 +83,9 @@ class TrainOptions:
         max_nonfinite: NaN/inf losses tolerated (skipped, counted) before raising.
         use_feature_cache: serve frozen experts from the feature cache.
         progress_bar: show a tqdm bar on the main process.
-        find_unused_parameters: DDP option (needed only when some trainable parameters get
-            no gradient in a step).
+        find_unused_parameters: DDP's per-step detection of parameters without gradient.
+            Off by default: in data-parallel runs the trainer instead freezes, once per stage,
+            the trainable parameters the loss never reaches (:func:`_freeze_unreached`).
     """
 
     mixed_precision: str = "auto"
@@ -292,6 +293,43 @@ def _unit_seed(seed: int, unit: TrainUnit) -> int:
     return seed * 7919 + unit.index * 104_729 + 1
 
 
+def _freeze_unreached(model: nn.Module, dataset: Any, device: torch.device, unit: str) -> list[str]:
+    """Freeze the trainable parameters the loss never reaches; return their names.
+
+    DDP (without ``find_unused_parameters``) fails at the second step when a parameter that
+    requires a gradient gets none, and mixtures have such parameters by design: CLIP is read at
+    its penultimate block, so the last block and the final norm of a trained CLIP expert never
+    reach the loss. One forward/backward on the stage's first samples finds them (the model has
+    no data-dependent routing, so the set does not depend on the batch); every process computes
+    the same set. They receive no gradient in any case, so training is unchanged.
+    """
+    first = [dataset[i] for i in range(min(2, len(dataset)))]
+    batch = send_to_device(dataset.collate(first), device)
+    model.to(device)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        images=batch["images"],
+    )
+    out.loss.backward()
+    unreached = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+            unreached.append(name)
+        p.grad = None
+    if unreached:
+        logger.info(
+            "unit %s: %d trainable tensors never reach the loss (e.g. %s); left frozen so that "
+            "DDP needs no find_unused_parameters",
+            unit,
+            len(unreached),
+            ", ".join(unreached[:3]),
+        )
+    return unreached
+
+
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing through the model's own switch (LLM and capable experts)."""
     switch = getattr(model, "gradient_checkpointing_enable", None)
@@ -467,6 +505,9 @@ class Trainer:
         if self.options.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
         model.train()
+        dataset = self.datasets(stage.data, model)
+        if acc.num_processes > 1 and not self.options.find_unused_parameters:
+            _freeze_unreached(model, dataset, acc.device, unit.name)
         cached = self._cached_experts(model)
         keys = {i: expert_cache_key(model.experts[i]) for i in cached}
         for i in cached:
@@ -483,7 +524,6 @@ class Trainer:
             cached or "none",
         )
 
-        dataset = self.datasets(stage.data, model)
         sampler = EpochBatchSampler(len(dataset), stage.batch_size, _unit_seed(self.seed, unit))
         loader = DataLoader(
             dataset,
