@@ -66,3 +66,17 @@ def test_bad_flags_are_named(tmp_path, capsys) -> None:
         main(["eval", "--run", str(tmp_path)])
     with pytest.raises(KeyError, match="unknown recipe 'nope'"):
         main(["train", "--out", str(tmp_path / "r"), "--recipe", "nope"])
+
+
+def test_override_flags_start_from_the_recipes_defaults(tmp_path) -> None:
+    from moe_vision.commands.train import build_config
+
+    args = build_parser().parse_args(
+        ["train", "--out", str(tmp_path / "r"), "--override", "sft.epochs=2"]
+    )
+    sft = {s.name: s for s in build_config(args).resolved_recipe().stages}["sft"]
+    assert sft.epochs == 2 and sft.lr_scale == {"experts.*": 0.01} and sft.batch_size == 16
+    args = build_parser().parse_args(
+        ["train", "--out", str(tmp_path / "r"), "--recipe", "cambrian", "--override", "*.lr=0.5"]
+    )
+    assert {s.lr for s in build_config(args).resolved_recipe().stages} == {0.5}

@@ -13,7 +13,7 @@ import yaml
 from moe_vision.benchmark import CHANCE, BenchmarkSizes
 from moe_vision.model import ModelConfig, MoEVisionModel
 from moe_vision.recipes import get_recipe
-from moe_vision.run import DataConfig, RunConfig, run_experiment
+from moe_vision.run import DataConfig, RunConfig, run_experiment, tiny_overrides
 from moe_vision.train import TrainOptions
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -78,6 +78,27 @@ def test_run_config_yaml_round_trip_and_errors(tmp_path) -> None:
         RunConfig.from_dict({"recipe": "llava", "overrides": {"sft": {"lr": 1.0}}})
     with pytest.raises(ValueError, match="splits needs image_root"):
         DataConfig(splits={"align": "a.json"})
+
+
+def test_default_overrides_are_the_recipes_tiny_run_defaults() -> None:
+    eagle = {s.name: s for s in RunConfig().resolved_recipe().stages}
+    assert eagle["prealign"].max_steps == eagle["joint"].max_steps == 4
+    assert (eagle["sft"].epochs, eagle["sft"].lr) == (10, 1e-3)
+    assert eagle["sft"].lr_scale == {"experts.*": 0.01}
+    assert all(s.batch_size == 16 for s in eagle.values())
+    paper = get_recipe("cambrian")
+    tiny = RunConfig(recipe="cambrian").resolved_recipe()
+    for got, ref in zip(tiny.stages, paper.stages):  # generic defaults only: LR and batch
+        assert got == ref.replace(lr=2e-3, batch_size=16)
+    assert RunConfig(overrides={}).resolved_recipe() == get_recipe("eagle")  # paper numbers
+    # A user recipe called "eagle" without a joint stage gets the defaults of its stages only.
+    mine = get_recipe("eagle").to_dict()
+    mine["stages"] = [st for st in mine["stages"] if st["name"] != "joint"]
+    assert [s.name for s in RunConfig(recipe=mine).resolved_recipe().stages] == ["prealign", "sft"]
+    # recipes/run_tiny.yaml spells out exactly these defaults.
+    assert RunConfig.from_yaml(RECIPES / "run_tiny.yaml").overrides == tiny_overrides(
+        get_recipe("eagle")
+    )
 
 
 def test_a_stage_naming_missing_modules_fails_before_training(tmp_path) -> None:

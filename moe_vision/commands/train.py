@@ -10,8 +10,11 @@ overrides the defaults (tiny experts, tiny LLM, the built-in benchmark, the Eagl
     moe-vision train --out runs/x --resume          # continue a killed run where it stopped
     accelerate launch --num_processes 4 -m moe_vision.cli train --config run.yaml --out runs/z
 
-The defaults alone are generic tiny settings for every recipe; ``recipes/run_tiny.yaml`` is the
-Eagle run tuned for random-init tiny models (colour 1.00, shape 0.445 on the test split).
+With no ``overrides`` in the config, a recipe gets its tiny-run defaults
+(:func:`moe_vision.run.tiny_overrides`: larger LRs for random-init models; for Eagle also short
+LLM-frozen stages and 10 SFT epochs); ``--override`` changes fields on top of them.
+``recipes/run_tiny.yaml`` is the tuned Eagle run at its benchmark sizes (colour 1.00, shape
+0.445 on the test split).
 
 The run folder holds ``config.yaml`` (resolved), ``checkpoints/``, ``model/``,
 ``predictions.json`` and ``metrics.json``.
@@ -111,6 +114,8 @@ def build_config(args: argparse.Namespace) -> Any:
             model[key] = getattr(args, key)
     if args.recipe:
         data["recipe"] = args.recipe
+    if args.override and data.get("overrides") is None:  # start from the recipe's defaults
+        data["overrides"] = RunConfig.from_dict(data).effective_overrides()
     for stage, name, value in args.override:
         data.setdefault("overrides", {}).setdefault(stage, {})[name] = value
     if args.seed is not None:
