@@ -293,6 +293,21 @@ def _unit_seed(seed: int, unit: TrainUnit) -> int:
     return seed * 7919 + unit.index * 104_729 + 1
 
 
+def batch_loss(
+    module: nn.Module, batch: dict[str, Any], precomputed: dict[int, Any] | None = None
+) -> torch.Tensor:
+    """The training loss of ``batch`` (a ``collate`` output) through ``module`` (the model or its
+    accelerate wrapper); ``precomputed`` holds cached expert maps by expert index."""
+    out = module(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        images=batch["images"],
+        precomputed=precomputed or None,
+    )
+    return out.loss
+
+
 def _freeze_unreached(model: nn.Module, dataset: Any, device: torch.device, unit: str) -> list[str]:
     """Freeze the trainable parameters the loss never reaches; return their names.
 
@@ -306,13 +321,7 @@ def _freeze_unreached(model: nn.Module, dataset: Any, device: torch.device, unit
     first = [dataset[i] for i in range(min(2, len(dataset)))]
     batch = send_to_device(dataset.collate(first), device)
     model.to(device)
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        labels=batch["labels"],
-        images=batch["images"],
-    )
-    out.loss.backward()
+    batch_loss(model, batch).backward()
     unreached = []
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is None:
@@ -593,14 +602,7 @@ class Trainer:
                         )
                         for i in cached
                     }
-                    out = prepared(
-                        input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"],
-                        labels=batch["labels"],
-                        images=batch["images"],
-                        precomputed=precomputed or None,
-                    )
-                    loss = out.loss
+                    loss = batch_loss(prepared, batch, precomputed)
                     if not self._finite(loss, unit, epoch, batch):
                         optimizer.zero_grad()
                     else:

@@ -117,7 +117,7 @@ def build_config(args: argparse.Namespace) -> Any:
     if args.override and data.get("overrides") is None:  # start from the recipe's defaults
         data["overrides"] = RunConfig.from_dict(data).effective_overrides()
     for stage, name, value in args.override:
-        data.setdefault("overrides", {}).setdefault(stage, {})[name] = value
+        data["overrides"].setdefault(stage, {})[name] = value
     if args.seed is not None:
         data["seed"] = args.seed
     if args.cache_dir:
