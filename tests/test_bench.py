@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_vision import bench
+from moe_vision.bench import core as bench
 from moe_vision.cli import main
 from moe_vision.commands.bench import quick_config
 
 
 @pytest.fixture(scope="module")
 def tiny_model_and_batch(tmp_path_factory: pytest.TempPathFactory):
-    from moe_vision.model import MoEVisionModel
+    from moe_vision.model.mllm import MoEVisionModel
 
     torch.manual_seed(0)
     model = MoEVisionModel.from_config(bench.DEFAULT_MODEL).eval()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moe_vision.benchmark import (
+from moe_vision.data.benchmark import (
     ANSWERS,
     CATEGORIES,
     CHANCE,

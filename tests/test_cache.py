@@ -12,12 +12,17 @@ import torch
 from accelerate.utils import set_seed
 
 from experts import FeatureMap, create_expert
-from moe_vision.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
-from moe_vision.cache import FeatureCache, expert_cache_key, stack_maps, weights_fingerprint
-from moe_vision.model import ModelConfig, MoEVisionModel
-from moe_vision.recipes import Recipe, Stage
-from moe_vision.run import DatasetCache, RunConfig
-from moe_vision.train import StepEvent, Trainer, TrainOptions, make_accelerator
+from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.training.cache import (
+    FeatureCache,
+    expert_cache_key,
+    stack_maps,
+    weights_fingerprint,
+)
+from moe_vision.training.recipes import Recipe, Stage
+from moe_vision.training.run import DatasetCache, RunConfig
+from moe_vision.training.trainer import StepEvent, Trainer, TrainOptions, make_accelerator
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import json
 import pytest
 import yaml
 
-from moe_vision.benchmark import BenchmarkSizes
 from moe_vision.cli import build_parser, main
-from moe_vision.run import DataConfig, RunConfig
-from moe_vision.train import TrainOptions
+from moe_vision.data.benchmark import BenchmarkSizes
+from moe_vision.training.run import DataConfig, RunConfig
+from moe_vision.training.trainer import TrainOptions
 
 
 @pytest.fixture

@@ -12,15 +12,15 @@ import torch
 from torch.utils.data import DataLoader
 
 import experts
-from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
-from moe_vision.data import (
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.llava import (
     IGNORE_INDEX,
     DataError,
     LlavaDataset,
     load_records,
     tokenize_conversation,
 )
-from moe_vision.llm import build_tokenizer
+from moe_vision.model.llm import build_tokenizer
 
 SIZES = BenchmarkSizes(align=6, instruct=12, val=6, test=6)
 

@@ -1,7 +1,7 @@
 """Two-process data-parallel training on CPU through ``accelerate launch`` (gloo).
 
 ``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath; ``--cpu`` alone starts
-one process) with no CUDA device: :func:`moe_vision.train.make_accelerator` then sets up
+one process) with no CUDA device: :func:`moe_vision.training.trainer.make_accelerator` then sets up
 CPU data parallelism with gloo.
 
 The real launcher starts two processes running the real trainer, with two recipes:
@@ -30,7 +30,7 @@ import textwrap
 
 import pytest
 
-from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 
 SCRIPT = textwrap.dedent(
     """
@@ -38,12 +38,12 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     from accelerate.utils import set_seed
-    from moe_vision.benchmark import BenchmarkPaths
-    from moe_vision.cache import FeatureCache, weights_fingerprint
-    from moe_vision.model import ModelConfig, MoEVisionModel
-    from moe_vision.recipes import get_recipe
-    from moe_vision.run import DatasetCache, RunConfig, single_expert_model
-    from moe_vision.train import Trainer, TrainOptions, make_accelerator
+    from moe_vision.data.benchmark import BenchmarkPaths
+    from moe_vision.training.cache import FeatureCache, weights_fingerprint
+    from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+    from moe_vision.training.recipes import get_recipe
+    from moe_vision.training.run import DatasetCache, RunConfig, single_expert_model
+    from moe_vision.training.trainer import Trainer, TrainOptions, make_accelerator
 
     bench, out = BenchmarkPaths(Path(sys.argv[1])), Path(sys.argv[2])
 

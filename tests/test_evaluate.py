@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
-from moe_vision.data import DataError
-from moe_vision.evaluate import (
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.llava import DataError
+from moe_vision.evaluation.evaluate import (
     EvalResult,
     evaluate,
     normalize_answer,
@@ -19,8 +19,8 @@ from moe_vision.evaluate import (
     summarize,
     vqa_score,
 )
-from moe_vision.llm import build_tokenizer
-from moe_vision.model import ModelConfig, MoEVisionModel
+from moe_vision.model.llm import build_tokenizer
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 
 
 @pytest.mark.parametrize(

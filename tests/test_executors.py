@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_vision.executors import (
+from moe_vision.sweeps.executors import (
     InlineExecutor,
     ProcessExecutor,
     SubmititExecutor,

@@ -15,9 +15,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from moe_vision import llm as llm_module
-from moe_vision.benchmark import WORDS, corpus
-from moe_vision.llm import build_tokenizer, create_llm, ensure_image_token, list_llms
+from moe_vision.data.benchmark import WORDS, corpus
+from moe_vision.model import llm as llm_module
+from moe_vision.model.llm import build_tokenizer, create_llm, ensure_image_token, list_llms
 
 
 def test_tokenizer_is_deterministic_and_lossless() -> None:

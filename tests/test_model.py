@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
-from moe_vision.data import IGNORE_INDEX, LlavaDataset
-from moe_vision.model import ModelConfig, MoEVisionModel
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.llava import IGNORE_INDEX, LlavaDataset
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 
 CONFIG = ModelConfig(
     experts=["clip-tiny", "convnext-tiny"],

@@ -7,7 +7,7 @@ import logging
 import pytest
 from torch import nn
 
-from moe_vision.recipes import (
+from moe_vision.training.recipes import (
     Recipe,
     RecipeError,
     Stage,
@@ -111,7 +111,7 @@ def test_bad_recipe_yaml() -> None:
 def test_apply_stage_sets_exactly_the_named_parameters(caplog) -> None:
     model = _Toy()
     stage = Stage("s", "align", ["experts.1.*", "projector"], lr=1.0, lr_scale={"experts.*": 0.1})
-    with caplog.at_level(logging.INFO, logger="moe_vision.recipes"):
+    with caplog.at_level(logging.INFO, logger="moe_vision.training.recipes"):
         groups = apply_stage(model, stage)
     expected = {
         n for n, _ in model.named_parameters() if n.startswith(("experts.1.", "projector."))
@@ -154,7 +154,7 @@ def test_parameter_free_module_is_a_warning_not_an_error(caplog) -> None:
 def test_example_yaml_files_load() -> None:
     from pathlib import Path
 
-    from moe_vision.run import RunConfig
+    from moe_vision.training.run import RunConfig
 
     folder = Path(__file__).resolve().parents[1] / "recipes"
     files = sorted(folder.glob("*.yaml"))

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_vision.benchmark import BenchmarkSizes
-from moe_vision.checkpoint import TrainerState, latest_checkpoint
-from moe_vision.model import ModelConfig
-from moe_vision.run import DataConfig, RunConfig, run_experiment
-from moe_vision.train import StepEvent, TrainOptions
+from moe_vision.data.benchmark import BenchmarkSizes
+from moe_vision.model.mllm import ModelConfig
+from moe_vision.training.checkpoint import TrainerState, latest_checkpoint
+from moe_vision.training.run import DataConfig, RunConfig, run_experiment
+from moe_vision.training.trainer import StepEvent, TrainOptions
 
 
 class Killed(RuntimeError):
@@ -91,7 +91,7 @@ def test_a_finished_run_is_not_trained_again(tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr("moe_vision.train.Trainer.fit", boom)
+    monkeypatch.setattr("moe_vision.training.trainer.Trainer.fit", boom)
     assert run_experiment(cfg, tmp_path / "run", resume=True) == first
     other = _config(tmp_path)
     other.seed = 1

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from moe_vision.benchmark import CHANCE, BenchmarkSizes
-from moe_vision.model import ModelConfig, MoEVisionModel
-from moe_vision.recipes import get_recipe
-from moe_vision.run import DataConfig, RunConfig, run_experiment, tiny_overrides
-from moe_vision.train import TrainOptions
+from moe_vision.data.benchmark import CHANCE, BenchmarkSizes
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.training.recipes import get_recipe
+from moe_vision.training.run import DataConfig, RunConfig, run_experiment, tiny_overrides
+from moe_vision.training.trainer import TrainOptions
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from moe_vision import results
-from moe_vision.executors import InlineExecutor, ProcessExecutor, SubmititExecutor
-from moe_vision.sweep import (
+from moe_vision.sweeps.executors import InlineExecutor, ProcessExecutor, SubmititExecutor
+from moe_vision.sweeps.sweep import (
     Cell,
     ExpertCombos,
     SweepSpec,
@@ -226,7 +226,7 @@ def test_rows_exactly_once_after_kill_and_restart(
         "FAKE_CELL_BLOCK": "sequence_append",  # the 2nd cell hangs until killed
     }
     code = (
-        "import sys; from moe_vision.sweep import SweepSpec, run_sweep; "
+        "import sys; from moe_vision.sweeps.sweep import SweepSpec, run_sweep; "
         "run_sweep(SweepSpec.from_yaml(sys.argv[1]), sys.argv[2], progress=False)"
     )
     proc = subprocess.Popen(
@@ -256,12 +256,12 @@ def test_rows_exactly_once_after_kill_and_restart(
 
 
 def test_sweep_lock_refuses_a_second_runner(tmp_path: Path, names: tuple[str, str, str]) -> None:
-    from moe_vision.sweep import file_lock
+    from moe_vision.sweeps.sweep import file_lock
 
     out = tmp_path / "sweep"
     with file_lock(out / ".sweep.lock"):
         code = (
-            "import sys; from moe_vision.sweep import SweepSpec, run_sweep; "
+            "import sys; from moe_vision.sweeps.sweep import SweepSpec, run_sweep; "
             "run_sweep(SweepSpec.from_yaml(sys.argv[1]), sys.argv[2], progress=False)"
         )
         spec_path = tmp_path / "spec.yaml"
@@ -309,7 +309,7 @@ def test_execute_cell_returns_finished_cell_without_running(
     tmp_path: Path, names: tuple[str, str, str]
 ) -> None:
     cell = _spec(tmp_path, names).expand()[0]
-    from moe_vision.sweep import CellJob
+    from moe_vision.sweeps.sweep import CellJob
 
     job = CellJob(cell.cell_id, cell.settings(), cell.config, str(tmp_path / "c"), ENTRY)
     first = execute_cell(job)
@@ -324,7 +324,7 @@ def test_execute_cell_returns_finished_cell_without_running(
 def test_inline_is_the_default_executor(tmp_path: Path, names: tuple[str, str, str]) -> None:
     spec = _spec(tmp_path, names)
     assert spec.executor == {"kind": "inline"}
-    from moe_vision.sweep import build_executor
+    from moe_vision.sweeps.sweep import build_executor
 
     assert isinstance(build_executor(spec, tmp_path), InlineExecutor)
     sub = build_executor(spec.with_overrides({"executor": {"kind": "submitit"}}), tmp_path)

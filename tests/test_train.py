@@ -11,12 +11,12 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from moe_vision.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
-from moe_vision.cache import FeatureCache
-from moe_vision.model import ModelConfig, MoEVisionModel
-from moe_vision.recipes import Recipe, Stage, get_recipe
-from moe_vision.run import DatasetCache, RunConfig, single_expert_model
-from moe_vision.train import (
+from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.training.cache import FeatureCache
+from moe_vision.training.recipes import Recipe, Stage, get_recipe
+from moe_vision.training.run import DatasetCache, RunConfig, single_expert_model
+from moe_vision.training.trainer import (
     NonFiniteLossError,
     StepEvent,
     Trainer,

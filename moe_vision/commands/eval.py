@@ -41,9 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moe_vision.evaluate import evaluate
-    from moe_vision.model import MoEVisionModel
-    from moe_vision.run import RunConfig, cache_root
+    from moe_vision.evaluation.evaluate import evaluate
+    from moe_vision.model.mllm import MoEVisionModel
+    from moe_vision.training.run import RunConfig, cache_root
 
     model_dir = args.run / "model"
     if not (model_dir / "config.json").is_file():

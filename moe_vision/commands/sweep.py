@@ -2,7 +2,7 @@
 
 With no arguments it runs the default sweep (tiny experts, several fusion strategies, the
 built-in benchmark; a few minutes on a laptop CPU) and writes ``results/default.csv`` and
-``results/default.png``. A YAML spec (see ``sweeps/*.yaml`` and :mod:`moe_vision.sweep`)
+``results/default.png``. A YAML spec (see ``sweeps/*.yaml`` and :mod:`moe_vision.sweeps.sweep`)
 and flags override the default; flags win over the YAML::
 
     moe-vision sweep sweeps/eagle_pool.yaml --executor process --workers 2
@@ -99,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_spec(args: argparse.Namespace) -> Any:
     """The sweep spec from the YAML (or the default) with the flags applied."""
-    from moe_vision.sweep import SweepSpec, default_sweep
+    from moe_vision.sweeps.sweep import SweepSpec, default_sweep
 
     spec = SweepSpec.from_yaml(args.spec) if args.spec else default_sweep()
     overrides: dict[str, Any] = dict(args.set)
@@ -139,7 +139,7 @@ def build_spec(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from moe_vision import results
-    from moe_vision.sweep import run_sweep
+    from moe_vision.sweeps.sweep import run_sweep
 
     spec = build_spec(args)
     if args.dry_run:

@@ -1,6 +1,6 @@
 """Sweep results as a table: one row per cell, a pandas API, CSV/Parquet export and plots.
 
-A sweep folder (written by :mod:`moe_vision.sweep`) looks like::
+A sweep folder (written by :mod:`moe_vision.sweeps.sweep`) looks like::
 
     <sweep>/sweep.json                 manifest: the spec and every cell's settings, in order
     <sweep>/cells/<cell_id>/cell.json  the cell's settings and resolved run config

@@ -2,7 +2,7 @@
 
 A stage names its dataset (a split of the run's data, e.g. ``"align"`` / ``"instruct"``, or a
 LLaVA-format JSON path), which parameters train (fnmatch patterns over the
-``named_parameters`` names of :class:`~moe_vision.model.MoEVisionModel`: ``experts.*``,
+``named_parameters`` names of :class:`~moe_vision.model.mllm.MoEVisionModel`: ``experts.*``,
 ``experts.0.*``, ``fusion.*``, ``projector.*``, ``llm.*``), per-group learning-rate multipliers,
 epochs, per-device batch size and gradient accumulation. Everything else stays frozen.
 

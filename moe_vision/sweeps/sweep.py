@@ -26,8 +26,8 @@ encoder-combination study), as data:
 :meth:`SweepSpec.expand` turns a spec into :class:`Cell` objects whose id is a readable name
 plus a hash of the cell's resolved run config, so the same cell always lands in the same
 folder ``<sweep>/cells/<cell_id>/``. :func:`run_sweep` hands the cells that are not finished
-yet to an executor (:mod:`moe_vision.executors`); each runs the sweep's *entrypoint*
-(default :func:`run_cell`, which calls :func:`moe_vision.run.run_experiment`). A cell that
+yet to an executor (:mod:`moe_vision.sweeps.executors`); each runs the sweep's *entrypoint*
+(default :func:`run_cell`, which calls :func:`moe_vision.training.run.run_experiment`). A cell that
 raises is recorded with its error and traceback and the sweep goes on; a killed sweep,
 restarted, runs only what is missing. The table is rebuilt from the cell folders after every
 cell (:mod:`moe_vision.results`), so no row is ever lost or doubled.
@@ -57,11 +57,11 @@ import pandas as pd
 import yaml
 
 from moe_vision import results
-from moe_vision.executors import Executor, create_executor
+from moe_vision.sweeps.executors import Executor, create_executor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENTRYPOINT = "moe_vision.sweep:run_cell"
+DEFAULT_ENTRYPOINT = "moe_vision.sweeps.sweep:run_cell"
 RUNTIME_KEYS: frozenset[str] = frozenset(
     {
         "cache_dir",
@@ -202,12 +202,12 @@ class SweepSpec:
         recipes: training recipes: preset names (``eagle``, ``cambrian``, ``llava``) or paths
             to recipe YAML files.
         seeds: random seeds; each is a separate cell.
-        model: shared :class:`moe_vision.model.ModelConfig` fields (not ``experts``/``fusion``).
-        data: shared data config (:class:`moe_vision.run.DataConfig` fields).
-        run: other shared :class:`moe_vision.run.RunConfig` fields (``overrides`` of the
+        model: shared :class:`~moe_vision.model.ModelConfig` fields (not ``experts``/``fusion``).
+        data: shared data config (:class:`moe_vision.training.run.DataConfig` fields).
+        run: other shared :class:`moe_vision.training.run.RunConfig` fields (``overrides`` of the
             recipe's stages, ``train`` options, ``eval_batch_size``, ``cache_dir``...).
         executor: ``{"kind": "inline" | "process" | "submitit", **options}``
-            (:mod:`moe_vision.executors`).
+            (:mod:`moe_vision.sweeps.executors`).
         entrypoint: ``"module:function"`` run for each cell, ``(config, cell_dir) -> row``.
         output: the sweep folder (default ``runs/sweeps/<name>``).
     """
@@ -338,7 +338,7 @@ class SweepSpec:
             )
         if not self.recipes:
             raise ValueError("sweep spec: no recipes; give 'recipes'")
-        from moe_vision.recipes import get_recipe
+        from moe_vision.training.recipes import get_recipe
 
         for recipe in self.recipes:
             get_recipe(recipe)  # raises naming the presets, or the missing YAML file
@@ -349,7 +349,8 @@ class SweepSpec:
         """The sweep's cells, in order experts x fusions x recipes x seeds.
 
         When the entrypoint has a ``resolve_config(config) -> dict`` attribute (the default
-        :func:`run_cell` does: :class:`~moe_vision.run.RunConfig` defaults filled in, the recipe
+        :func:`run_cell` does: :class:`~moe_vision.training.run.RunConfig` defaults filled in,
+        the recipe
         expanded), each cell's config is resolved with it, so a bad option fails here, before
         any cell runs, and the cell id hashes everything that defines the run.
         """
@@ -425,7 +426,7 @@ class Cell:
         fusion_options: the strategy's resolved options.
         recipe: recipe preset name or YAML path.
         seed: random seed.
-        config: the run config handed to the entrypoint (``moe_vision.run.RunConfig`` as a
+        config: the run config handed to the entrypoint (``moe_vision.training.run.RunConfig`` as a
             dict); its hash is the id's suffix.
     """
 
@@ -486,9 +487,10 @@ def resolve_entrypoint(entrypoint: str | Entrypoint) -> Entrypoint:
 
 
 def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
-    """The default entrypoint: build the :class:`moe_vision.run.RunConfig` from ``config`` and
-    train + evaluate with :func:`moe_vision.run.run_experiment` (resuming a killed cell)."""
-    from moe_vision.run import RunConfig, run_experiment
+    """The default entrypoint: build the :class:`~moe_vision.training.run.RunConfig` from
+    ``config`` and train + evaluate with :func:`~moe_vision.training.run.run_experiment`
+    (resuming a killed cell)."""
+    from moe_vision.training.run import RunConfig, run_experiment
 
     return run_experiment(RunConfig.from_dict(config), cell_dir, resume=True)
 
@@ -496,7 +498,7 @@ def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
 def resolve_run_config(config: dict[str, Any]) -> dict[str, Any]:
     """A cell's config as :func:`run_cell` will run it: every ``RunConfig`` default filled in
     and the recipe expanded with its overrides (so editing a recipe YAML changes the id)."""
-    from moe_vision.run import RunConfig
+    from moe_vision.training.run import RunConfig
 
     return RunConfig.from_dict(config).to_dict(resolve=True)
 

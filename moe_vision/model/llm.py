@@ -5,7 +5,7 @@
 * **tiny presets** (``tiny-qwen2``, the default, and ``tiny-llama``): the real transformers
   architectures (``Qwen2ForCausalLM``, ``LlamaForCausalLM``) at a few layers and a small width,
   randomly initialised, with a byte-level BPE tokenizer trained *offline* by the ``tokenizers``
-  library on the built-in benchmark's text (:func:`moe_vision.benchmark.corpus`). Training is
+  library on the built-in benchmark's text (:func:`moe_vision.data.benchmark.corpus`). Training is
   deterministic, and byte-level BPE covers any text (unknown words fall back to bytes).
 * **anything else** is a hub id or a local folder, loaded with
   ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` (respecting ``HF_HUB_OFFLINE``).
@@ -95,7 +95,7 @@ def list_llms() -> list[str]:
 
 @functools.cache
 def _trained_tokenizer_json(vocab_size: int) -> str:
-    from moe_vision.benchmark import corpus
+    from moe_vision.data.benchmark import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -209,7 +209,7 @@ def _load_pretrained(name: str):
 def llm_from_saved(config_dir: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str]):
     """Rebuild a saved LLM's architecture (random weights) and tokenizer, offline.
 
-    Used by :meth:`moe_vision.model.MoEVisionModel.from_pretrained`, which then loads the
+    Used by :meth:`moe_vision.model.mllm.MoEVisionModel.from_pretrained`, which then loads the
     weights from its own safetensors file.
     """
     config = AutoConfig.from_pretrained(config_dir)

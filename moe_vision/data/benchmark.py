@@ -482,7 +482,7 @@ def generate_benchmark(
 def corpus() -> list[str]:
     """Every string the benchmark can produce (templates filled with every value).
 
-    Used to train the offline tokenizer of the tiny LLMs (:mod:`moe_vision.llm`).
+    Used to train the offline tokenizer of the tiny LLMs (:mod:`moe_vision.model.llm`).
     """
     fields = {
         "color": list(COLORS),

@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from moe_vision.data import (
+from moe_vision.data.llava import (
     DEFAULT_CATEGORY,
     BadRecordPolicy,
     DataError,
@@ -135,7 +135,8 @@ def load_eval_items(
     image_token: str = "<image>",
     on_bad_record: BadRecordPolicy = "error",
 ) -> tuple[list[EvalItem], list[SkippedRecord]]:
-    """The questions of a LLaVA file, validated like :class:`~moe_vision.data.LlavaDataset`."""
+    """The questions of a LLaVA file, validated as :class:`~moe_vision.data.llava.LlavaDataset` does
+    it."""
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     path, root = Path(json_path), Path(image_root)
@@ -201,7 +202,7 @@ def evaluate(
     """Greedy answers of ``model`` to every question of ``json_path``, scored per category.
 
     Args:
-        model: a :class:`~moe_vision.model.MoEVisionModel` (anything with ``generate(images,
+        model: a :class:`~moe_vision.model.mllm.MoEVisionModel` (anything with ``generate(images,
             prompts, max_new_tokens)``, ``tokenizer`` and ``config.image_token``).
         json_path: LLaVA-format file (the benchmark's ``test.json``, or a VQA-style file with
             ``"answers"`` lists).

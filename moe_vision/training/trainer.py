@@ -1,12 +1,12 @@
 """Staged training on ``accelerate``: one process, DDP, FSDP or DeepSpeed from the same loop.
 
-:class:`Trainer` runs a :class:`~moe_vision.recipes.Recipe` on a
-:class:`~moe_vision.model.MoEVisionModel`. The recipe is expanded into *units*: one per stage,
+:class:`Trainer` runs a :class:`~moe_vision.training.recipes.Recipe` on a
+:class:`~moe_vision.model.mllm.MoEVisionModel`. The recipe is expanded into *units*: one per stage,
 or one per expert for a ``per_expert`` stage (Eagle's pre-alignment: each expert with its own
 projector and the shared, frozen LLM; the expert's trained weights stay in the mixture, the
 temporary fusion/projector are dropped).
 
-Per unit: :func:`~moe_vision.recipes.apply_stage` sets exactly the parameters the stage names
+Per unit: :func:`~.recipes.apply_stage` sets exactly the parameters the stage names
 trainable (and logs which modules train and which are frozen), AdamW gets per-pattern learning
 rates, a warm-up + cosine/linear schedule follows, and the loop uses
 ``accelerator.accumulate`` for gradient accumulation, ``accelerator.backward``, clipping on
@@ -16,12 +16,12 @@ DeepSpeed) come from ``accelerate launch`` / ``accelerate config``; nothing here
 them.
 
 Data order is a pure function of ``(seed, unit, epoch)`` (:class:`EpochBatchSampler`), sharded
-across processes by accelerate; checkpoints (:mod:`moe_vision.checkpoint`) record the batch
+across processes by accelerate; checkpoints (:mod:`moe_vision.training.checkpoint`) record the batch
 position, so ``resume`` continues a killed run at the same unit, epoch, batch, optimiser,
 scheduler and RNG state, ending with the same weights as an uninterrupted run.
 
 Frozen experts (whole expert frozen, not driven by the fusion itself) are served from the
-:class:`~moe_vision.cache.FeatureCache` when one is given; they run in ``eval`` mode either way
+:class:`~.cache.FeatureCache` when one is given; they run in ``eval`` mode either way
 so that cached and uncached runs compute the same thing.
 
 Non-finite losses: the batch is skipped on every process (no update) and counted; more than
@@ -50,9 +50,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from moe_vision import checkpoint as ckpt
-from moe_vision.cache import FeatureCache, expert_cache_key
-from moe_vision.recipes import Recipe, Stage, apply_stage, param_groups
+from moe_vision.training import checkpoint as ckpt
+from moe_vision.training.cache import FeatureCache, expert_cache_key
+from moe_vision.training.recipes import Recipe, Stage, apply_stage, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ StepHook = Callable[[StepEvent], None]
 DatasetFactory = Callable[[str, nn.Module], Dataset]
 """``(stage.data, model) -> Dataset``: a stage's data for a model (its preprocessors/tokens)."""
 UnitModelFactory = Callable[[nn.Module, TrainUnit], nn.Module]
-"""``(mixture, unit) -> model`` for per-expert units (see :func:`moe_vision.model` helpers)."""
+"""``(mixture, unit) -> model`` for per-expert units (see :func:`moe_vision.model.mllm` helpers)."""
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
@@ -366,7 +366,7 @@ class Trainer:
     """Runs every unit of a recipe on a mixture model, with checkpoints and resume.
 
     Args:
-        model: the mixture :class:`~moe_vision.model.MoEVisionModel` (trained in place).
+        model: the mixture :class:`~moe_vision.model.mllm.MoEVisionModel` (trained in place).
         recipe: the stages.
         datasets: ``(stage.data, model) -> Dataset`` (each model has its own preprocessing
             and visual token count, so datasets depend on the model).

@@ -13,7 +13,7 @@ experts in front (Eagle, Shi et al., arXiv 2408.15998; Cambrian-1, Tong et al., 
 
 Labels are ``-100`` on the visual positions (the data already masks the prompt). Every part
 is built from :class:`ModelConfig` through the registries (``experts.create_expert``,
-``fusion.create_fusion``, ``fusion.create_projector``, :func:`moe_vision.llm.create_llm`);
+``fusion.create_fusion``, ``fusion.create_projector``, :func:`moe_vision.model.llm.create_llm`);
 nothing here depends on which experts or LLM are used. Parameter names start with
 ``experts.<i>.``, ``fusion.``, ``projector.`` and ``llm.`` (what training recipes match).
 
@@ -43,8 +43,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from experts import ExpertInputs, FeatureMap, collate_inputs, create_expert, get_spec, load_image
 from fusion import create_fusion, create_projector
-from moe_vision.data import IGNORE_INDEX
-from moe_vision.llm import create_llm, llm_from_saved, max_positions
+from moe_vision.data.llava import IGNORE_INDEX
+from moe_vision.model.llm import create_llm, llm_from_saved, max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ModelConfig:
         fusion_options: the strategy's config fields (``grid``, ``dim``, ...).
         projector: projector (``fusion.list_projectors()``).
         projector_options: the projector's extra keyword arguments.
-        llm: tiny preset (``moe_vision.llm.list_llms()``), hub id or local folder.
+        llm: tiny preset (``moe_vision.model.llm.list_llms()``), hub id or local folder.
         llm_options: config overrides for tiny LLM presets (``hidden_size``, ...).
         image_token: the image placeholder in prompts.
         max_length: longest sequence (text + visual tokens); ``None``: the LLM's own limit.

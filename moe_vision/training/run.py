@@ -7,7 +7,7 @@ metrics row the sweeps collect (Prismatic-style: the run folder holds the resolv
 Run folder layout::
 
     out_dir/config.yaml        resolved RunConfig (recipe expanded, overrides applied)
-    out_dir/checkpoints/       atomic, resumable checkpoints (moe_vision.checkpoint)
+    out_dir/checkpoints/       atomic, resumable checkpoints (moe_vision.training.checkpoint)
     out_dir/model/             the trained model (MoEVisionModel.save_pretrained)
     out_dir/predictions.json   the evaluation's answers
     out_dir/metrics.json       the metrics row (written last, atomically)
@@ -47,12 +47,12 @@ import torch
 import yaml
 from torch import nn
 
-from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
-from moe_vision.cache import FeatureCache, default_cache_dir
-from moe_vision.data import LlavaDataset
-from moe_vision.model import ModelConfig, MoEVisionModel
-from moe_vision.recipes import Recipe, get_recipe
-from moe_vision.train import StepHook, Trainer, TrainOptions, TrainUnit, make_accelerator
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.llava import LlavaDataset
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.training.cache import FeatureCache, default_cache_dir
+from moe_vision.training.recipes import Recipe, get_recipe
+from moe_vision.training.trainer import StepHook, Trainer, TrainOptions, TrainUnit, make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +148,14 @@ class RunConfig:
     """A whole experiment as data (see the module docstring).
 
     Attributes:
-        model: the :class:`~moe_vision.model.ModelConfig`.
-        recipe: a preset name (``moe_vision.recipes.list_recipes()``), a YAML path, or a
-            :class:`~moe_vision.recipes.Recipe`.
+        model: the :class:`~moe_vision.model.mllm.ModelConfig`.
+        recipe: a preset name (``moe_vision.training.recipes.list_recipes()``), a YAML path, or a
+            :class:`~moe_vision.training.recipes.Recipe`.
         overrides: stage field overrides, ``{stage name | "*": {field: value}}``; ``None``
             (default): the tiny-run defaults of the recipe (:func:`tiny_overrides`); ``{}``: the
             recipe's own numbers.
         data: :class:`DataConfig`.
-        train: :class:`~moe_vision.train.TrainOptions`.
+        train: :class:`~moe_vision.training.trainer.TrainOptions`.
         seed: seeds model init, data order and everything random.
         cache_dir: feature cache folder (``None``: ``~/.cache/moe-vision/features``);
             shared across runs.
@@ -368,12 +368,12 @@ def run_experiment(
             checkpoint.
         resume: continue/reuse what is in ``out_dir``; ``False`` refuses a non-empty folder's
             checkpoints.
-        hooks: called after every optimiser step (:class:`~moe_vision.train.StepEvent`).
+        hooks: called after every optimiser step (:class:`~moe_vision.training.trainer.StepEvent`).
 
     Returns:
         The metrics row (see the module docstring).
     """
-    from moe_vision.evaluate import evaluate
+    from moe_vision.evaluation.evaluate import evaluate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

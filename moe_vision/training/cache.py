@@ -7,7 +7,7 @@ When a stage keeps an expert frozen (and the fusion does not drive that expert i
   input size, mean/std, ...: everything preprocessing and forward depend on) **and a
   fingerprint of its current weights** -- so an expert changed by an earlier stage (Eagle's
   pre-alignment) gets a new key, and
-* the image: a content hash (``image_key`` from :class:`moe_vision.data.LlavaDataset`).
+* the image: a content hash (``image_key`` from :class:`moe_vision.data.llava.LlavaDataset`).
 
 Every ``(expert key, image key)`` map is one safetensors file
 ``<root>/<expert key>/<image key[:2]>/<image key>.safetensors`` holding ``features``

@@ -3,7 +3,7 @@
 An :class:`Executor` takes a picklable function and a list of picklable items and yields
 ``(item, outcome)`` as each one completes, ``outcome`` being the function's return value or
 the exception that stopped it (a worker process that died, a cluster job that was killed or
-timed out). The sweep runner (:mod:`moe_vision.sweep`) turns exceptions into failed rows.
+timed out). The sweep runner (:mod:`moe_vision.sweeps.sweep`) turns exceptions into failed rows.
 
 * ``inline``: one after the other in this process (debugging, notebooks).
 * ``process``: each item in its own fresh ``spawn``-ed process, up to ``workers`` at a time

@@ -370,7 +370,7 @@ def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     if len(ids) != 1:
         raise ValueError(
             f"the image placeholder {token!r} is {len(ids)} tokens for this tokenizer, "
-            "expected one special token (build the LLM with moe_vision.llm.create_llm)"
+            "expected one special token (build the LLM with moe_vision.model.llm.create_llm)"
         )
     return int(ids[0])
 

@@ -10,7 +10,7 @@ Three measurements, each taken in one run so that its ratio compares like with l
    Where an expert's library output cannot be read as its map (other readout layer, ragged
    grid), the expert module itself stands in and the row says so.
 2. **Feature cache**: a frozen-expert sweep (recipe with frozen experts) over several fusion
-   strategies, run with and without the feature cache (:mod:`moe_vision.cache`); ratio =
+   strategies, run with and without the feature cache (:mod:`moe_vision.training.cache`); ratio =
    uncached wall time / cached wall time. With tiny experts the LLM dominates, so section 3
    adds, per configuration, the FLOP share of the experts' forward in a frozen-expert step
    and the speed-up bound it implies for the cache, ``1 / (1 - share)``.
@@ -169,8 +169,8 @@ def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warm
 # ---------------------------------------------------------------------------- data
 def benchmark_batch(model: Any, batch_size: int, data_root: Path, seed: int = 0) -> dict:
     """A training batch of ``batch_size`` instruction samples from the built-in benchmark."""
-    from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
-    from moe_vision.data import LlavaDataset
+    from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+    from moe_vision.data.llava import LlavaDataset
 
     n = max(batch_size, 6)
     sizes = BenchmarkSizes(align=n, instruct=n, val=6, test=6)
@@ -272,7 +272,7 @@ def _mixture_loss(model: Any, batch: dict) -> torch.Tensor:
 
 def bench_overhead(cfg: BenchConfig, device: torch.device, data_root: Path) -> list[dict]:
     """Section 1: mixture vs direct forward + backward (see the module docstring)."""
-    from moe_vision.model import MoEVisionModel
+    from moe_vision.model.mllm import MoEVisionModel
 
     torch.manual_seed(cfg.seed)
     model = MoEVisionModel.from_config(cfg.model).to(device)
@@ -310,8 +310,8 @@ def bench_overhead(cfg: BenchConfig, device: torch.device, data_root: Path) -> l
 # ---------------------------------------------------------------------------- 2. cache
 def bench_feature_cache(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
     """Section 2: a frozen-expert sweep over ``cfg.cache_fusions``, cached vs uncached."""
-    from moe_vision.benchmark import BenchmarkSizes, generate_benchmark
-    from moe_vision.sweep import SweepSpec, run_sweep
+    from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+    from moe_vision.sweeps.sweep import SweepSpec, run_sweep
 
     data_dir = work / "cache-bench-data"
     generate_benchmark(data_dir, seed=cfg.seed, sizes=BenchmarkSizes(**cfg.cache_sizes))
@@ -400,7 +400,7 @@ def bench_throughput(
     seed: int = 0,
 ) -> list[dict]:
     """Section 3 for one configuration: every parameter trains (AdamW), ``steps`` timed."""
-    from moe_vision.model import MoEVisionModel
+    from moe_vision.model.mllm import MoEVisionModel
 
     torch.manual_seed(seed)
     reset_peak_memory(device)
