@@ -3,6 +3,6 @@
 :mod:`.core` holds the harness and the training sections (overhead, feature cache, throughput).
 """
 
-from moe_vision.bench.core import SECTIONS, BenchConfig, run_bench
+from moe_vision.bench.core import BenchConfig, bench_row, list_sections, register_section, run_bench
 
-__all__ = ["SECTIONS", "BenchConfig", "run_bench"]
+__all__ = ["BenchConfig", "bench_row", "list_sections", "register_section", "run_bench"]

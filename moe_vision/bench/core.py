@@ -58,6 +58,31 @@ REAL_MODEL: dict[str, Any] = {
 }
 
 
+BenchSection = Callable[["BenchConfig", torch.device, Path], list[dict]]
+_SECTIONS: dict[str, BenchSection] = {}
+
+
+def register_section(name: str) -> Callable[[BenchSection], BenchSection]:
+    """Register ``fn(cfg, device, work_dir) -> rows`` as the bench section ``name``.
+
+    A new section is one module under :mod:`moe_vision.bench` that registers itself (imported by
+    the package); rows come from :func:`bench_row`. Sections run in registration order.
+    """
+
+    def deco(fn: BenchSection) -> BenchSection:
+        if name in _SECTIONS:
+            raise ValueError(f"bench section {name!r} is registered twice")
+        _SECTIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_sections() -> list[str]:
+    """The registered section names, in the order they run."""
+    return list(_SECTIONS)
+
+
 @dataclass
 class BenchConfig:
     """Sizes of the benchmarks (the defaults are the reported run; tests shrink them).
@@ -270,6 +295,7 @@ def _mixture_loss(model: Any, batch: dict) -> torch.Tensor:
     ).loss
 
 
+@register_section("overhead")
 def bench_overhead(cfg: BenchConfig, device: torch.device, data_root: Path) -> list[dict]:
     """Section 1: mixture vs direct forward + backward (see the module docstring)."""
     from moe_vision.model.mllm import MoEVisionModel
@@ -301,13 +327,14 @@ def bench_overhead(cfg: BenchConfig, device: torch.device, data_root: Path) -> l
     name = _config_name(cfg.model, cfg.batch_size)
     note = f"experts via {paths}; losses equal: {same}"
     return [
-        _row("overhead", name, "mixture_fwd_bwd_ms", 1e3 * mix, "ms", device, note),
-        _row("overhead", name, "direct_fwd_bwd_ms", 1e3 * dirc, "ms", device, note),
-        _row("overhead", name, "overhead_ratio", mix / dirc, "x", device, note),
+        bench_row("overhead", name, "mixture_fwd_bwd_ms", 1e3 * mix, "ms", device, note),
+        bench_row("overhead", name, "direct_fwd_bwd_ms", 1e3 * dirc, "ms", device, note),
+        bench_row("overhead", name, "overhead_ratio", mix / dirc, "x", device, note),
     ]
 
 
 # ---------------------------------------------------------------------------- 2. cache
+@register_section("feature_cache")
 def bench_feature_cache(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
     """Section 2: a frozen-expert sweep over ``cfg.cache_fusions``, cached vs uncached."""
     from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
@@ -347,9 +374,9 @@ def bench_feature_cache(cfg: BenchConfig, device: torch.device, work: Path) -> l
         f"fusions {cfg.cache_fusions}; sizes {cfg.cache_sizes}; cache hits {hits}/{hits + misses}"
     )
     return [
-        _row("feature_cache", name, "uncached_sweep_s", walls["uncached"], "s", device, note),
-        _row("feature_cache", name, "cached_sweep_s", walls["cached"], "s", device, note),
-        _row(
+        bench_row("feature_cache", name, "uncached_sweep_s", walls["uncached"], "s", device, note),
+        bench_row("feature_cache", name, "cached_sweep_s", walls["cached"], "s", device, note),
+        bench_row(
             "feature_cache", name, "speedup", walls["uncached"] / walls["cached"], "x", device, note
         ),
     ]
@@ -428,15 +455,23 @@ def bench_throughput(
         "+ fusion/projector/LLM forward and backward); the cache removes it: bound 1/(1-share)"
     )
     rows = [
-        _row("throughput", name, "samples_per_s", batch_size / seconds, "samples/s", device, note),
-        _row("throughput", name, "step_s", seconds, "s", device, note),
-        _row("throughput", name, "flops_per_sample", flops / batch_size, "FLOP", device, note),
-        _row("throughput", name, "achieved_flops_per_s", achieved, "FLOP/s", device, note),
-        _row("throughput", name, "matmul_peak_flops_per_s", peak_flops, "FLOP/s", device, note),
-        _row("throughput", name, "fraction_of_peak", achieved / peak_flops, "x", device, note),
-        _row("throughput", name, "peak_memory_mb", peak_memory_mb(device), "MiB", device, note),
-        _row("feature_cache", name, "frozen_expert_flops_share", share, "x", device, share_note),
-        _row(
+        bench_row(
+            "throughput", name, "samples_per_s", batch_size / seconds, "samples/s", device, note
+        ),
+        bench_row("throughput", name, "step_s", seconds, "s", device, note),
+        bench_row("throughput", name, "flops_per_sample", flops / batch_size, "FLOP", device, note),
+        bench_row("throughput", name, "achieved_flops_per_s", achieved, "FLOP/s", device, note),
+        bench_row(
+            "throughput", name, "matmul_peak_flops_per_s", peak_flops, "FLOP/s", device, note
+        ),
+        bench_row("throughput", name, "fraction_of_peak", achieved / peak_flops, "x", device, note),
+        bench_row(
+            "throughput", name, "peak_memory_mb", peak_memory_mb(device), "MiB", device, note
+        ),
+        bench_row(
+            "feature_cache", name, "frozen_expert_flops_share", share, "x", device, share_note
+        ),
+        bench_row(
             "feature_cache", name, "cache_speedup_bound", 1 / (1 - share), "x", device, share_note
         ),
     ]
@@ -455,12 +490,30 @@ def _rescale_to_peak(rows: list[dict], peak: float) -> list[dict]:
     return rows
 
 
+@register_section("throughput")
+def bench_throughput_section(cfg: BenchConfig, dev: torch.device, work: Path) -> list[dict]:
+    """Training throughput of the default and the real-size configuration, as a fraction of
+    this device's measured matmul peak."""
+    peak = measure_matmul_peak(cfg.matmul_size, dev)
+    configs = [(cfg.model, cfg.batch_size, cfg.repeats)]
+    if cfg.real_model is not None:
+        configs.append((cfg.real_model, cfg.real_batch_size, cfg.real_steps))
+    found = []
+    for model_cfg, batch, steps in configs:
+        logger.info("bench: throughput of %s", _config_name(model_cfg, batch))
+        found += bench_throughput(model_cfg, batch, steps, 1, peak, dev, work, cfg.seed)
+    # The peak is the best of a measurement before and one after the runs (a shared
+    # machine's load drifts); the fractions are recomputed against it.
+    peak = max(peak, measure_matmul_peak(cfg.matmul_size, dev))
+    return _rescale_to_peak(found, peak)
+
+
 def _config_name(model_cfg: dict[str, Any], batch_size: int) -> str:
     fusion = model_cfg.get("fusion", "channel_concat")
     return f"{'+'.join(model_cfg['experts'])} {fusion} b{batch_size}"
 
 
-def _row(
+def bench_row(
     section: str, config: str, metric: str, value: float, unit: str, device: torch.device, note: str
 ) -> dict[str, Any]:
     return {
@@ -474,13 +527,10 @@ def _row(
     }
 
 
-SECTIONS: tuple[str, ...] = ("overhead", "feature_cache", "throughput")
-
-
 def run_bench(
     cfg: BenchConfig | None = None,
     out: str | os.PathLike[str] = "results/bench.csv",
-    sections: Sequence[str] = SECTIONS,
+    sections: Sequence[str] | None = None,
     device: str | torch.device | None = None,
     work_dir: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
@@ -489,37 +539,23 @@ def run_bench(
     Args:
         cfg: sizes (default: :class:`BenchConfig`, the reported run).
         out: CSV path.
-        sections: any of :data:`SECTIONS`.
+        sections: any of :func:`list_sections` (default: all).
         device: default: CUDA when available, else CPU.
         work_dir: scratch folder (default: a temporary folder, removed afterwards).
     """
     cfg = cfg or BenchConfig()
-    bad = sorted(set(sections) - set(SECTIONS))
+    sections = list(sections) if sections is not None else list_sections()
+    bad = sorted(set(sections) - set(_SECTIONS))
     if bad:
-        raise ValueError(f"unknown bench sections {bad}; valid sections are {list(SECTIONS)}")
+        raise ValueError(f"unknown bench sections {bad}; valid sections are {list_sections()}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
-        if "overhead" in sections:
-            logger.info("bench: platform overhead")
-            rows += bench_overhead(cfg, dev, work)
-        if "feature_cache" in sections:
-            logger.info("bench: feature cache")
-            rows += bench_feature_cache(cfg, dev, work)
-        if "throughput" in sections:
-            peak = measure_matmul_peak(cfg.matmul_size, dev)
-            configs = [(cfg.model, cfg.batch_size, cfg.repeats)]
-            if cfg.real_model is not None:
-                configs.append((cfg.real_model, cfg.real_batch_size, cfg.real_steps))
-            found = []
-            for model_cfg, batch, steps in configs:
-                logger.info("bench: throughput of %s", _config_name(model_cfg, batch))
-                found += bench_throughput(model_cfg, batch, steps, 1, peak, dev, work, cfg.seed)
-            # The peak is the best of a measurement before and one after the runs (a shared
-            # machine's load drifts); the fractions are recomputed against it.
-            peak = max(peak, measure_matmul_peak(cfg.matmul_size, dev))
-            rows += _rescale_to_peak(found, peak)
+        for name, fn in _SECTIONS.items():
+            if name in sections:
+                logger.info("bench: %s", name)
+                rows += fn(cfg, dev, work)
     df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     results.save(df, out)
     return df

@@ -58,12 +58,12 @@ def quick_config():  # noqa: ANN201 - BenchConfig, imported lazily
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from moe_vision.bench import SECTIONS, BenchConfig, run_bench
+    from moe_vision.bench import BenchConfig, run_bench
 
     cfg = quick_config() if args.quick else BenchConfig()
     if args.no_real:
         cfg.real_model = None
-    df = run_bench(cfg, args.out, sections=args.sections or SECTIONS, device=args.device)
+    df = run_bench(cfg, args.out, sections=args.sections or None, device=args.device)
     with pd.option_context("display.max_colwidth", 60, "display.width", 200):
         print(df.drop(columns=["note"]).to_string(index=False))
     print(f"\nwritten: {args.out}")
