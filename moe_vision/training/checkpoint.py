@@ -12,7 +12,23 @@ unit, epoch, batch position, counters) and either
   being trained (model weights as safetensors, optimiser, scheduler, RNG states of every
   process), plus ``base``, the ``unit_end`` checkpoint the unit started from.
 
-Resuming (:func:`latest_checkpoint`) reloads the newest complete checkpoint.
+Resuming (:func:`find_resumable`) takes the newest checkpoint that validates completely
+(:func:`validate`: every expected file present, ``trainer_state.json`` parses, every safetensors
+file's header parses and its tensors load, every accelerate state file loads with
+``weights_only=True``), and the ``base`` it needs as well. A damaged one is moved aside to
+``ckpt-<seq>.damaged-<n>/`` (kept for inspection, never read again) and the reason is logged,
+naming the file; new checkpoints are numbered past every folder ever written, damaged ones
+included, so a write never collides with a damaged folder. Every error here names the file
+(:class:`CheckpointError`).
+
+Nothing here unpickles code: accelerate's optimiser, scheduler and RNG files are pickles, and
+they are read only through :func:`accelerate.utils.load`, which uses ``torch.load(...,
+weights_only=True)`` with numpy's RNG types allow-listed (accelerate >= 1.1 with torch >= 2.4;
+the floors are in ``pyproject.toml``). A pickle that needs anything else is refused and its
+checkpoint treated as damaged. Checkpoints belong to the run that wrote them; a trained model
+is shared as ``model/`` (safetensors + JSON), which
+:meth:`~moe_vision.model.mllm.MoEVisionModel.from_pretrained` reads without touching
+``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -30,7 +46,15 @@ from typing import Any, Literal
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+ACCELERATE_DIR = "accelerate"
 _NAME = re.compile(r"^ckpt-(\d{6})$")
+_ANY_NAME = re.compile(r"^ckpt-(\d{6})(?:\.damaged-\d+)?$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, unreadable or inconsistent; the message names the file."""
 
 
 @dataclass
@@ -70,47 +94,213 @@ class TrainerState:
 
     @classmethod
     def load(cls, folder: Path) -> TrainerState:
-        return cls(**json.loads((folder / STATE_FILE).read_text()))
+        """Read ``folder/trainer_state.json``; :class:`CheckpointError` names the file."""
+        path = folder / STATE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: not readable as JSON ({err})") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or not {"kind", "unit", "unit_name"} <= set(data):
+            raise CheckpointError(
+                f"{path}: expected an object with kind, unit and unit_name, got {str(data)[:80]!r}"
+            )
+        if set(data) - names or data["kind"] not in ("unit_end", "mid"):
+            raise CheckpointError(
+                f"{path}: unexpected fields {sorted(set(data) - names)} or kind {data['kind']!r}"
+            )
+        return cls(**data)
 
 
+# ------------------------------------------------------------------------------ reading files
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """Every tensor of a safetensors file; :class:`CheckpointError` names the file.
+
+    ``safe_open`` checks that the header parses and that the file holds exactly the bytes the
+    header declares (a truncated file fails here); every tensor is then read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of an ``accelerator.save_model`` folder (one file or shards)."""
+    index = folder / WEIGHTS_INDEX
+    if not index.is_file():
+        return [folder / WEIGHTS_FILE]
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{index}: not a safetensors index ({err!r})") from None
+    return [folder / name for name in sorted(set(shards))]
+
+
+def load_pickled_state(path: Path) -> Any:
+    """An accelerate state file (optimiser, scheduler, RNG) with ``weights_only=True``.
+
+    Only tensors, containers and numpy's RNG types are rebuilt (accelerate's allow-list); a
+    pickle that asks for anything else is refused. :class:`CheckpointError` names the file.
+    """
+    from accelerate.utils import load
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad pickle
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused or unreadable with weights_only=True ({first[:200]})"
+        ) from None
+
+
+def check_rng_restored(state_dir: Path, process_index: int) -> None:
+    """Raise unless the CPU RNG now equals this process's saved RNG state.
+
+    ``accelerator.load_state`` swallows any error while loading RNG states (it logs "Could not
+    load random states" at INFO and goes on); this makes that failure loud.
+    """
+    import torch
+
+    path = state_dir / f"random_states_{process_index}.pkl"
+    saved = load_pickled_state(path)
+    if not torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]):
+        raise CheckpointError(f"{path}: the RNG state was not restored by accelerator.load_state")
+
+
+# ------------------------------------------------------------------------------ validation
+def validate(folder: Path, num_processes: int = 1) -> TrainerState:
+    """Check one checkpoint completely; its state, or :class:`CheckpointError` naming the file.
+
+    ``unit_end``: the weights (one file or the shards of the index). ``mid``: every file of
+    ``accelerate/`` (safetensors read, pickles loaded with ``weights_only=True``), with the
+    model weights and one RNG file per process required. The ``base`` of a ``mid`` checkpoint
+    is checked by :func:`find_resumable`.
+    """
+    state = TrainerState.load(folder)
+    if state.kind == "unit_end":
+        for path in weight_files(folder):
+            read_safetensors(path)
+        return state
+    acc = folder / ACCELERATE_DIR
+    if not acc.is_dir():
+        raise CheckpointError(f"{acc}: missing (a 'mid' checkpoint needs accelerate's state)")
+    required = [acc / f"random_states_{r}.pkl" for r in range(num_processes)]
+    for path in required:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+    if not any(p.name.startswith(("model", "pytorch_model")) for p in acc.iterdir()):
+        raise CheckpointError(f"{acc}: no model weights (model*.safetensors) in it")
+    for path in sorted(acc.iterdir()):
+        if path.suffix == ".safetensors":
+            read_safetensors(path)
+        elif path.suffix in (".bin", ".pkl") and path.is_file():
+            load_pickled_state(path)
+    if state.base is not None and not _NAME.match(state.base):
+        raise CheckpointError(f"{folder / STATE_FILE}: base {state.base!r} is not a checkpoint")
+    return state
+
+
+def quarantine(folder: Path, reason: str) -> Path:
+    """Move a damaged checkpoint aside to ``<name>.damaged-<n>`` (never read again)."""
+    n = 0
+    while (target := folder.with_name(f"{folder.name}.damaged-{n}")).exists():
+        n += 1
+    os.replace(folder, target)
+    logger.warning("skipping damaged checkpoint %s: %s; moved aside to %s", folder, reason, target)
+    return target
+
+
+def find_resumable(root: str | Path, num_processes: int = 1) -> tuple[Path, TrainerState] | None:
+    """The newest checkpoint under ``root`` that validates, with its ``base``; ``None``: none.
+
+    Newer damaged ones (and ``mid`` ones whose ``base`` is damaged or gone) are moved aside
+    with :func:`quarantine`, each logged with the reason. Call on the main process only.
+    """
+    root = Path(root)
+    bad: dict[str, str] = {}
+    for _, folder in reversed(_checkpoints(root)):
+        try:
+            state = validate(folder, num_processes)
+        except CheckpointError as err:
+            bad[folder.name] = str(err)
+            continue
+        if state.base is not None:
+            base = root / state.base
+            if state.base in bad or not base.is_dir():
+                why = bad.get(state.base, f"{base}: missing")
+                bad[folder.name] = f"its base checkpoint is unusable ({why})"
+                continue
+            try:
+                if validate(base, num_processes).kind != "unit_end":
+                    raise CheckpointError(f"{base / STATE_FILE}: base is not a 'unit_end' one")
+            except CheckpointError as err:
+                bad[state.base] = str(err)
+                bad[folder.name] = f"its base checkpoint is unusable ({err})"
+                continue
+        for name, reason in bad.items():
+            quarantine(root / name, reason)
+        return folder, state
+    for name, reason in bad.items():
+        quarantine(root / name, reason)
+    if bad:
+        logger.warning("no usable checkpoint under %s: training starts from the beginning", root)
+    return None
+
+
+# ------------------------------------------------------------------------------ writing
 def _checkpoints(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _NAME.match(p.name)
-        if m and (p / STATE_FILE).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under ``root`` (``None``: none)."""
+    """The newest checkpoint folder under ``root`` (``None``: none); not validated."""
     found = _checkpoints(Path(root))
     return found[-1][1] if found else None
 
 
 def next_checkpoint_dir(root: str | Path) -> tuple[Path, Path]:
-    """``(final, tmp)`` folders of the next checkpoint; stale temporary folders are removed."""
+    """``(final, tmp)`` folders of the next checkpoint; stale temporary folders are removed.
+
+    The number follows every ``ckpt-<seq>`` name present, damaged ones included.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    seqs = [-1]
     for p in root.iterdir():
         if p.name.startswith(".tmp-ckpt-"):
             shutil.rmtree(p, ignore_errors=True)
-    found = _checkpoints(root)
-    seq = found[-1][0] + 1 if found else 0
-    final = root / f"ckpt-{seq:06d}"
+        elif m := _ANY_NAME.match(p.name):
+            seqs.append(int(m.group(1)))
+    final = root / f"ckpt-{max(seqs) + 1:06d}"
     return final, root / f".tmp-{final.name}"
 
 
 def write_state(folder: Path, state: TrainerState) -> None:
-    (folder / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=1))
+    (folder / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=1), encoding="utf-8")
 
 
 def commit(tmp: Path, final: Path) -> None:
     """Make a fully written temporary checkpoint folder visible (atomic rename)."""
     os.replace(tmp, final)
-    logger.info("checkpoint written: %s", final)
+    files = sorted(p.name for p in final.iterdir())
+    logger.info("checkpoint written: %s (%s)", final, ", ".join(files))
 
 
 def prune(root: str | Path, keep: int) -> None:
@@ -118,16 +308,47 @@ def prune(root: str | Path, keep: int) -> None:
     found = _checkpoints(Path(root))
     if keep < 1 or len(found) <= keep:
         return
+    states: dict[str, TrainerState | None] = {}
+    for _, p in found:
+        try:
+            states[p.name] = TrainerState.load(p)
+        except CheckpointError as err:  # not ours to delete: find_resumable moves it aside
+            logger.warning("not pruning %s: %s", p, err)
+            states[p.name] = None
     kept = [p for _, p in found[-keep:]]
-    needed = {p.name for p in kept}
+    needed = {p.name for p in kept} | {n for n, st in states.items() if st is None}
     for p in kept:
-        st = TrainerState.load(p)
-        if st.base:
+        st = states[p.name]
+        if st is not None and st.base:
             needed.add(st.base)
     # The newest unit_end checkpoint is always kept: it is what a fresh unit starts from.
-    ends = [p for _, p in found if TrainerState.load(p).kind == "unit_end"]
+    ends = [p for _, p in found if (st := states[p.name]) is not None and st.kind == "unit_end"]
     if ends:
         needed.add(ends[-1].name)
     for _, p in found:
         if p.name not in needed:
             shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ accelerate logs
+class _NamesMissingFile(logging.Filter):
+    """Drops accelerate's "... saved in <path>" lines whose file does not exist.
+
+    ``accelerator.save_model`` logs ``pytorch_model.bin`` while it writes ``model.safetensors``,
+    and ``save_state`` logs ``sampler.bin`` for a sampler it does not save; :func:`commit` logs
+    the files a checkpoint really holds.
+    """
+
+    _SAVED_IN = re.compile(r" saved in (.+?)\s*$")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = self._SAVED_IN.search(record.getMessage())
+        return m is None or Path(m.group(1)).exists()
+
+
+def quiet_accelerate_file_logs() -> None:
+    """Install :class:`_NamesMissingFile` on accelerate's checkpoint loggers (idempotent)."""
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _NamesMissingFile) for f in lg.filters):
+            lg.addFilter(_NamesMissingFile())

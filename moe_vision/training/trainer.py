@@ -44,7 +44,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, send_to_device
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -164,6 +163,7 @@ def make_accelerator(options: TrainOptions, project_dir: str | Path) -> Accelera
     # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU box):
     # data-parallel on CPU with gloo, which accelerate only picks when told `cpu=True`.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ckpt.quiet_accelerate_file_logs()
     return Accelerator(
         cpu=multi_cpu,
         mixed_precision=resolve_mixed_precision(options.mixed_precision),
@@ -254,18 +254,9 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     unexpected raises, naming the keys.
     """
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        import json
-
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not (folder / f).is_file():
-            raise FileNotFoundError(f"checkpoint weights not found: {folder / f}")
-        state.update(load_file(str(folder / f)))
+    for path in ckpt.weight_files(folder):
+        state.update(ckpt.read_safetensors(path))  # CheckpointError names a missing/bad file
     missing, unexpected = model.load_state_dict(state, strict=False)
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -444,10 +435,23 @@ class Trainer:
         return final.name
 
     def _restore(self) -> tuple[ckpt.TrainerState, Path] | None:
-        """Load the newest checkpoint's mixture weights; return its state and folder."""
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
-        if latest is None:
+        """Load the newest usable checkpoint's mixture weights; return its state and folder.
+
+        The main process picks it (:func:`~.checkpoint.find_resumable`: damaged newer ones are
+        logged and moved aside) and tells the others.
+        """
+        acc = self.accelerator
+        names = [None]
+        if acc.is_main_process:
+            found = ckpt.find_resumable(self.ckpt_root, acc.num_processes)
+            names = [found[0].name if found else None]
+        if acc.num_processes > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(names, src=0)
+        if names[0] is None:
             return None
+        latest = self.ckpt_root / names[0]
         state = ckpt.TrainerState.load(latest)
         end = (
             latest
@@ -565,6 +569,7 @@ class Trainer:
         start_epoch = skip = 0
         if mid is not None:
             acc.load_state(str(mid / "accelerate"))
+            ckpt.check_rng_restored(mid / "accelerate", acc.process_index)
             start_epoch, skip = self.state.epoch, self.state.batches_done
         else:
             self.state.kind, self.state.unit, self.state.unit_name = "mid", unit.index, unit.name

@@ -1,0 +1,179 @@
+"""A damaged newest checkpoint: resume falls back to the one before it and ends bitwise equal.
+
+A LLaVA run (2 steps per stage, a checkpoint every step, 3 kept) is killed at global step 3,
+right after ``ckpt-000002`` (a ``mid`` checkpoint of the fine-tuning stage, based on the
+``unit_end`` checkpoint ``ckpt-000001``) was written. Its newest checkpoint is then damaged in
+each way seen in practice; resume must skip it (logging why, naming the file), move it aside
+to ``ckpt-000002.damaged-0``, write its own next checkpoints without colliding, and end with
+bitwise the weights of an uninterrupted run. The RNG case is a hostile pickle: it is refused by
+``weights_only=True`` loading and its payload never runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_vision.data.benchmark import BenchmarkSizes
+from moe_vision.model.mllm import ModelConfig
+from moe_vision.training import checkpoint as ckpt
+from moe_vision.training.run import DataConfig, RunConfig, run_experiment
+from moe_vision.training.trainer import StepEvent, TrainOptions, load_weights
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class Payload:
+    """Unpickling this with full pickle runs code that writes ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def _config(root: Path) -> RunConfig:
+    sizes = BenchmarkSizes(align=8, instruct=8, val=4, test=4)
+    return RunConfig(
+        model=ModelConfig(experts=["clip-tiny"]),
+        recipe="llava",
+        overrides={"*": {"batch_size": 2, "max_steps": 2, "lr": 5e-3}},
+        data=DataConfig(benchmark_sizes=sizes.to_dict(), benchmark_dir=str(root / "bench")),
+        train=TrainOptions(progress_bar=False, log_with=[], checkpoint_every=1, keep_checkpoints=3),
+        cache_dir=str(root / "cache"),
+    )
+
+
+def _kill_at(step: int):
+    def hook(event: StepEvent) -> None:
+        if event.global_step == step:
+            raise Killed(f"killed after global step {step}")
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(uninterrupted run, killed run template, the uninterrupted run's metrics)."""
+    root = tmp_path_factory.mktemp("damage")
+    cfg = _config(root)
+    metrics = run_experiment(cfg, root / "ref", resume=False)
+    with pytest.raises(Killed):
+        run_experiment(cfg, root / "killed", resume=False, hooks=[_kill_at(3)])
+    names = sorted(p.name for p in (root / "killed" / "checkpoints").iterdir())
+    assert names == ["ckpt-000000", "ckpt-000001", "ckpt-000002"]
+    state = ckpt.TrainerState.load(root / "killed" / "checkpoints" / "ckpt-000002")
+    assert (state.kind, state.unit_name, state.base) == ("mid", "finetune", "ckpt-000001")
+    return root / "ref", root / "killed", metrics
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _damage(kind: str, newest: Path, marker: Path) -> Path:
+    """Damage ``newest`` in one way; the file the skip message must name."""
+    if kind == "truncated weights":
+        bad = newest / "accelerate" / "model.safetensors"
+        _truncate(bad)
+    elif kind == "empty trainer_state":
+        bad = newest / "trainer_state.json"
+        bad.write_text("")
+    elif kind == "deleted trainer_state":
+        bad = newest / "trainer_state.json"
+        bad.unlink()
+    else:  # "hostile RNG pickle"
+        bad = newest / "accelerate" / "random_states_0.pkl"
+        torch.save({"step": 0, "random_state": Payload(marker)}, bad)
+    return bad
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "kind",
+    ["truncated weights", "empty trainer_state", "deleted trainer_state", "hostile RNG pickle"],
+)
+def test_resume_skips_a_damaged_newest_checkpoint(runs, tmp_path, caplog, kind) -> None:
+    ref, template, ref_metrics = runs
+    out = tmp_path / "run"
+    shutil.copytree(template, out)
+    marker = tmp_path / "payload-ran"
+    bad = _damage(kind, out / "checkpoints" / "ckpt-000002", marker)
+
+    caplog.set_level(logging.INFO)
+    metrics = run_experiment(_config(template.parent), out, resume=True)
+
+    skipped = [r.getMessage() for r in caplog.records if "skipping damaged" in r.getMessage()]
+    assert len(skipped) == 1 and str(bad) in skipped[0], skipped
+    assert any("resuming from" in m and "ckpt-000001" in m for m in caplog.messages)
+    assert not marker.exists(), "the pickle's payload ran"
+    assert (out / "checkpoints" / "ckpt-000002.damaged-0").is_dir()
+    # The fine-tuning stage was redone from ckpt-000001 under new names (no collision).
+    assert ckpt.TrainerState.load(out / "checkpoints" / "ckpt-000004").kind == "unit_end"
+    # accelerate's lines naming files it never wrote do not reach the log.
+    assert not any("pytorch_model.bin" in m or "sampler.bin" in m for m in caplog.messages)
+
+    a = load_file(str(ref / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert metrics["accuracy/overall"] == ref_metrics["accuracy/overall"]
+
+
+def test_a_damaged_base_makes_its_mid_checkpoint_unusable(runs, tmp_path, caplog) -> None:
+    _, template, _ = runs
+    root = tmp_path / "checkpoints"
+    shutil.copytree(template / "checkpoints", root)
+    _truncate(root / "ckpt-000001" / "model.safetensors")
+    (root / "ckpt-000000" / "accelerate" / "random_states_0.pkl").write_bytes(b"not a pickle")
+    caplog.set_level(logging.WARNING)
+    assert ckpt.find_resumable(root) is None  # nothing usable: training starts over
+    assert sorted(p.name for p in root.iterdir()) == [
+        "ckpt-000000.damaged-0",
+        "ckpt-000001.damaged-0",
+        "ckpt-000002.damaged-0",
+    ]
+    text = "\n".join(caplog.messages)
+    assert "ckpt-000001/model.safetensors" in text and "random_states_0.pkl" in text
+    assert ckpt.next_checkpoint_dir(root)[0].name == "ckpt-000003"
+
+
+def test_checkpoint_errors_name_the_file(runs, tmp_path) -> None:
+    _, template, _ = runs
+    folder = tmp_path / "ckpt-000001"
+    shutil.copytree(template / "checkpoints" / "ckpt-000001", folder)
+    (folder / "trainer_state.json").write_text("{")
+    with pytest.raises(ckpt.CheckpointError, match="trainer_state.json: not readable as JSON"):
+        ckpt.TrainerState.load(folder)
+    _truncate(folder / "model.safetensors")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt-000001/model.safetensors: not a read"):
+        load_weights(model, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"model.safetensors: missing"):
+        load_weights(model, folder)
+
+
+def test_an_rng_state_that_did_not_load_is_an_error(runs) -> None:
+    """accelerate's load_state swallows RNG errors; check_rng_restored does not."""
+    _, template, _ = runs
+    state_dir = template / "checkpoints" / "ckpt-000002" / "accelerate"
+    saved = ckpt.load_pickled_state(state_dir / "random_states_0.pkl")
+    before = torch.get_rng_state()
+    try:
+        torch.set_rng_state(saved["torch_manual_seed"])
+        ckpt.check_rng_restored(state_dir, 0)
+        torch.manual_seed(1234)
+        with pytest.raises(ckpt.CheckpointError, match="random_states_0.pkl: the RNG state was"):
+            ckpt.check_rng_restored(state_dir, 0)
+    finally:
+        torch.set_rng_state(before)
