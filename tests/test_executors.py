@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,57 @@ def test_submitit_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert out[2][0] == 4 and out[2][1] != os.getpid()
     assert isinstance(out[3], Exception) and "three is bad" in str(out[3])
     assert any((tmp_path / "jobs").iterdir())  # submitit's job files and logs
+
+
+WORKER_SCRIPT = """
+import os, subprocess, sys, time
+from pathlib import Path
+
+from moe_vision.sweeps.executors import ProcessExecutor
+
+
+def cell(folder):
+    # a running cell that started a process of its own (a DataLoader worker, a compiler...)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    Path(folder, f"{os.getpid()}.{child.pid}").write_text("")
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    for _ in ProcessExecutor(workers=2, threads=1).map_unordered(cell, [sys.argv[1]] * 2):
+        pass
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left for an init that does not reap counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(120)
+def test_workers_die_with_a_killed_sweep(tmp_path: Path) -> None:
+    script = tmp_path / "sweep.py"
+    script.write_text(WORKER_SCRIPT)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    main = subprocess.Popen([sys.executable, str(script), str(pids)])
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(pids.iterdir())) < 2:
+            assert main.poll() is None, "the sweep process exited early"
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        started = [int(p) for f in pids.iterdir() for p in f.name.split(".")]
+        assert all(_alive(p) for p in started)
+    finally:
+        main.kill()  # SIGKILL: no cleanup runs in the sweep process
+        main.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in started if _alive(p)], "orphaned sweep workers"

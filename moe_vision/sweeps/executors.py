@@ -9,6 +9,9 @@ timed out). The sweep runner (:mod:`moe_vision.sweeps.sweep`) turns exceptions i
 * ``process``: each item in its own fresh ``spawn``-ed process, up to ``workers`` at a time
   (``concurrent.futures.ProcessPoolExecutor`` with one worker per item, so a crash — even a
   segfault or the OOM killer — is attributed to exactly that item and the others go on).
+  Workers die with the sweep: each leads its own process group and runs a watchdog thread
+  that kills the group (the worker and anything it started) as soon as its parent is gone,
+  even after ``kill -9`` of the sweep (:func:`_watch_parent`).
 * ``submitit``: one job per item through ``submitit.AutoExecutor``: SLURM on a cluster, or
   ``cluster="local"`` for submitit's local executor (subprocesses, same code path). SLURM
   parameters come from the sweep spec (``timeout_min``, ``gpus_per_node``,
@@ -24,7 +27,9 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -106,13 +111,38 @@ class InlineExecutor(Executor):
             yield item, outcome
 
 
-def _init_worker(threads: int, log_level: int) -> None:
-    """Worker initialiser: share the machine's cores among the concurrent workers and log like
-    the parent.
+WATCHDOG_INTERVAL_S = 0.5
+
+
+def _watch_parent(parent_pid: int, interval_s: float = WATCHDOG_INTERVAL_S) -> None:
+    """Kill this worker's process group once ``parent_pid`` is no longer its parent.
+
+    A process whose parent dies is re-parented (to init or a subreaper), so ``os.getppid()``
+    changes; this works on Linux and macOS whatever killed the parent. The worker leads its own
+    process group (set in :func:`_init_worker`), so the group is the worker and what it started.
+    """
+
+    def loop() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        if hasattr(os, "killpg") and os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=loop, name="parent-watchdog", daemon=True).start()
+
+
+def _init_worker(threads: int, log_level: int, parent_pid: int | None = None) -> None:
+    """Worker initialiser: die with the parent, share the machine's cores among the concurrent
+    workers and log like the parent.
 
     Sets the thread environment before torch is imported (torch reads it at start-up), so a
     worker whose function never needs torch does not pay for importing it.
     """
+    if parent_pid is not None:
+        if hasattr(os, "setpgrp"):
+            os.setpgrp()
+        _watch_parent(parent_pid)
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s"
     )
@@ -151,7 +181,11 @@ class ProcessExecutor(Executor):
                         max_workers=1,
                         mp_context=context,
                         initializer=_init_worker,
-                        initargs=(self.threads, logging.getLogger().getEffectiveLevel()),
+                        initargs=(
+                            self.threads,
+                            logging.getLogger().getEffectiveLevel(),
+                            os.getpid(),
+                        ),
                     )
                     running[pool.submit(fn, item)] = (item, pool)
                 done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
