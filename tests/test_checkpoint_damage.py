@@ -177,3 +177,35 @@ def test_an_rng_state_that_did_not_load_is_an_error(runs) -> None:
             ckpt.check_rng_restored(state_dir, 0)
     finally:
         torch.set_rng_state(before)
+
+
+def test_accelerate_refuses_a_hostile_rng_pickle(tmp_path) -> None:
+    """The installed accelerate reads RNG states as its load_state does: weights_only=True."""
+    from accelerate.utils import load
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "random_states_0.pkl"
+    torch.save({"step": 0, "random_state": Payload(marker)}, path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load(path)  # accelerate's checkpointing passes no weights_only: its default is True
+    assert not marker.exists()
+
+
+def test_from_pretrained_unpickles_nothing(runs, monkeypatch) -> None:
+    """A shared run folder's model/ loads without any pickle; checkpoints/ is never read."""
+    import pickle
+
+    from moe_vision.model.mllm import MoEVisionModel
+
+    ref, _, _ = runs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    model = MoEVisionModel.from_pretrained(ref / "model")
+    saved = load_file(str(ref / "model" / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
