@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from experts import tiling
 from experts.images import load_image
 from experts.spec import ExpertSpec, FeatureMap
 
@@ -128,12 +129,15 @@ class Expert(nn.Module, ABC):
 
     @property
     def preprocessor(self) -> functools.partial[ExpertInputs]:
-        """A picklable ``image -> inputs`` callable (for data-loader workers)."""
+        """A picklable ``image -> inputs`` callable (for data-loader workers); tiled experts
+        (``spec.tiling``) cut the image into tiles first (:mod:`experts.tiling`)."""
+        if self.spec.tiling is not None:
+            return tiling.tiled_preprocessor(type(self), self.spec)
         return functools.partial(type(self).preprocess_image, self.spec)
 
     def preprocess_one(self, image: ImageLike) -> ExpertInputs:
         """One image (any supported kind) to this expert's inputs, without batch dim."""
-        return type(self).preprocess_image(self.spec, load_image(image))
+        return self.preprocessor(load_image(image))
 
     def preprocess(self, images: Sequence[ImageLike] | ImageLike) -> ExpertInputs:
         """Raw images (PIL, uint8 tensors ``(3|1|4, H, W)`` or ``(H, W)``, or file paths) to a
@@ -162,16 +166,27 @@ class Expert(nn.Module, ABC):
             inputs: batched inputs from :meth:`preprocess`.
             layers: optional intermediate layer indices (see ``spec.layers``); negative
                 indices count from the end.
+
+        A tiled expert (``spec.tiling``) runs its tiles as one batch and returns the stitched
+        map(s) (:func:`experts.tiling.tiled_forward`).
         """
+        if self.spec.tiling is not None:
+            if layers is not None:
+                self._check_layers(layers)
+                layers = [self._normalise_layer(i) for i in layers]
+            return tiling.tiled_forward(self, inputs, layers)
         if layers is None:
             return self.forward_map(inputs)
+        self._check_layers(layers)
+        return self.forward_layers(inputs, [self._normalise_layer(i) for i in layers])
+
+    def _check_layers(self, layers: Sequence[int]) -> None:
         bad = [i for i in layers if self._normalise_layer(i) not in self.spec.layers]
         if bad:
             raise ValueError(
                 f"expert {self.spec.name!r}: layers {bad} cannot be read out; "
                 f"readable layers are {list(self.spec.layers)}"
             )
-        return self.forward_layers(inputs, [self._normalise_layer(i) for i in layers])
 
     def _normalise_layer(self, i: int) -> int:
         n = len(self.spec.layers)

@@ -49,6 +49,10 @@ class ExpertSpec:
         max_patches: for variable-resolution experts, the patch budget per image.
         arch: library-specific architecture arguments (depth, width, ...). Tiny and real
             presets differ only here.
+        tiling: an optional :class:`~experts.tiling.TilingPolicy` (a dict is converted): the
+            expert cuts images into tiles of ``input_size`` and stitches their maps. ``grid``
+            and ``input_size`` stay those of one tile; :func:`experts.tiling.map_specs` gives
+            the maps fusion sees.
     """
 
     name: str
@@ -69,6 +73,13 @@ class ExpertSpec:
     variable_resolution: bool = False
     max_patches: int | None = None
     arch: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    tiling: Any = None
+
+    def __post_init__(self) -> None:
+        if self.tiling is not None:
+            from experts.tiling import TilingPolicy
+
+            object.__setattr__(self, "tiling", TilingPolicy.from_value(self.tiling))
 
     @property
     def num_tokens(self) -> int:
@@ -80,11 +91,15 @@ class ExpertSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists)."""
-        return dataclasses.asdict(self)
+        """JSON-friendly dict (tuples become lists); ``tiling`` only when set."""
+        d = dataclasses.asdict(self)
+        if d["tiling"] is None:
+            del d["tiling"]
+        return d
 
     def cache_key(self) -> dict[str, Any]:
-        """What identifies this expert's output for a given image: used by the feature cache."""
+        """What identifies this expert's output for a given image: used by the feature cache
+        (the tiling policy included when set, so tiled and untiled maps never mix)."""
         d = self.to_dict()
         d.pop("role", None)
         return d
@@ -101,12 +116,15 @@ class FeatureMap:
             ``"convnext-tiny:stage2"``.
         mask: optional ``(B, H, W)`` bool tensor, True where a cell holds a real patch. ``None``
             means every cell is valid.
+        thumbnail: a tiled expert's thumbnail map ``(B, C, h, w)`` (the whole image at the
+            expert's native size), presented to fusion as one more map; ``None`` otherwise.
     """
 
     features: torch.Tensor
     stride: int
     source: str
     mask: torch.Tensor | None = None
+    thumbnail: FeatureMap | None = None
 
     def __post_init__(self) -> None:
         if self.features.dim() != 4:
@@ -149,6 +167,7 @@ class FeatureMap:
     ) -> FeatureMap:
         """Move the map (and its mask) to ``device``; cast the features to ``dtype``."""
         mask = self.mask.to(device) if (self.mask is not None and device is not None) else self.mask
+        thumb = None if self.thumbnail is None else self.thumbnail.to(device, dtype)
         return FeatureMap(
-            self.features.to(device=device, dtype=dtype), self.stride, self.source, mask
+            self.features.to(device=device, dtype=dtype), self.stride, self.source, mask, thumb
         )

@@ -9,7 +9,10 @@ config dataclass, and checks at build time that the combination makes sense (rai
 Two entry points:
 
 * :meth:`Fusion.forward` ``(maps) -> (B, N, D)``: ``maps[i]`` is expert ``i``'s
-  :class:`~experts.spec.FeatureMap`. Every map-level strategy implements only this.
+  :class:`~experts.spec.FeatureMap`. Every map-level strategy implements only this. A tiled
+  expert (:mod:`experts.tiling`) presents its stitched map and, with a thumbnail, one more
+  map: ``self.specs`` has one spec per map (``self.expert_specs`` one per expert), and
+  strategy options that index experts (``query_index``, ...) index these maps.
 * :meth:`Fusion.run` ``(experts, inputs, precomputed) -> (B, N, D)``: what the multimodal
   model calls. The default runs each expert (or takes its map from ``precomputed``, the
   feature cache) and calls ``forward``. Strategies that must drive an expert themselves
@@ -27,6 +30,7 @@ from torch import nn
 
 from experts.base import Expert, ExpertInputs
 from experts.spec import ExpertSpec, FeatureMap
+from experts.tiling import map_specs, map_views
 
 
 class FusionConfigError(ValueError):
@@ -60,7 +64,9 @@ class Fusion(nn.Module):
         super().__init__()
         if not specs:
             raise FusionConfigError(f"fusion {self.name!r} needs at least one expert, got none")
-        self.specs = list(specs)
+        self.expert_specs = list(specs)
+        # One spec per map fusion sees: a tiled expert's stitched map (+ its thumbnail).
+        self.specs = [m for s in specs for m in map_specs(s)]
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise FusionConfigError(
@@ -72,8 +78,15 @@ class Fusion(nn.Module):
         self.out_grid: tuple[int, int] | None = None
 
     def staged_experts(self) -> set[int]:
-        """Indices of experts this strategy runs itself (never served from the cache)."""
-        return set()
+        """Indices of experts this strategy runs itself (never served from the cache): by
+        default the tiled experts with a thumbnail (the cache holds one map per image)."""
+        return {i for i, s in enumerate(self.expert_specs) if len(map_specs(s)) > 1}
+
+    @property
+    def token_grids(self) -> list[tuple[int, int]] | None:
+        """Grids of the consecutive runs of output tokens (``None``: not grids); token
+        compressors (:mod:`fusion.projectors.compressors`) work run by run."""
+        return [self.out_grid] if self.out_grid is not None else None
 
     def forward(self, maps: Sequence[FeatureMap]) -> torch.Tensor:
         """Fuse the experts' maps: ``maps[i]`` from expert ``i``; returns ``(B, N, D)``."""
@@ -85,8 +98,16 @@ class Fusion(nn.Module):
         inputs: Sequence[ExpertInputs],
         precomputed: Mapping[int, FeatureMap] | None = None,
     ) -> torch.Tensor:
-        """Run the experts (or read their maps from ``precomputed``) and fuse: ``(B, N, D)``."""
-        maps = [self.expert_map(i, experts, inputs, precomputed) for i in range(len(experts))]
+        """Run the experts (or read their maps from ``precomputed``) and fuse: ``(B, N, D)``.
+
+        A tiled expert with a thumbnail gives two maps (:func:`experts.tiling.map_views`)."""
+        maps = [
+            view
+            for i in range(len(experts))
+            for view in map_views(
+                self.expert_specs[i], self.expert_map(i, experts, inputs, precomputed)
+            )
+        ]
         return self(maps)
 
     @staticmethod

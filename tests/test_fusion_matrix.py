@@ -178,3 +178,64 @@ def test_end_to_end(strategy, zoo):
     fuse = build_or_skip(strategy, members)
     out = check_gradients(fuse, members, live=True)
     assert out.shape == (BATCH, fuse.num_tokens, fuse.out_dim)
+
+
+# ---------------------------------------------------------------------- tiled experts
+# Tiling is an expert option (experts.tiling): the stitched map and, with a thumbnail, one more
+# map reach every strategy. Three combinations: Eagle 2's partial tiling (a tiled ViT with a
+# thumbnail next to an untiled ConvNet), a ragged dynamic tiling next to Pix2Struct's ragged
+# grid, and a tiled high-resolution ConvNet next to an untiled ViT (the LLaVA-HR layout).
+TILINGS: dict[str, tuple[str, dict]] = {
+    "siglip-tiny[1x2+thumb]": ("siglip-tiny", {"grid": (1, 2), "thumbnail": True}),
+    "clip-tiny[<=2]": ("clip-tiny", {"max_tiles": 2}),
+    "convnext-tiny[2x2]": ("convnext-tiny", {"grid": (2, 2)}),
+}
+TILED_COMBOS = [
+    ("siglip-tiny[1x2+thumb]", "convnext-tiny"),
+    ("clip-tiny[<=2]", "pix2struct-tiny"),
+    ("clip-tiny", "convnext-tiny[2x2]"),
+]
+TILED_CELLS = [(f, c) for f in fusion.list_fusions() for c in TILED_COMBOS]
+
+
+class TiledMember(Member):
+    """A tiny expert built with a tiling policy; its map is the stitched tiled forward."""
+
+    def __init__(self, name: str, tiling: dict, images: list[Image.Image]) -> None:
+        torch.manual_seed(0)
+        self.expert = experts.create_expert(name, tiling=tiling)
+        self.inputs = self.expert.preprocess(images)
+        fmap = self.expert(self.inputs)
+        loss = (fmap.features * torch.randn_like(fmap.features)).sum()
+        if fmap.thumbnail is not None:
+            loss = loss + fmap.thumbnail.features.sum()
+        loss.backward()
+        self.active = {
+            n for n, p in self.expert.named_parameters() if p.grad is not None and p.grad.any()
+        }
+        self.expert.zero_grad(set_to_none=True)
+        self.map = FeatureMap(fmap.features.detach(), fmap.stride, fmap.source, fmap.mask)
+
+
+@pytest.fixture(scope="module")
+def tiled_zoo(zoo) -> dict[str, Member]:
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (40, 96, 3), dtype=np.uint8)),  # wide: 1x2 tiles
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)),  # square: 1 tile
+    ][:BATCH]
+    out = {key: TiledMember(name, tiling, images) for key, (name, tiling) in TILINGS.items()}
+    return {**zoo, **out}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "combo"), TILED_CELLS, ids=[f"{f}-{'+'.join(c)}" for f, c in TILED_CELLS]
+)
+def test_fusion_cell_tiled(strategy, combo, tiled_zoo):
+    """Every strategy takes tiled experts (or refuses them at build time, saying why)."""
+    members = [tiled_zoo[n] for n in combo]
+    fuse = build_or_skip(strategy, members)
+    assert len(fuse.specs) == sum(len(experts.tiling.map_specs(m.expert.spec)) for m in members)
+    out = check_gradients(fuse, members, live=False)
+    assert out.shape == (BATCH, fuse.num_tokens, fuse.out_dim)
+    assert torch.isfinite(out).all()

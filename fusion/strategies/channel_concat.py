@@ -107,7 +107,9 @@ class ChannelConcat(Fusion):
         super().__init__(specs, config)
         cfg: ChannelConcatConfig = self.config  # type: ignore[assignment]
         self.grid = resolve_grid(self.name, cfg.grid, self.specs[0].grid)
-        methods = cfg.expert_align if cfg.expert_align is not None else (cfg.align,) * len(specs)
+        methods = (
+            cfg.expert_align if cfg.expert_align is not None else (cfg.align,) * len(self.specs)
+        )
         if len(methods) != len(self.specs):
             raise FusionConfigError(
                 f"fusion {self.name!r}: expert_align has {len(methods)} entries, "

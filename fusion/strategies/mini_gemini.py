@@ -173,6 +173,12 @@ class MiniGemini(Fusion):
     def _check_layers(self, cfg: MiniGeminiConfig) -> tuple[int, ...] | None:
         if cfg.highres_layers is None:
             return None
+        if len(self.specs) != len(self.expert_specs):
+            raise FusionConfigError(
+                f"fusion {self.name!r}: highres_layers runs experts one map each; an expert "
+                f"tiles with a thumbnail (maps {[s.name for s in self.specs]}): tile it without "
+                "thumbnail=True"
+            )
         if cfg.highres_indices is None or len(cfg.highres_indices) != 1:
             raise FusionConfigError(
                 f"fusion {self.name!r}: highres_layers={cfg.highres_layers!r} reads one expert's "
@@ -189,8 +195,10 @@ class MiniGemini(Fusion):
         return tuple(cfg.highres_layers)
 
     def staged_experts(self) -> set[int]:
-        """The high-res expert when its stages are read (the cache holds final maps only)."""
-        return set(self.highres_indices) if self.highres_layers is not None else set()
+        """The high-res expert when its stages are read (the cache holds final maps only),
+        and tiled experts with a thumbnail (:meth:`Fusion.staged_experts`)."""
+        own = set(self.highres_indices) if self.highres_layers is not None else set()
+        return own | super().staged_experts()
 
     def _window(self, high_maps: Sequence[FeatureMap]) -> tuple[int, int]:
         if self.window is not None:

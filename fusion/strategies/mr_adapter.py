@@ -109,13 +109,20 @@ class MRAdapterConfig(FusionConfig):
 
 def _describe(specs: Sequence[ExpertSpec]) -> list[str]:
     return [
-        f"{s.name} ({s.architecture}, num_stages={s.num_stages}, input_size={s.input_size})"
+        f"{s.name} ({s.architecture}, num_stages={s.num_stages}, input_size={s.input_size}"
+        + (", tiled: runs tiles, not stages)" if s.tiling is not None else ")")
         for s in specs
     ]
 
 
 def _is_staged_vit(spec: ExpertSpec) -> bool:
-    return spec.architecture == "vit" and spec.num_stages >= 2 and not spec.variable_resolution
+    """A fixed-grid ViT with stage groups; a tiled ViT runs its tiles, not stages, so it is not."""
+    return (
+        spec.architecture == "vit"
+        and spec.num_stages >= 2
+        and not spec.variable_resolution
+        and spec.tiling is None
+    )
 
 
 @register_fusion("mr_adapter")
@@ -127,6 +134,12 @@ class MRAdapterFusion(Fusion):
     def __init__(self, specs: Sequence[ExpertSpec], config: MRAdapterConfig | None = None):
         super().__init__(specs, config)
         cfg: MRAdapterConfig = self.config  # type: ignore[assignment]
+        thumbs = [s.name for s in self.expert_specs if s.tiling is not None and s.tiling.thumbnail]
+        if thumbs:
+            raise FusionConfigError(
+                f"fusion {self.name!r} indexes experts one map each; {thumbs} tile with a "
+                "thumbnail (two maps per expert): tile them without thumbnail=True"
+            )
         self.vit_index = self._pick_vit(cfg)
         vit = self.specs[self.vit_index]
         self.highres_index = self._pick_highres(cfg, vit)
