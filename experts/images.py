@@ -5,6 +5,13 @@ missing files, unreadable or truncated files, and modes that need care (greyscal
 ``LA``, ``RGBA`` on a white background, palette ``P``, 16-bit ``I;16``, 32-bit ``I``/``F``,
 ``CMYK``) are all converted to 8-bit RGB or rejected with a message naming the image and what
 was expected. Experts call :func:`resize_normalise` with their *own* size, mean and std.
+
+Image files are fully decoded when loaded (a truncated JPEG or PNG is an :class:`ImageError`,
+never a half-grey image), and their pixel count is checked from the header *before* decoding:
+a 12 KB PNG that claims 10000x10000 pixels is refused without allocating them. The limit is
+:data:`MAX_IMAGE_PIXELS` (default 50 megapixels, about 7071x7071; environment variable
+``MOE_VISION_MAX_IMAGE_PIXELS``), per call ``load_image(path, max_pixels=N)``, or globally
+:func:`set_max_image_pixels`.
 """
 
 from __future__ import annotations
@@ -16,9 +23,68 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+MAX_IMAGE_PIXELS: int = int(os.environ.get("MOE_VISION_MAX_IMAGE_PIXELS", 50_000_000))
+"""Largest width x height accepted from an image file (checked before decoding)."""
+
 
 class ImageError(ValueError):
     """An image that cannot be used: names the image and what was expected."""
+
+
+class ImageNotFoundError(ImageError):
+    """The image file does not exist."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than the limit (checked before decoding)."""
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Change :data:`MAX_IMAGE_PIXELS` (the pixel limit of image files) for this process."""
+    global MAX_IMAGE_PIXELS
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"the image pixel limit must be a positive int, got {limit!r}")
+    MAX_IMAGE_PIXELS = limit
+
+
+def open_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Read and fully decode an image file, refusing oversized images before decoding.
+
+    Args:
+        path: the image file.
+        max_pixels: largest ``width * height`` (``None``: :data:`MAX_IMAGE_PIXELS`).
+
+    Raises:
+        ImageError: missing, empty, unreadable, truncated or corrupt file, or more pixels than
+            the limit (the message says the limit and how to change it).
+    """
+    path = Path(path)
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    if not path.is_file():
+        raise ImageNotFoundError(f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"cannot read image {path}: the file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+            if w * h > limit:
+                raise ImageTooLargeError(
+                    f"image {path} is {w}x{h} = {w * h} pixels, more than the limit of {limit} "
+                    "(raise it with MOE_VISION_MAX_IMAGE_PIXELS or "
+                    "experts.images.set_max_image_pixels)"
+                )
+            im.load()  # full decode: truncated and corrupt files fail here
+            return im.copy()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(
+            f"image {path} is a decompression bomb for PIL ({err}); refused before decoding"
+        ) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(
+            f"cannot read image {path}: {err} (is the file corrupt or truncated?)"
+        ) from err
 
 
 def _to_uint8_rgb(arr: np.ndarray, what: str) -> Image.Image:
@@ -34,28 +100,23 @@ def _to_uint8_rgb(arr: np.ndarray, what: str) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8), "RGB")
 
 
-def load_image(image: Image.Image | torch.Tensor | str | os.PathLike) -> Image.Image:
+def load_image(
+    image: Image.Image | torch.Tensor | str | os.PathLike, max_pixels: int | None = None
+) -> Image.Image:
     """Any supported image to an 8-bit RGB PIL image.
 
     Args:
         image: a PIL image of any mode, a uint8 tensor ``(C, H, W)`` with ``C`` in {1, 3, 4}
             or ``(H, W)``, or a path to an image file.
+        max_pixels: pixel limit of image files (``None``: :data:`MAX_IMAGE_PIXELS`).
 
     Raises:
-        ImageError: missing or unreadable file, empty image, unsupported mode/dtype/shape.
+        ImageError: missing, unreadable, truncated or oversized file (including PIL's
+            ``DecompressionBombError``), empty image, unsupported mode/dtype/shape.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ImageError(
-                f"cannot read image {path}: {err} (is the file corrupt or truncated?)"
-            ) from err
+        image = open_image_file(path, max_pixels)
         what = str(path)
     else:
         what = "image"

@@ -13,6 +13,7 @@ Writes ``<run>/eval/<data file stem>.json`` (scores and predictions) and prints 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -29,11 +30,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", type=Path, required=True, help="run folder written by `train`")
-    p.add_argument("--data", type=Path, help="LLaVA-format JSON (default: the run's eval split)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="LLaVA-format .json/.jsonl or mixture .yaml (default: the run's eval split)",
+    )
     p.add_argument("--image-root", type=Path, help="image folder of --data")
     p.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip, count and list bad records (else: stop)"
+    )
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept absolute and '..' image paths that leave the image root",
+    )
+    p.add_argument("--max-image-pixels", type=int, help="pixel limit of image files")
     p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     p.set_defaults(func=run)
 
@@ -41,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from moe_vision.data.mixture import is_mixture
     from moe_vision.evaluation.evaluate import evaluate
     from moe_vision.model.mllm import MoEVisionModel
     from moe_vision.training.run import RunConfig, cache_root
@@ -48,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.run / "model"
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{args.run} holds no trained model ({model_dir}); has training finished?")
-    if (args.data is None) != (args.image_root is None):
-        raise SystemExit("--data and --image-root go together")
+    if args.image_root is not None and args.data is None:
+        raise SystemExit("--image-root needs --data")
+    if args.data is not None and args.image_root is None and not is_mixture(args.data):
+        raise SystemExit("--data needs --image-root (a mixture .yaml may name its own roots)")
     if args.data is None:
         config = args.run / "config.yaml"
         if not config.is_file():
@@ -59,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         if cfg.data.eval_split not in splits:
             raise SystemExit(f"eval split {cfg.data.eval_split!r} not in {sorted(splits)}")
         data = splits[cfg.data.eval_split]
+        args.allow_outside_root = args.allow_outside_root or cfg.data.allow_outside_root
+        if args.max_image_pixels is None:
+            args.max_image_pixels = cfg.data.max_image_pixels
     else:
         data, image_root = args.data, args.image_root
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,16 +90,26 @@ def run(args: argparse.Namespace) -> int:
         on_bad_record="skip" if args.skip_bad else "error",
         limit=args.limit,
         progress=True,
+        allow_outside_root=args.allow_outside_root,
+        max_image_pixels=args.max_image_pixels,
     )
     scores = {f"accuracy/{k}": v for k, v in sorted(result.per_category.items())}
     scores["accuracy/overall"] = result.overall
     scores["skipped_records"] = len(result.skipped)
+    for s in result.skipped:
+        scores[f"skipped_records/{s.kind}"] = scores.get(f"skipped_records/{s.kind}", 0) + 1
     out = args.run / "eval" / f"{Path(data).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(
         json.dumps(
-            {"data": str(data), "scores": scores, "predictions": result.predictions}, indent=1
+            {
+                "data": str(data),
+                "scores": scores,
+                "skipped": [dataclasses.asdict(s) for s in result.skipped],
+                "predictions": result.predictions,
+            },
+            indent=1,
         )
     )
     os.replace(tmp, out)

@@ -55,7 +55,9 @@ def _override(text: str) -> tuple[str, str, Any]:
 def _split(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--data expects SPLIT=PATH.json, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--data expects SPLIT=PATH (.json, .jsonl or mixture .yaml), got {text!r}"
+        )
     return name.strip(), path.strip()
 
 
@@ -92,11 +94,24 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SPLIT=PATH",
-        help="LLaVA-format JSON of a split (align, instruct, test, ...); repeatable",
+        help="LLaVA-format .json/.jsonl or mixture .yaml of a split (align, instruct, test, "
+        "...); repeatable",
     )
     d.add_argument("--image-root", help="folder the JSON files' image paths are relative to")
     d.add_argument("--eval-split", help="split evaluated after training (default: test)")
     d.add_argument("--benchmark-seed", type=int, help="seed of the built-in benchmark")
+    d.add_argument(
+        "--on-bad-record",
+        choices=["error", "skip"],
+        help="bad records stop the run (error, default) or are counted, listed and replaced "
+        "(skip); training and evaluation alike",
+    )
+    d.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept absolute and '..' image paths that leave the image root",
+    )
+    d.add_argument("--max-image-pixels", type=int, help="pixel limit of image files")
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -145,6 +160,12 @@ def build_config(args: argparse.Namespace) -> Any:
         d["eval_split"] = args.eval_split
     if args.benchmark_seed is not None:
         d["benchmark_seed"] = args.benchmark_seed
+    if args.on_bad_record:
+        d["on_bad_record"] = args.on_bad_record
+    if args.allow_outside_root:
+        d["allow_outside_root"] = True
+    if args.max_image_pixels is not None:
+        d["max_image_pixels"] = args.max_image_pixels
     return RunConfig.from_dict(data)
 
 

@@ -1,229 +1,93 @@
-"""LLaVA-format data: records, validation, tokenisation with label masking, and batching.
+"""LLaVA-format training data: an indexed dataset, validated per record in the workers, batched.
 
-A LLaVA record (Liu et al., *Visual Instruction Tuning*, 2023) is::
+:class:`LlavaDataset` is a :class:`~moe_vision.data.index.RecordIndex` (file, byte offset,
+length per record) over one ``.json``/``.jsonl`` file or a mixture YAML
+(:mod:`moe_vision.data.mixture`), plus a policy. Building it reads no record and opens no
+image; ``__getitem__`` (so the DataLoader workers) parses the record, validates it with the
+shared :class:`~moe_vision.data.validation.RecordValidator`, tokenises it with label masking,
+decodes its images and runs every expert's preprocessing on every image.
 
-    {"id": "...", "image": "relative/path.png", "category": "color",      # category optional
-     "conversations": [{"from": "human", "value": "<image>\\nQuestion?"},
-                       {"from": "gpt", "value": "answer"}, ...]}
+A bad record (malformed JSON, non-UTF-8, bad conversation, placeholders that do not match the
+images, missing/corrupt/oversized image, path outside the image root, over-long sequence):
 
-:class:`LlavaDataset` validates every record when it is built, so bad data fails (or is
-skipped) before training starts, never deep inside torch: malformed JSON (file, line and
-column), a record that is not an object or lacks ``conversations``/``image``, unknown roles,
-empty answers, no or several ``<image>`` placeholders, a missing or corrupt image file, a
-sequence longer than the LLM allows. With ``on_bad_record="error"`` (default) the first one
-raises :class:`DataError` naming the file, the record and the problem; with ``"skip"`` it is
-logged, counted and kept in :attr:`LlavaDataset.skipped` — never silently dropped.
+* ``on_bad_record="error"`` (default): :class:`~moe_vision.data.records.DataError` naming the
+  file, the record (position, line, id) and the problem;
+* ``"skip"``: logged, kept in :attr:`LlavaDataset.skipped` and appended to ``skip_log`` (a
+  JSONL file in the run folder, written from whichever process found it), and replaced by the
+  next good record (``(i + 1) % n``, ``(i + 2) % n``, ...): deterministic, so the data order
+  stays a function of the seed, and the run goes on.
 
-Prompts are rendered with the tokenizer's own chat template; labels are ``-100`` on every
-token except the assistant answers (and their end-of-turn token). Each expert's
-preprocessing runs in ``__getitem__`` (so in DataLoader workers); :meth:`LlavaDataset.collate`
-pads and stacks a batch.
+Record layouts: see :mod:`moe_vision.data.records` (text-only, single- and multi-image,
+``<image>`` anywhere in a human turn, multi-turn). :func:`collate` flattens a batch's images in
+row order: ``images`` holds ``M = sum(image_counts)`` rows per expert (``None`` when the batch
+has no image), and the model splices image ``m`` at the ``m``-th placeholder.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from experts.base import ExpertInputs, collate_inputs
-from experts.images import ImageError, load_image
+from experts.images import ImageError, open_image_file
+from moe_vision.data.index import RecordIndex, index_file
+from moe_vision.data.mixture import Mixture, is_mixture
+from moe_vision.data.records import (  # noqa: F401 - re-exported: the data layer's names
+    DEFAULT_CATEGORY,
+    IGNORE_INDEX,
+    ROLES,
+    BadRecordPolicy,
+    DataError,
+    RecordProblem,
+    SkippedRecord,
+    record_id,
+    to_messages,
+    tokenize_conversation,
+)
+from moe_vision.data.validation import RecordValidator, Sample  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-"""Label value of tokens that are not trained (prompt, image, padding)."""
 
-ROLES: dict[str, str] = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
-"""LLaVA ``from`` values to chat-template roles."""
-
-DEFAULT_CATEGORY = "default"
-"""Category of records that do not name one."""
-
-BadRecordPolicy = Literal["error", "skip"]
-
-
-class DataError(ValueError):
-    """A data file or record that cannot be used; names the file, the record and the problem."""
-
-
-@dataclass(frozen=True)
-class SkippedRecord:
-    """A record left out under ``on_bad_record="skip"``."""
-
-    index: int
-    id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A validated, tokenised record."""
-
-    id: str
-    image_path: Path
-    category: str
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-
-
-# ---------------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------------- files
 def load_records(json_path: str | os.PathLike[str]) -> list[Any]:
-    """Read a LLaVA JSON list (``.json``) or one record per line (``.jsonl``).
+    """Every record of a ``.json`` list or ``.jsonl`` file, parsed (small files; tests, tools).
 
     Raises:
-        DataError: missing file, malformed JSON (with line and column), top level not a list.
+        DataError: missing file, malformed JSON or non-UTF-8 bytes (file and line named), top
+            level not a list.
     """
-    path = Path(json_path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}: malformed JSON on line {lineno} column {err.colno}: {err.msg}"
-                ) from err
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}"
-        ) from err
-    if not isinstance(records, list):
-        raise DataError(
-            f"{path}: expected a JSON list of LLaVA records, got a {type(records).__name__}"
-        )
-    return records
+    index = index_file(json_path)
+    out = []
+    for i in range(len(index)):
+        try:
+            out.append(index.read(i))
+        except RecordProblem as err:
+            raise DataError(f"{json_path}: {err}") from err
+    return out
 
 
-def record_id(record: Any, index: int) -> str:
-    """The record's ``id`` (or ``#index`` when it has none)."""
-    if isinstance(record, dict) and "id" in record:
-        return str(record["id"])
-    return f"#{index}"
-
-
-def to_messages(record: Any, image_token: str) -> list[dict[str, str]]:
-    """Validate a record's conversation and turn it into chat-template messages.
-
-    Raises:
-        ValueError: the problem, in words (the caller adds file and record).
-    """
-    if not isinstance(record, dict):
-        raise ValueError(f"record must be a JSON object, got {type(record).__name__}")
-    if "conversations" not in record:
-        raise ValueError(f"record has no 'conversations' (keys: {sorted(record)})")
-    conv = record["conversations"]
-    if not isinstance(conv, list) or not conv:
-        raise ValueError("'conversations' must be a non-empty list of turns")
-    messages = []
-    for t, turn in enumerate(conv):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise ValueError(f"turn {t} must be an object with a string 'value', got {turn!r}")
-        role = ROLES.get(str(turn.get("from")))
-        if role is None:
-            raise ValueError(
-                f"turn {t} has 'from' = {turn.get('from')!r}; expected one of {sorted(ROLES)}"
-            )
-        if role == "assistant" and not turn["value"].strip():
-            raise ValueError(f"turn {t} is an empty answer")
-        messages.append({"role": role, "content": turn["value"]})
-    first = next((m["role"] for m in messages if m["role"] != "system"), None)
-    if first != "user":
-        raise ValueError(f"conversation must start with a human turn, starts with {first!r}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("conversation has no answer (no 'gpt' turn)")
-    counts = [m["content"].count(image_token) for m in messages]
-    if sum(counts) != 1:
-        raise ValueError(
-            f"conversation must hold exactly one {image_token!r} placeholder, found {sum(counts)}"
-        )
-    if messages[counts.index(1)]["role"] != "user":
-        raise ValueError(f"the {image_token!r} placeholder must be in a human turn")
-    return messages
-
-
-def check_image(path: Path, verify: bool) -> None:
-    """Raise :class:`~experts.images.ImageError` if ``path`` is missing or (``verify``) corrupt."""
+def check_image(path: Path, verify: bool = True, max_pixels: int | None = None) -> None:
+    """Raise :class:`~experts.images.ImageError` if ``path`` is missing or (``verify``) cannot be
+    fully decoded under the pixel limit."""
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     if verify:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except Exception as err:  # PIL raises many types for corrupt files
-            raise ImageError(f"cannot read image {path}: {err} (is the file corrupt?)") from err
-
-
-# ---------------------------------------------------------------------------- tokenising
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-
-
-def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels of a conversation rendered with the tokenizer's chat template.
-
-    The rendered text is cut at turn boundaries (the template must render a conversation as
-    an extension of its prefixes, as ChatML, Llama and Qwen templates do); each piece is
-    tokenised on its own. Labels copy the ids of assistant answers (including the template's
-    end-of-turn text) and are :data:`IGNORE_INDEX` elsewhere.
-
-    Returns:
-        ``(input_ids, labels)``, two lists of equal length ``T``.
-    """
-    ids: list[int] = []
-    labels: list[int] = []
-    done = ""
-
-    def add(text: str, train: bool) -> None:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids.extend(piece)
-        labels.extend(piece if train else [IGNORE_INDEX] * len(piece))
-
-    for j, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:j], generation=True)
-        full = _render(tokenizer, messages[: j + 1], generation=False)
-        if not prompt.startswith(done) or not full.startswith(prompt):
-            raise ValueError(
-                "the tokenizer's chat template does not render a conversation as an extension "
-                "of its prefixes; cannot locate the answers to train on"
-            )
-        add(prompt[len(done) :], train=False)
-        add(full[len(prompt) :], train=True)
-        done = full
-    tail = _render(tokenizer, messages, generation=False)[len(done) :]
-    if tail:
-        add(tail, train=False)
-    return ids, labels
+        open_image_file(path, max_pixels)
 
 
 def image_content_key(path: str | os.PathLike[str]) -> str:
@@ -231,133 +95,172 @@ def image_content_key(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def append_skips(path: str | os.PathLike[str], skipped: Sequence[SkippedRecord]) -> None:
+    """Append skipped records to a JSONL skip list (one short ``O_APPEND`` write per record, so
+    DataLoader workers and ranks can share the file)."""
+    if not skipped:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for s in skipped:
+            f.write(json.dumps(dataclasses.asdict(s)) + "\n")
+            f.flush()
+
+
+def read_skips(path: str | os.PathLike[str]) -> list[SkippedRecord]:
+    """The distinct skipped records of a skip list (first report of each ``(file, index)``)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    seen: dict[tuple[str, int], SkippedRecord] = {}
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            s = SkippedRecord(**json.loads(line))
+            seen.setdefault((s.file, s.index), s)
+    return list(seen.values())
+
+
 # ---------------------------------------------------------------------------- dataset
 class LlavaDataset(Dataset):
-    """LLaVA-format records with per-expert preprocessing (see the module docstring).
+    """LLaVA-format records, indexed, validated lazily (see the module docstring).
 
     Args:
-        json_path: ``.json`` list or ``.jsonl`` file of LLaVA records.
-        image_root: folder the records' ``image`` paths are relative to.
+        json_path: ``.json`` / ``.jsonl`` file of records, or a mixture ``.yaml``.
+        image_root: folder of the images (a mixture's default for sources that name none).
         preprocessors: one picklable ``PIL.Image -> ExpertInputs`` per expert
             (``MoEVisionModel.preprocessors``).
         tokenizer: tokenizer with the image placeholder as one special token and a chat
             template (``MoEVisionModel.tokenizer``).
         image_token: the placeholder string.
-        max_length: longest sequence the LLM takes, visual tokens included (``None``: the
-            tokenizer's ``model_max_length``).
-        num_visual_tokens: tokens the placeholder expands to (``MoEVisionModel.num_visual_tokens``).
-        on_bad_record: ``"error"`` raises on the first bad record; ``"skip"`` logs, counts and
-            records it in :attr:`skipped`.
-        verify_images: check every image file's integrity up front (PIL ``verify``); missing
-            files are always checked.
+        max_length: longest sequence, visual tokens included (``None``: the tokenizer's).
+        num_visual_tokens: tokens one image becomes (``MoEVisionModel.num_visual_tokens``).
+        on_bad_record: ``"error"`` or ``"skip"``.
+        seed: draws of a mixture's random sampling strategies.
+        allow_outside_root: accept absolute and ``..`` image paths.
+        max_image_pixels: pixel limit of image files (``None``: the platform default).
+        skip_log: JSONL file to append skipped records to.
+        max_replacements: consecutive bad records tolerated when replacing one.
+
+    Attributes:
+        index: the :class:`~moe_vision.data.index.RecordIndex`.
+        roots: image root of each file of the index.
+        source_counts: per-source counts of a mixture (one entry for a plain file).
+        skipped: records skipped in this process.
     """
 
     def __init__(
         self,
         json_path: str | os.PathLike[str],
-        image_root: str | os.PathLike[str],
+        image_root: str | os.PathLike[str] | None,
         preprocessors: Sequence[Callable[[Image.Image], ExpertInputs]],
         tokenizer: PreTrainedTokenizerBase,
         image_token: str = "<image>",
         max_length: int | None = None,
         num_visual_tokens: int = 0,
         on_bad_record: BadRecordPolicy = "error",
-        verify_images: bool = True,
+        seed: int = 0,
+        allow_outside_root: bool = False,
+        max_image_pixels: int | None = None,
+        skip_log: str | os.PathLike[str] | None = None,
+        max_replacements: int = 64,
     ) -> None:
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         if not preprocessors:
             raise ValueError("LlavaDataset needs one preprocessor per expert, got none")
         self.json_path = Path(json_path)
-        self.image_root = Path(image_root)
-        if not self.image_root.is_dir():
-            raise DataError(f"image root is not a folder: {self.image_root}")
+        self.index, self.roots, self.source_counts = resolve_data(json_path, image_root, seed)
+        for root in set(self.roots):
+            if not root.is_dir():
+                raise DataError(f"image root is not a folder: {root}")
+        if len(self.index) == 0:
+            raise DataError(f"{self.json_path}: no records")
         self.preprocessors = list(preprocessors)
+        self.validator = RecordValidator(
+            tokenizer,
+            image_token,
+            max_length,
+            num_visual_tokens,
+            max_image_pixels=max_image_pixels,
+            allow_outside_root=allow_outside_root,
+        )
         self.image_token = image_token
-        self.image_token_id = _single_token_id(tokenizer, image_token)
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        limit = max_length if max_length is not None else tokenizer.model_max_length
-        self.max_length = int(limit) if limit is not None and limit < 10**8 else None
-        self.num_visual_tokens = int(num_visual_tokens)
         self.on_bad_record = on_bad_record
+        self.skip_log = Path(skip_log) if skip_log is not None else None
+        self.max_replacements = int(max_replacements)
         self.skipped: list[SkippedRecord] = []
-        self.samples: list[Sample] = []
-        records = load_records(self.json_path)
-        for index, record in enumerate(records):
-            try:
-                self.samples.append(self._prepare(record, index, tokenizer, verify_images))
-            except (ValueError, OSError) as err:
-                self._bad(index, record_id(record, index), str(err))
-        if self.skipped:
-            logger.warning(
-                "%s: skipped %d of %d records: %s",
-                self.json_path,
-                len(self.skipped),
-                len(records),
-                dict(self.skipped_reasons()),
-            )
-        if not self.samples:
-            raise DataError(f"{self.json_path}: no usable records (of {len(records)})")
-
-    # -------------------------------------------------------------- validation
-    def _bad(self, index: int, rid: str, reason: str) -> None:
-        message = f"{self.json_path} record {index} (id {rid!r}): {reason}"
-        if self.on_bad_record == "error":
-            raise DataError(message)
-        logger.warning("skipping %s", message)
-        self.skipped.append(SkippedRecord(index, rid, reason))
-
-    def _prepare(
-        self, record: Any, index: int, tokenizer: PreTrainedTokenizerBase, verify: bool
-    ) -> Sample:
-        messages = to_messages(record, self.image_token)
-        image = record.get("image")
-        if not isinstance(image, str) or not image:
-            raise ValueError(f"record needs an 'image' path, got {image!r}")
-        path = self.image_root / image
-        check_image(path, verify)
-        ids, labels = tokenize_conversation(tokenizer, messages)
-        found = ids.count(self.image_token_id)
-        if found != 1:
-            raise ValueError(
-                f"tokenised prompt holds {found} image tokens (id {self.image_token_id}), "
-                "expected 1; is the placeholder a special token of the tokenizer?"
-            )
-        length = len(ids) - 1 + self.num_visual_tokens
-        if self.max_length is not None and length > self.max_length:
-            raise ValueError(
-                f"sequence too long: {len(ids)} text tokens + {self.num_visual_tokens} visual "
-                f"tokens - 1 placeholder = {length} > max_length {self.max_length}"
-            )
-        if all(v == IGNORE_INDEX for v in labels):
-            raise ValueError("no answer tokens to train on after tokenisation")
-        category = str(record.get("category", DEFAULT_CATEGORY))
-        return Sample(record_id(record, index), path, category, tuple(ids), tuple(labels))
-
-    def skipped_reasons(self) -> collections.Counter[str]:
-        """How many records were skipped, by reason (the text before the first colon)."""
-        return collections.Counter(s.reason.split(":")[0] for s in self.skipped)
+        self._seen: set[int] = set()
 
     # -------------------------------------------------------------- access
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """``(N,)`` byte length of every record: a free proxy of its token length."""
+        return self.index.length
+
+    def sample(self, i: int, decode: bool = True) -> Sample:
+        """Record ``i`` validated (no replacement; raises ``RecordProblem``)."""
+        record = self.index.read(i)
+        root = self.roots[int(self.index.file_id[i])]
+        return self.validator.validate(record, int(self.index.position[i]), root, decode=decode)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """One sample: ``input_ids`` and ``labels`` ``(T,)``, ``expert_inputs`` (one dict per
-        expert, no batch dim), ``image_key``, ``id``, ``category``."""
-        s = self.samples[i]
+        """One sample (record ``i``, or its replacement under ``skip``): ``input_ids`` and
+        ``labels`` ``(T,)``, ``expert_inputs`` (per expert, a list of per-image inputs without
+        batch dim), ``image_keys`` (one content hash per image), ``id``, ``category``."""
+        n = len(self)
+        for attempt in range(self.max_replacements + 1):
+            j = (int(i) + attempt) % n
+            try:
+                return self._item(j)
+            except RecordProblem as err:
+                self._bad(j, err)
+        raise DataError(
+            f"{self.index.where(i)} and the {self.max_replacements} records after it are all bad; "
+            f"check the data with `moe-vision data check {self.json_path}`"
+        )
+
+    def _item(self, j: int) -> dict[str, Any]:
+        s = self.sample(j)
         try:
-            image = load_image(s.image_path)
+            inputs = [[p(im) for im in s.images] for p in self.preprocessors]
         except ImageError as err:
-            raise DataError(f"{self.json_path} record id {s.id!r}: {err}") from err
+            raise RecordProblem("corrupt_image", str(err)) from err
         return {
             "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
             "labels": torch.tensor(s.labels, dtype=torch.long),
-            "expert_inputs": [p(image) for p in self.preprocessors],
-            "image_key": image_content_key(s.image_path),
+            "expert_inputs": inputs,
+            "image_keys": [image_content_key(p) for p in s.image_paths],
             "id": s.id,
             "category": s.category,
         }
+
+    def _bad(self, j: int, err: RecordProblem) -> None:
+        rid = f"#{int(self.index.position[j])}"
+        try:
+            rid = record_id(self.index.read(j), int(self.index.position[j]))
+        except RecordProblem:
+            pass
+        message = f"{self.index.where(j)} (id {rid!r}): {err}"
+        if self.on_bad_record == "error":
+            raise DataError(message) from err
+        if j in self._seen:
+            return
+        self._seen.add(j)
+        logger.warning("skipping %s", message)
+        skipped = SkippedRecord(
+            int(self.index.position[j]), rid, str(err), self.index.file(j), err.kind
+        )
+        self.skipped.append(skipped)
+        if self.skip_log is not None:
+            append_skips(self.skip_log, [skipped])
+
+    def skipped_reasons(self) -> collections.Counter[str]:
+        """Skipped records of this process by problem kind."""
+        return collections.Counter(s.kind for s in self.skipped)
 
     @property
     def collate(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
@@ -365,14 +268,18 @@ class LlavaDataset(Dataset):
         return functools.partial(collate, pad_token_id=self.pad_token_id)
 
 
-def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
-    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(
-            f"the image placeholder {token!r} is {len(ids)} tokens for this tokenizer, "
-            "expected one special token (build the LLM with moe_vision.model.llm.create_llm)"
-        )
-    return int(ids[0])
+def resolve_data(
+    json_path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None, seed: int = 0
+) -> tuple[RecordIndex, list[Path], list[dict[str, Any]]]:
+    """``(index, roots, source counts)`` of a data file or mixture YAML (see :class:`Mixture`)."""
+    if is_mixture(json_path):
+        return Mixture.from_yaml(json_path).resolve(seed, image_root)
+    if image_root is None:
+        raise DataError(f"{json_path}: no image root given")
+    index = index_file(json_path)
+    counts = {"json_path": str(json_path), "image_root": str(image_root)}
+    counts.update(sampling_strategy="all", weight=1.0, available=len(index), selected=len(index))
+    return index, [Path(image_root)], [counts]
 
 
 def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
@@ -380,8 +287,9 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str,
 
     Returns:
         ``input_ids`` ``(B, T)``, ``attention_mask`` ``(B, T)``, ``labels`` ``(B, T)`` (-100 on
-        padding), ``images`` (one batched :data:`ExpertInputs` per expert), ``image_keys``,
-        ``ids``, ``categories``.
+        padding), ``images`` (one batched :data:`ExpertInputs` per expert with ``M`` rows: the
+        batch's images in row order; ``None`` when ``M = 0``), ``image_counts`` (``B`` ints),
+        ``image_keys`` (``M`` hashes), ``ids``, ``categories``.
     """
     if not batch:
         raise ValueError("collate needs at least one sample")
@@ -394,15 +302,21 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str,
         input_ids[r, :n] = b["input_ids"]
         labels[r, :n] = b["labels"]
         attention[r, :n] = 1
+    counts = [len(b["image_keys"]) for b in batch]
     n_experts = len(batch[0]["expert_inputs"])
+    images = None
+    if sum(counts):
+        images = [
+            collate_inputs([x for b in batch for x in b["expert_inputs"][e]])
+            for e in range(n_experts)
+        ]
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
         "labels": labels,
-        "images": [
-            collate_inputs([b["expert_inputs"][e] for b in batch]) for e in range(n_experts)
-        ],
-        "image_keys": [b["image_key"] for b in batch],
+        "images": images,
+        "image_counts": counts,
+        "image_keys": [k for b in batch for k in b["image_keys"]],
         "ids": [b["id"] for b in batch],
         "categories": [b["category"] for b in batch],
     }

@@ -28,16 +28,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from moe_vision.data.llava import (
-    DEFAULT_CATEGORY,
+from moe_vision.data.llava import resolve_data
+from moe_vision.data.records import (
     BadRecordPolicy,
     DataError,
+    RecordProblem,
     SkippedRecord,
-    check_image,
-    load_records,
     record_id,
-    to_messages,
 )
+from moe_vision.data.validation import RecordValidator, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +88,22 @@ def exact_match(prediction: str, answer: str) -> float:
 
 @dataclass
 class EvalItem:
-    """One question to ask."""
+    """One question to ask (``images``: one per placeholder of ``prompt``; empty: text-only)."""
 
     id: str
-    image: Path
+    images: list[Path]
     prompt: str
     answers: list[str]
     category: str
+
+    @property
+    def image(self) -> Path | None:
+        """The first image (``None`` for a text-only question)."""
+        return self.images[0] if self.images else None
+
+    def generate_images(self) -> Path | list[Path] | None:
+        """What ``model.generate`` takes for this question: one path, a list, or ``None``."""
+        return self.images[0] if len(self.images) == 1 else (self.images or None)
 
 
 @dataclass
@@ -131,55 +139,75 @@ class EvalResult:
 
 def load_eval_items(
     json_path: str | os.PathLike[str],
-    image_root: str | os.PathLike[str],
-    image_token: str = "<image>",
+    image_root: str | os.PathLike[str] | None,
+    validator: RecordValidator,
     on_bad_record: BadRecordPolicy = "error",
 ) -> tuple[list[EvalItem], list[SkippedRecord]]:
-    """The questions of a LLaVA file, validated as :class:`~moe_vision.data.llava.LlavaDataset` does
-    it."""
+    """The questions of a LLaVA file or mixture, validated by the same
+    :class:`~moe_vision.data.validation.RecordValidator` as training data (images fully decoded,
+    paths inside the image root, length limit), plus the evaluation's own checks (a first human
+    question and its answer, well-formed ``answers``).
+
+    Args:
+        limit: stop after this many good questions (``None``: all).
+
+    Raises:
+        DataError: under ``on_bad_record="error"``, the first bad record (file, record, problem).
+    """
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-    path, root = Path(json_path), Path(image_root)
+    index, roots, _ = resolve_data(json_path, image_root, seed)
+    limit: int | None = None,
+    seed: int = 0,
     items: list[EvalItem] = []
     skipped: list[SkippedRecord] = []
-    for index, record in enumerate(load_records(path)):
-        rid = record_id(record, index)
+    for i in range(len(index)):
+        if limit is not None and len(items) >= limit:
+            break
+        position = int(index.position[i])
+        rid = f"#{position}"
         try:
-            items.append(_eval_item(record, rid, root, image_token))
-        except (ValueError, OSError) as err:
-            message = f"{path} record {index} (id {rid!r}): {err}"
+            record = index.read(i)
+            rid = record_id(record, position)
+            sample = validator.validate(record, position, roots[int(index.file_id[i])])
+            items.append(_eval_item(sample, validator.image_token))
+        except RecordProblem as err:
+            message = f"{index.where(i)} (id {rid!r}): {err}"
             if on_bad_record == "error":
                 raise DataError(message) from err
             logger.warning("skipping %s", message)
-            skipped.append(SkippedRecord(index, rid, str(err)))
+            skipped.append(SkippedRecord(position, rid, str(err), index.file(i), err.kind))
     if skipped:
-        logger.warning("%s: skipped %d records", path, len(skipped))
+        logger.warning("%s: skipped %d records", json_path, len(skipped))
     return items, skipped
 
 
-def _eval_item(record: Any, rid: str, root: Path, image_token: str) -> EvalItem:
-    messages = to_messages(record, image_token)
+def _eval_item(sample: Sample, image_token: str) -> EvalItem:
+    messages = sample.messages
     if messages[0]["role"] == "system":
         messages = messages[1:]
     if len(messages) < 2 or messages[0]["role"] != "user" or messages[1]["role"] != "assistant":
-        raise ValueError("an evaluation record must start with a human question and an answer")
-    if image_token not in messages[0]["content"]:
-        raise ValueError(f"the first question must hold the {image_token!r} placeholder")
-    answers = record.get("answers", [messages[1]["content"]])
+        raise RecordProblem(
+            "bad_conversation",
+            "an evaluation record must start with a human question and an answer",
+        )
+    if messages[0]["content"].count(image_token) != len(sample.image_paths):
+        raise RecordProblem(
+            "placeholder_mismatch",
+            f"the first question must hold every {image_token!r} placeholder (the evaluation "
+            "asks only the first turn)",
+        )
+    answers = sample.record.get("answers", [messages[1]["content"]])
     if (
         not isinstance(answers, list)
         or not answers
         or not all(isinstance(a, str) and a.strip() for a in answers)
     ):
-        raise ValueError(
-            f"'answers' must be a non-empty list of non-empty strings, got {answers!r}"
+        raise RecordProblem(
+            "bad_conversation",
+            f"'answers' must be a non-empty list of non-empty strings, got {answers!r}",
         )
-    image = record.get("image")
-    if not isinstance(image, str) or not image:
-        raise ValueError(f"record needs an 'image' path, got {image!r}")
-    check_image(root / image, verify=False)
-    category = str(record.get("category", DEFAULT_CATEGORY))
-    return EvalItem(rid, root / image, messages[0]["content"], answers, category)
+    return EvalItem(sample.id, sample.image_paths, messages[0]["content"], answers, sample.category)
 
 
 def score(prediction: str, answers: Sequence[str]) -> float:
@@ -204,8 +232,10 @@ def evaluate(
     Args:
         model: a :class:`~moe_vision.model.mllm.MoEVisionModel` (anything with ``generate(images,
             prompts, max_new_tokens)``, ``tokenizer`` and ``config.image_token``).
+    allow_outside_root: bool = False,
+    max_image_pixels: int | None = None,
         json_path: LLaVA-format file (the benchmark's ``test.json``, or a VQA-style file with
-            ``"answers"`` lists).
+            ``"answers"`` lists) or a mixture YAML; text-only and multi-image questions too.
         image_root: folder of the images.
         batch_size: questions per ``generate`` call.
         max_new_tokens: answer budget; ``None``: the longest reference in tokens + 2.
@@ -215,9 +245,18 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    items, skipped = load_eval_items(json_path, image_root, model.config.image_token, on_bad_record)
-    items = items[:limit] if limit is not None else items
+    validator = RecordValidator(
+        model.tokenizer,
+        model.config.image_token,
+        getattr(model, "max_length", None),
+        getattr(model, "num_visual_tokens", 0),
+        max_image_pixels=max_image_pixels,
+        allow_outside_root=allow_outside_root,
+    )
+    items, skipped = load_eval_items(json_path, image_root, validator, on_bad_record, limit)
     if not items:
+        allow_outside_root: accept absolute and ``..`` image paths.
+        max_image_pixels: pixel limit of image files (``None``: the platform default).
         raise DataError(f"{json_path}: no questions to evaluate")
     if max_new_tokens is None:
         longest = max(
@@ -231,7 +270,9 @@ def evaluate(
     for start in tqdm(batches, desc=f"eval {Path(json_path).name}", disable=not progress):
         batch = items[start : start + batch_size]
         answers = model.generate(
-            [it.image for it in batch], [it.prompt for it in batch], max_new_tokens=max_new_tokens
+            [it.generate_images() for it in batch],
+            [it.prompt for it in batch],
+            max_new_tokens=max_new_tokens,
         )
         for it, pred in zip(batch, answers):
             predictions.append(

@@ -115,6 +115,31 @@ class ModelConfig:
         return cls(**dict(data))
 
 
+ImageLike = Image.Image | str | os.PathLike
+"""One image for :meth:`MoEVisionModel.generate`: a PIL image or a path."""
+
+
+def _image_list(images: Any) -> list:
+    """A prompt's images as a list (``None``: none; a path or PIL image: one)."""
+    if images is None:
+        return []
+    if isinstance(images, (str, os.PathLike, Image.Image, torch.Tensor)):
+        return [images]
+    return list(images)
+
+
+def _rows(
+    images: Sequence[ExpertInputs] | None, precomputed: Mapping[int, FeatureMap] | None
+) -> int | None:
+    """Images in a batch of expert inputs or cached maps (``None``: nothing given)."""
+    for inputs in images or []:
+        for value in inputs.values():
+            return int(value.shape[0])
+    for fmap in (precomputed or {}).values():
+        return int(fmap.features.shape[0])
+    return None
+
+
 def _without_weights(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in ("pretrained", "checkpoint", "device")}
 
@@ -291,58 +316,85 @@ class MoEVisionModel(nn.Module):
             )
         return is_image.int().argmax(1)
 
+    def image_counts(self, input_ids: torch.Tensor) -> list[int]:
+        """``<image>`` tokens in each row of ``input_ids (B, T)`` (0 for text-only rows)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        return (input_ids == self.image_token_id).sum(1).tolist()
+
     def splice(
         self,
         input_ids: torch.Tensor,
-        visual: torch.Tensor,
+        visual: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        pad_left: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Replace each row's ``<image>`` token by the visual tokens.
+        """Replace every ``<image>`` token by the visual tokens of its image.
+
+        Row ``r`` may hold any number ``k_r`` of placeholders (0: text-only); image ``m`` of
+        ``visual`` goes to the ``m``-th placeholder counted in row order over the batch. Rows
+        become ``T + k_r (N - 1)`` long and are padded to the longest, ``L``, on the right (on
+        the left with ``pad_left``, for generation) with zero embeddings, mask 0 and label
+        ``-100``; with one image in every row nothing is padded and ``L = T - 1 + N``.
 
         Args:
-            input_ids: ``(B, T)``, one image token per row.
-            visual: ``(B, N, D)`` visual tokens.
+            input_ids: ``(B, T)``.
+            visual: ``(M, N, D)`` visual tokens, ``M`` = placeholders in the batch (``None``
+                when there are none).
             attention_mask: ``(B, T)`` (``None``: all ones).
             labels: ``(B, T)`` or ``None``.
+            pad_left: pad shorter rows on the left.
 
         Returns:
-            ``inputs_embeds (B, T - 1 + N, D)``, ``attention_mask (B, T - 1 + N)``, ``labels
-            (B, T - 1 + N)`` with ``-100`` on visual positions (or ``None``).
+            ``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``labels (B, L)`` with
+            ``-100`` on visual positions (or ``None``).
         """
         b, t = input_ids.shape
-        if visual.dim() != 3 or visual.shape[0] != b:
-            raise ValueError(
-                f"visual tokens must be (B={b}, N, D), got {tuple(visual.shape)}: "
-                "one image per row of input_ids"
-            )
-        n = visual.shape[1]
-        length = t - 1 + n
-        if length > self.max_length:
-            raise ValueError(
-                f"sequence too long: {t} text tokens with the image placeholder expanded to "
-                f"{n} visual tokens give {length} positions; the LLM allows {self.max_length}"
-            )
-        pos = self.image_positions(input_ids)[:, None]  # (B, 1)
-        j = torch.arange(length, device=input_ids.device)[None]  # (1, L)
-        is_visual = (j >= pos) & (j < pos + n)  # (B, L)
-        text_index = torch.where(j < pos, j, j - n + 1).clamp(0, t - 1)  # (B, L)
-        visual_index = (j - pos).clamp(0, n - 1)  # (B, L)
+        is_image = input_ids == self.image_token_id  # (B, T)
+        m = int(is_image.sum())
         text = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         d = text.shape[-1]
-        if visual.shape[-1] != d:
+        n = 1 if visual is None else visual.shape[1]
+        if (visual is None and m) or (
+            visual is not None and (visual.dim() != 3 or visual.shape[0] != m)
+        ):
+            got = None if visual is None else tuple(visual.shape)
+            raise ValueError(
+                f"visual tokens must be (M={m}, N, D), one image per {self.config.image_token!r} "
+                f"token of the batch; got {got}"
+            )
+        if visual is not None and visual.shape[-1] != d:
             raise ValueError(f"visual tokens have width {visual.shape[-1]}, the LLM takes {d}")
-        embeds = torch.where(
-            is_visual[..., None],
-            visual.gather(1, visual_index[..., None].expand(-1, -1, d)),
-            text.gather(1, text_index[..., None].expand(-1, -1, d)),
-        )  # (B, L, D)
+        before = is_image.long().cumsum(1) - is_image.long()  # (B, T) placeholders before t
+        target = torch.arange(t, device=input_ids.device)[None] + (n - 1) * before  # (B, T)
+        row_len = t + (n - 1) * is_image.sum(1)  # (B,)
+        length = int(row_len.max())
+        if length > self.max_length:
+            raise ValueError(
+                f"sequence too long: {t} text tokens with each image placeholder expanded to "
+                f"{n} visual tokens give {length} positions; the LLM allows {self.max_length}"
+            )
+        if pad_left:
+            target = target + (length - row_len)[:, None]
+        rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, t)  # (B, T)
+        keep = ~is_image
+        r_txt, c_txt = rows[keep], target[keep]
+        embeds = text.new_zeros(b, length, d).index_put((r_txt, c_txt), text[keep])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = torch.where(is_visual, 1, attention_mask.gather(1, text_index))
+        mask = attention_mask.new_zeros(b, length).index_put((r_txt, c_txt), attention_mask[keep])
+        out_labels = None
         if labels is not None:
-            labels = torch.where(is_visual, IGNORE_INDEX, labels.gather(1, text_index))
-        return embeds, mask, labels
+            out_labels = labels.new_full((b, length), IGNORE_INDEX)
+            out_labels = out_labels.index_put((r_txt, c_txt), labels[keep])
+        if m:
+            offs = torch.arange(n, device=input_ids.device)  # (N,)
+            r_vis = rows[is_image][:, None].expand(m, n)  # (M, N), images in row order
+            c_vis = target[is_image][:, None] + offs  # (M, N)
+            embeds = embeds.index_put((r_vis, c_vis), visual.to(text.dtype))
+            mask = mask.index_put((r_vis, c_vis), torch.ones_like(c_vis, dtype=mask.dtype))
+        return embeds, mask, out_labels
 
     def forward(
         self,
@@ -353,33 +405,43 @@ class MoEVisionModel(nn.Module):
         precomputed: Mapping[int, FeatureMap] | None = None,
         **llm_kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Language-model output for a batch with one image per row.
+        """Language-model output for a batch with any number of images per row.
 
         Args:
-            input_ids: ``(B, T)`` with exactly one image token per row.
+            input_ids: ``(B, T)``; ``M`` image tokens in all (one per image, 0 in text-only rows).
             attention_mask: ``(B, T)``.
             labels: ``(B, T)`` (``-100`` where not trained) or ``None``.
-            images: one batched input dict per expert.
-            precomputed: expert index -> cached :class:`FeatureMap`.
+            images: one batched input dict per expert with ``M`` rows, the batch's images in
+                row order (``collate`` output ``images``); ``None`` when ``M = 0``.
+            precomputed: expert index -> cached :class:`FeatureMap` ``(M, C, H, W)``.
             **llm_kwargs: passed to the LLM's forward.
 
         Returns:
-            ``CausalLMOutputWithPast`` with ``logits (B, T - 1 + N, V)`` and ``loss`` when
-            ``labels`` is given.
+            ``CausalLMOutputWithPast`` with ``logits (B, L, V)`` (``L = T - 1 + N`` for one image
+            per row) and ``loss`` when ``labels`` is given.
         """
-        self.image_positions(input_ids)  # fail on a bad prompt before running the experts
-        visual = self.encode_images(images, precomputed)
+        counts = self.image_counts(input_ids)  # fail on a bad prompt before the experts run
+        m, given = sum(counts), _rows(images, precomputed)
+        if given is not None and given != m:
+            raise ValueError(
+                f"the batch holds {m} {self.config.image_token!r} tokens, (row, count) pairs "
+                f"{list(enumerate(counts))[:8]}, but {given} images; every image needs exactly "
+                "one placeholder"
+            )
+        visual = self.encode_images(images, precomputed) if m else None
         embeds, mask, labels = self.splice(input_ids, visual, attention_mask, labels)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
 
     # ------------------------------------------------------------------ generation
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a single-turn user ``prompt`` rendered with the chat template."""
+    def prompt_ids(self, prompt: str, num_images: int = 1) -> list[int]:
+        """Token ids of a single-turn user ``prompt`` (with ``num_images`` placeholders)
+        rendered with the chat template."""
         count = prompt.count(self.config.image_token)
-        if count != 1:
+        if count != num_images:
             raise ValueError(
-                f"a prompt needs exactly one {self.config.image_token!r} placeholder, found "
-                f"{count} in {prompt!r}"
+                f"a prompt with {num_images} image{'s' if num_images != 1 else ''} needs "
+                f"{num_images} {self.config.image_token!r} placeholders, found {count} in "
+                f"{prompt!r}"
             )
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -389,16 +451,17 @@ class MoEVisionModel(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        images: Sequence[Image.Image | str | os.PathLike[str]],
+        images: Sequence[ImageLike | Sequence[ImageLike] | None],
         prompts: Sequence[str],
         max_new_tokens: int = 16,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """Greedy answers to one prompt per image (batched, left padding).
+        """Greedy answers to a batch of prompts (left padding).
 
         Args:
-            images: PIL images or image paths, one per prompt.
-            prompts: user turns, each with exactly one image placeholder.
+            images: per prompt, one PIL image or image path, a list of them (one per
+                placeholder, in order), or ``None`` for a text-only prompt.
+            prompts: user turns, each with one image placeholder per image.
             max_new_tokens: generation budget per answer.
             **generate_kwargs: passed to the LLM's ``generate``.
         """
@@ -406,22 +469,27 @@ class MoEVisionModel(nn.Module):
             raise ValueError(f"generate: {len(images)} images but {len(prompts)} prompts")
         if not prompts:
             return []
-        ids = [self.prompt_ids(p) for p in prompts]
+        per_prompt = [_image_list(im) for im in images]
+        ids = [self.prompt_ids(p, len(ims)) for p, ims in zip(prompts, per_prompt)]
         width = max(len(x) for x in ids)
         pad = int(self.tokenizer.pad_token_id)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        pil = [load_image(im) for im in images]
-        inputs = [
-            {k: v.to(self.device) for k, v in collate_inputs([pre(im) for im in pil]).items()}
-            for pre in self.preprocessors
-        ]
+        pil = [load_image(im) for ims in per_prompt for im in ims]
+        inputs = (
+            [
+                {k: v.to(self.device) for k, v in collate_inputs([pre(im) for im in pil]).items()}
+                for pre in self.preprocessors
+            ]
+            if pil
+            else None
+        )
         was_training = self.training
         self.eval()
         try:
-            visual = self.encode_images(inputs)
+            visual = self.encode_images(inputs) if pil else None
             embeds, mask, _ = self.splice(
-                input_ids.to(self.device), visual, attention.to(self.device)
+                input_ids.to(self.device), visual, attention.to(self.device), pad_left=True
             )
             eos = {int(self.tokenizer.eos_token_id)}
             configured = self.llm.generation_config.eos_token_id
@@ -486,17 +554,30 @@ class MoEVisionModel(nn.Module):
         return False
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json``, ``model.safetensors``, ``llm/config.json`` and the tokenizer."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], merge_lora: bool = False
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors``, ``llm/config.json`` and the tokenizer.
+
+        A model with LoRA adapters (:mod:`moe_vision.training.lora`) writes its base weights
+        under the plain names plus ``adapters.safetensors`` / ``adapters.json`` beside them, or,
+        with ``merge_lora=True``, the merged weights alone (a plain model); either loads back.
+        """
+        from moe_vision.training import lora
+
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            safetensors.torch.save_model(self, tmp, metadata={"format": "pt"})
-            os.replace(tmp, out / WEIGHTS_NAME)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        if lora.lora_layers(self):
+            lora.save_weights(self, out, WEIGHTS_NAME, merge=merge_lora)
+        else:
+            lora.remove_adapter_files(out)
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                safetensors.torch.save_model(self, tmp, metadata={"format": "pt"})
+                os.replace(tmp, out / WEIGHTS_NAME)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         self.llm.config.save_pretrained(out / LLM_CONFIG_DIR)
         self.tokenizer.save_pretrained(out)
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
@@ -509,7 +590,8 @@ class MoEVisionModel(nn.Module):
     def from_pretrained(
         cls, directory: str | os.PathLike[str], device: str | torch.device | None = None
     ) -> MoEVisionModel:
-        """Rebuild a model written by :meth:`save_pretrained` (offline; exact weights)."""
+        """Rebuild a model written by :meth:`save_pretrained` (offline; exact weights; LoRA
+        adapters saved beside the base are added back)."""
         root = Path(directory)
         for needed in (CONFIG_NAME, WEIGHTS_NAME, f"{LLM_CONFIG_DIR}/config.json"):
             if not (root / needed).is_file():
@@ -528,6 +610,10 @@ class MoEVisionModel(nn.Module):
                 f"{root / WEIGHTS_NAME} does not fit the model of {root / CONFIG_NAME}: missing "
                 f"{sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}"
             )
+        from moe_vision.training import lora
+
+        if lora.has_saved_adapters(root):
+            lora.load_adapters(model, root, device=str(device or "cpu"))
         if device is not None:
             model.to(device)
         return model

@@ -1,7 +1,7 @@
 """Training recipes as data: a :class:`Recipe` is a list of :class:`Stage` s.
 
-A stage names its dataset (a split of the run's data, e.g. ``"align"`` / ``"instruct"``, or a
-LLaVA-format JSON path), which parameters train (fnmatch patterns over the
+A stage names its dataset (a split of the run's data, e.g. ``"align"`` / ``"instruct"``, a
+LLaVA-format JSON/JSONL path or a mixture YAML), which parameters train (fnmatch patterns over the
 ``named_parameters`` names of :class:`~moe_vision.model.mllm.MoEVisionModel`: ``experts.*``,
 ``experts.0.*``, ``fusion.*``, ``projector.*``, ``llm.*``), per-group learning-rate multipliers,
 epochs, per-device batch size and gradient accumulation. Everything else stays frozen.
@@ -50,7 +50,8 @@ class Stage:
     Attributes:
         name: stage name, unique within its recipe (used in logs, checkpoints, overrides).
         data: a split name of the run's data config (``"align"``, ``"instruct"``, ...) or a
-            path to a LLaVA-format JSON file.
+            path to a LLaVA-format ``.json``/``.jsonl`` file or a mixture ``.yaml``
+            (:mod:`moe_vision.data.mixture`).
         train: fnmatch patterns over parameter names; a parameter trains when any pattern
             matches it (``"projector"`` is shorthand for ``"projector.*"``).
         lr: base learning rate (peak, after warm-up).
@@ -99,7 +100,10 @@ class Stage:
         if not isinstance(self.name, str) or not self.name:
             raise RecipeError(f"stage name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.data, str) or not self.data:
-            raise RecipeError(f"{where}: data must be a split name or JSON path, got {self.data!r}")
+            raise RecipeError(
+                f"{where}: data must be a split name, a JSON/JSONL path or a mixture YAML, got "
+                f"{self.data!r}"
+            )
         if isinstance(self.train, str):
             self.train = [self.train]
         if not self.train or not all(isinstance(p, str) and p for p in self.train):

@@ -11,6 +11,9 @@ Run folder layout::
     out_dir/model/             the trained model (MoEVisionModel.save_pretrained)
     out_dir/predictions.json   the evaluation's answers
     out_dir/metrics.json       the metrics row (written last, atomically)
+    out_dir/data/*.sources.json  records per data source of each dataset (mixtures)
+    out_dir/skipped_train.jsonl  records skipped while training (on_bad_record: skip)
+    out_dir/skipped_eval.jsonl   records skipped by the evaluation
     out_dir/logs/              tracker logs (TensorBoard by default)
 
 Metrics row: ``accuracy/<category>`` and ``accuracy/overall`` on the evaluation split,
@@ -19,7 +22,8 @@ in ``params_trainable/<unit>``), ``visual_tokens``, ``train_time_s``, ``throughp
 (training samples per second, all processes), ``peak_memory_mb`` (CUDA: peak allocated; CPU:
 peak resident set size of the process), ``flops_per_sample`` (forward FLOPs of one training
 sample, measured with ``torch.utils.flop_counter``), ``eval_time_s``, ``nonfinite_skipped``,
-``skipped_records``, ``cache_hits`` / ``cache_misses``.
+``skipped_records`` (and ``skipped_records/train``, ``skipped_records/eval``), ``cache_hits`` /
+``cache_misses``.
 
 The default :class:`RunConfig` is the laptop run: tiny experts, the tiny LLM, the built-in
 benchmark at its default sizes, the Eagle recipe and the recipe's tiny-run stage overrides
@@ -48,7 +52,8 @@ import yaml
 from torch import nn
 
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-from moe_vision.data.llava import LlavaDataset
+from moe_vision.data.llava import LlavaDataset, read_skips
+from moe_vision.data.mixture import is_mixture
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 from moe_vision.training.cache import FeatureCache, default_cache_dir
 from moe_vision.training.recipes import Recipe, get_recipe
@@ -92,7 +97,8 @@ class DataConfig:
     into ``benchmark_dir`` (default: ``<cache root>/benchmark/<seed>-<sizes hash>``). Real data:
     ``splits`` maps split names (``"align"``, ``"instruct"``, ``"test"``, ...) to LLaVA-format
     JSON files whose images live under ``image_root``. A stage's ``data`` may also be a JSON
-    path directly.
+    path directly. Wherever a data file goes, a mixture YAML (:mod:`moe_vision.data.mixture`)
+    may go instead; its sources' images live under their own roots (default ``image_root``).
 
     Attributes:
         benchmark_seed: seed of the built-in benchmark.
@@ -102,7 +108,11 @@ class DataConfig:
         image_root: image folder of ``splits`` (required with ``splits``).
         eval_split: split evaluated after training.
         eval_limit: evaluate only the first N questions (``None``: all).
-        on_bad_record: ``"error"`` or ``"skip"`` (logged, counted and reported).
+        on_bad_record: ``"error"`` or ``"skip"`` (logged, counted, replaced and listed in the
+            run folder: ``skipped_train.jsonl``, ``skipped_eval.jsonl``).
+        allow_outside_root: accept absolute and ``..`` image paths (refused by default).
+        max_image_pixels: pixel limit of image files (``None``: the platform default,
+            ``experts.images.MAX_IMAGE_PIXELS``).
     """
 
     benchmark_seed: int = 0
@@ -114,8 +124,11 @@ class DataConfig:
     eval_limit: int | None = None
     on_bad_record: str = "error"
 
+    allow_outside_root: bool = False
+    max_image_pixels: int | None = None
     def __post_init__(self) -> None:
-        if self.splits and not self.image_root:
+        plain = [v for v in self.splits.values() if not is_mixture(v)]
+        if plain and not self.image_root:
             raise ValueError("DataConfig.splits needs image_root: the folder of the images")
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', not {self.on_bad_record!r}")
@@ -132,7 +145,8 @@ class DataConfig:
             for name, p in paths.items():
                 if not p.is_file():
                     raise FileNotFoundError(f"data split {name!r}: file not found: {p}")
-            return paths, Path(str(self.image_root)).expanduser()
+            root = Path(str(self.image_root)).expanduser() if self.image_root else None
+            return paths, root  # type: ignore[return-value]
         sizes = BenchmarkSizes(**(self.benchmark_sizes or {}))
         root = self.benchmark_dir
         if root is None:
@@ -286,22 +300,44 @@ def single_expert_model(mixture: MoEVisionModel, unit: TrainUnit) -> MoEVisionMo
 
 
 class DatasetCache:
-    """``(stage data, model) -> LlavaDataset``, built once per data file and preprocessing."""
+    """``(stage data, model) -> LlavaDataset``, built once per data file and preprocessing.
 
-    def __init__(self, cfg: RunConfig, splits: dict[str, Path], image_root: Path) -> None:
-        self.cfg, self.splits, self.image_root = cfg, splits, image_root
+    Datasets are indexes (nothing is parsed up front); bad records found while training are
+    appended to ``<out>/skipped_train.jsonl`` under ``on_bad_record: skip``, and each data
+    source's record counts go to ``<out>/data/<name>.sources.json``.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        splits: dict[str, Path],
+        image_root: Path | None,
+        out: Path | None = None,
+    ) -> None:
+        self.cfg, self.splits, self.image_root, self.out = cfg, splits, image_root, out
         self._built: dict[tuple, LlavaDataset] = {}
-        self.skipped = 0
+
+    @property
+    def skip_log(self) -> Path | None:
+        return self.out / "skipped_train.jsonl" if self.out is not None else None
+
+    @property
+    def skipped(self) -> int:
+        """Distinct training records skipped so far (all processes, DataLoader workers too)."""
+        if self.skip_log is not None:
+            return len(read_skips(self.skip_log))
+        return len({(s.file, s.index) for ds in self._built.values() for s in ds.skipped})
 
     def path(self, data: str) -> Path:
         if data in self.splits:
             return self.splits[data]
-        if data.endswith((".json", ".jsonl")):
+        if data.endswith((".json", ".jsonl", ".yaml", ".yml")):
             if not Path(data).is_file():
                 raise FileNotFoundError(f"stage data file not found: {data}")
             return Path(data)
         raise KeyError(
-            f"stage data {data!r} is neither a split ({sorted(self.splits)}) nor a .json path"
+            f"stage data {data!r} is neither a split ({sorted(self.splits)}) nor a .json, .jsonl "
+            "or mixture .yaml path"
         )
 
     def __call__(self, data: str, model: nn.Module) -> LlavaDataset:
@@ -310,6 +346,7 @@ class DatasetCache:
         key = (str(path), specs, model.num_visual_tokens, model.max_length)
         if key not in self._built:
             ds = LlavaDataset(
+            d = self.cfg.data
                 path,
                 self.image_root,
                 model.preprocessors,
@@ -317,9 +354,18 @@ class DatasetCache:
                 image_token=model.config.image_token,
                 max_length=model.max_length,
                 num_visual_tokens=model.num_visual_tokens,
-                on_bad_record=self.cfg.data.on_bad_record,  # type: ignore[arg-type]
+                on_bad_record=d.on_bad_record,  # type: ignore[arg-type]
+                seed=self.cfg.seed,
+                allow_outside_root=d.allow_outside_root,
+                max_image_pixels=d.max_image_pixels,
+                skip_log=self.skip_log,
             )
-            self.skipped += len(ds.skipped)
+            if self.out is not None:
+                name = data if data in self.splits else Path(data).stem
+                counts = {"data": str(path), "records": len(ds), "sources": ds.source_counts}
+                _atomic_write(
+                    self.out / "data" / f"{name}.sources.json", json.dumps(counts, indent=1)
+                )
             self._built[key] = ds
         return self._built[key]
 
@@ -339,7 +385,9 @@ def flops_per_sample(model: MoEVisionModel, dataset: LlavaDataset, n: int = 2) -
     try:
         batch = dataset.collate([dataset[i] for i in range(min(n, len(dataset)))])
         dev = model.device
-        images = [{k: v.to(dev) for k, v in x.items()} for x in batch["images"]]
+        images = batch["images"]
+        if images is not None:
+            images = [{k: v.to(dev) for k, v in x.items()} for x in images]
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(
                 input_ids=batch["input_ids"].to(dev),
@@ -405,7 +453,7 @@ def run_experiment(
     set_seed(cfg.seed)
     model = MoEVisionModel.from_config(cfg.model)
     splits, image_root = cfg.data.resolve(cache_root(cfg))
-    datasets = DatasetCache(cfg, splits, image_root)
+    datasets = DatasetCache(cfg, splits, image_root, out)
     cache = FeatureCache(cfg.cache_dir) if options.use_feature_cache else None
     accelerator.init_trackers("moe-vision", config=_flat(resolved))
 
@@ -445,6 +493,12 @@ def run_experiment(
             limit=cfg.data.eval_limit,
         )
         eval_time = time.perf_counter() - t0
+            allow_outside_root=cfg.data.allow_outside_root,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
+        _atomic_write(
+            out / "skipped_eval.jsonl",
+            "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in result.skipped),
         _atomic_write(out / "predictions.json", json.dumps(result.predictions, indent=1))
         flops_data = recipe.stages[-1].data
         metrics = {f"accuracy/{k}": float(v) for k, v in sorted(result.per_category.items())}
@@ -466,6 +520,8 @@ def run_experiment(
         metrics["skipped_records"] = datasets.skipped + len(result.skipped)
         metrics["cache_hits"] = cache.hits if cache is not None else 0
         metrics["cache_misses"] = cache.misses if cache is not None else 0
+        metrics["skipped_records/train"] = datasets.skipped
+        metrics["skipped_records/eval"] = len(result.skipped)
         for r in reports:
             metrics[f"final_loss/{r.unit}"] = r.final_loss
         _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))

@@ -605,7 +605,7 @@ class Trainer:
                             batch["image_keys"],
                             acc.device,
                         )
-                        for i in cached
+                        for i in (cached if batch["images"] is not None else ())  # text-only batch
                     }
                     loss = batch_loss(prepared, batch, precomputed)
                     if not self._finite(loss, unit, epoch, batch):

@@ -1,0 +1,292 @@
+"""A dataset as an index: (file, byte offset, length) per record, built without parsing records.
+
+Eagle's SFT set has 1.8M records and Cambrian's 7M: reading, validating and tokenising them all
+before the first step costs minutes and gigabytes. :func:`index_file` only finds where each
+record lies:
+
+* ``.jsonl``: newline positions, found with numpy over 16 MB chunks (no record is decoded);
+  blank lines are not records;
+* ``.json`` (a list of records): each element is located with the C JSON decoder over a
+  window that starts at the element (the file is never held in memory as a whole); a file
+  whose structure is broken fails here, naming the line.
+
+:meth:`RecordIndex.read` decodes and parses one record; it runs in ``__getitem__``, so in the
+DataLoader workers. Non-UTF-8 bytes and malformed JSON become a
+:class:`~moe_vision.data.records.RecordProblem` naming the line (and, for the file-level scan,
+a :class:`~moe_vision.data.records.DataError` naming the file and line). Indexes are cached per
+process by (path, size, modification time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe_vision.data.records import DataError, RecordProblem
+
+CHUNK = 1 << 24
+"""Bytes read at a time while scanning a JSONL file."""
+
+_WS = re.compile(rb"[ \t\r\n]*")
+_INDEX_CACHE: dict[tuple[str, int, int], RecordIndex] = {}
+_FDS: dict[tuple[int, str], int] = {}
+
+
+@dataclass
+class RecordIndex:
+    """Where every record lies.
+
+    Attributes:
+        files: the data files; ``file_id`` indexes this list (a mixture may list a file twice,
+            once per source).
+        file_id: ``(N,)`` int32, the record's file.
+        offset: ``(N,)`` int64, byte offset of the record in its file.
+        length: ``(N,)`` int64, its length in bytes.
+        position: ``(N,)`` int64, its position among its file's records (0-based).
+        line: ``(N,)`` int64, the line it starts on (1-based).
+    """
+
+    files: list[str]
+    file_id: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    position: np.ndarray
+    line: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.offset.shape[0])
+
+    def file(self, i: int) -> str:
+        return self.files[int(self.file_id[i])]
+
+    def where(self, i: int) -> str:
+        """``"<file> record <k> (line <l>)"`` of record ``i``."""
+        return f"{self.file(i)} record {int(self.position[i])} (line {int(self.line[i])})"
+
+    def raw(self, i: int) -> bytes:
+        """The record's bytes (``os.pread`` on a per-process file descriptor)."""
+        path = self.file(i)
+        key = (os.getpid(), path)
+        fd = _FDS.get(key)
+        if fd is None:
+            fd = _FDS[key] = os.open(path, os.O_RDONLY)
+        return os.pread(fd, int(self.length[i]), int(self.offset[i]))
+
+    def read(self, i: int) -> Any:
+        """Record ``i`` parsed.
+
+        Raises:
+            RecordProblem: ``not_utf8`` or ``malformed`` (with the line and column).
+        """
+        data = self.raw(i)
+        line = int(self.line[i])
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            col = err.start - data.rfind(b"\n", 0, err.start)
+            at = line + data.count(b"\n", 0, err.start)
+            raise RecordProblem(
+                "not_utf8",
+                f"bytes that are not UTF-8 on line {at} column {col} "
+                f"({data[err.start : err.end]!r}); expected UTF-8 text",
+            ) from err
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecordProblem(
+                "malformed",
+                f"malformed JSON on line {line + err.lineno - 1} column {err.colno}: {err.msg}",
+            ) from err
+
+    def select(self, rows: np.ndarray) -> RecordIndex:
+        """The records at ``rows`` (an int array; repeats allowed), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return RecordIndex(
+            list(self.files),
+            self.file_id[rows],
+            self.offset[rows],
+            self.length[rows],
+            self.position[rows],
+            self.line[rows],
+        )
+
+    @staticmethod
+    def concat(parts: list[RecordIndex]) -> RecordIndex:
+        """One index over ``parts`` (their files listed in order; ``file_id`` shifted)."""
+        files: list[str] = []
+        ids = []
+        for p in parts:
+            ids.append(p.file_id + len(files))
+            files.extend(p.files)
+        return RecordIndex(
+            files,
+            np.concatenate(ids).astype(np.int32),
+            np.concatenate([p.offset for p in parts]),
+            np.concatenate([p.length for p in parts]),
+            np.concatenate([p.position for p in parts]),
+            np.concatenate([p.line for p in parts]),
+        )
+
+
+def index_file(path: str | os.PathLike[str]) -> RecordIndex:
+    """Index a ``.json`` list or a ``.jsonl`` file of records (cached per process).
+
+    Raises:
+        DataError: missing file, a ``.json`` file that is not a list, broken JSON structure or
+            non-UTF-8 bytes in a ``.json`` file (file and line named).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _INDEX_CACHE:
+        if len(_INDEX_CACHE) >= 16:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        if p.suffix == ".jsonl":
+            offsets, lengths, lines = _scan_jsonl(p)
+        else:
+            offsets, lengths, lines = _scan_json(p)
+        n = offsets.shape[0]
+        _INDEX_CACHE[key] = RecordIndex(
+            [str(p)],
+            np.zeros(n, dtype=np.int32),
+            offsets,
+            lengths,
+            np.arange(n, dtype=np.int64),
+            lines,
+        )
+    return _INDEX_CACHE[key]
+
+
+def _scan_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Offsets, lengths and 1-based line numbers of the non-blank lines."""
+    starts, ends = [], []
+    start, base = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            nl = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + base
+            if nl.size:
+                starts.append(np.concatenate(([start], nl[:-1] + 1)))
+                ends.append(nl)
+                start = int(nl[-1]) + 1
+            base += len(chunk)
+    if start < base:  # last line without a newline
+        starts.append(np.array([start]))
+        ends.append(np.array([base]))
+    if not starts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    s = np.concatenate(starts).astype(np.int64)
+    length = np.concatenate(ends).astype(np.int64) - s
+    lines = np.arange(1, s.shape[0] + 1, dtype=np.int64)
+    keep = length > 0
+    short = np.flatnonzero(keep & (length < 8))
+    if short.size:
+        with open(path, "rb") as f:
+            for i in short:
+                f.seek(int(s[i]))
+                if not f.read(int(length[i])).strip():
+                    keep[i] = False
+    return s[keep], length[keep], lines[keep]
+
+
+def _scan_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Offsets, lengths and lines of the elements of a top-level JSON list."""
+    decoder = json.JSONDecoder()
+    size = path.stat().st_size
+    offsets, lengths, lines = [], [], []
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        line = 1
+
+        def skip(pos: int) -> int:
+            nonlocal line
+            while pos < size:
+                buf = os.pread(fd, 4096, pos)
+                n = _WS.match(buf).end()
+                line += buf.count(b"\n", 0, n)
+                pos += n
+                if n < len(buf):
+                    break
+            return pos
+
+        def peek(pos: int) -> bytes:
+            return os.pread(fd, 1, pos)
+
+        pos = skip(3 if os.pread(fd, 3, 0) == b"\xef\xbb\xbf" else 0)
+        if peek(pos) != b"[":
+            found = "nothing" if pos >= size else f"{peek(pos)!r}"
+            raise DataError(f"{path}: expected a JSON list of LLaVA records, found {found} first")
+        pos = skip(pos + 1)
+        if peek(pos) == b"]":
+            return _arrays(offsets, lengths, lines)
+        window = 1 << 12
+        while True:
+            text_len, newlines = _element(path, fd, pos, size, line, decoder, window)
+            window = max(1 << 10, 2 * text_len)
+            offsets.append(pos)
+            lengths.append(text_len)
+            lines.append(line)
+            line += newlines
+            pos = skip(pos + text_len)
+            sep = peek(pos)
+            if sep == b"]":
+                return _arrays(offsets, lengths, lines)
+            if sep != b",":
+                raise DataError(
+                    f"{path}: malformed JSON at line {line}: expected ',' or ']' after record "
+                    f"{len(offsets) - 1}, found {sep or 'the end of the file'!r}"
+                )
+            pos = skip(pos + 1)
+
+
+def _element(
+    path: Path,
+    fd: int,
+    pos: int,
+    size: int,
+    line: int,
+    decoder: json.JSONDecoder,
+    window: int,
+) -> tuple[int, int]:
+    """``(byte length, newlines in it)`` of the JSON value starting at byte ``pos``; the
+    window read grows until the value is complete."""
+    while True:
+        data = os.pread(fd, window, pos)
+        final = pos + len(data) >= size
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if final or err.start < len(data) - 3:
+                at = line + data.count(b"\n", 0, err.start)
+                raise DataError(
+                    f"{path}: bytes that are not UTF-8 on line {at} "
+                    f"({data[err.start : err.end]!r}); expected UTF-8 text"
+                ) from err
+            text = data[: err.start].decode("utf-8")
+        try:
+            _, end = decoder.raw_decode(text)
+        except json.JSONDecodeError as err:
+            if final:
+                raise DataError(
+                    f"{path}: malformed JSON at line {line + err.lineno - 1} column "
+                    f"{err.colno}: {err.msg}"
+                ) from err
+            window *= 4
+            continue
+        if end == len(text) and not final:  # a number or literal may go on past the window
+            window *= 4
+            continue
+        raw = text[:end].encode("utf-8")
+        return len(raw), raw.count(b"\n")
+
+
+def _arrays(*cols: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.asarray(c, dtype=np.int64) for c in cols)  # type: ignore[return-value]
