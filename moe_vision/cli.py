@@ -3,6 +3,13 @@
 Each subcommand lives in its own module under :mod:`moe_vision.commands` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a callable taking the
 parsed ``argparse.Namespace`` and returning an exit code. Adding a command is one module.
+
+Bad input is reported in one or two lines on stderr (``error: <what was wrong, where, what was
+expected>``) with exit code 2: the project's input errors (bad records, images, fusion
+configurations, recipes, checkpoints, run configs, missing user files) and any ``ValueError`` /
+``KeyError`` / ``FileNotFoundError`` raised by this project's own code, which raises them where
+bad input enters (:func:`user_error`). Anything else is a bug and keeps its traceback;
+``moe-vision -v`` shows the traceback of input errors too.
 """
 
 from __future__ import annotations
@@ -13,8 +20,46 @@ import logging
 import pkgutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from moe_vision import commands
+
+EXIT_BAD_INPUT = 2
+_OWN_CODE = tuple(
+    str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("experts", "fusion", "moe_vision")
+)
+
+
+def _input_error_types() -> tuple[type[BaseException], ...]:
+    """The project's exception types that always mean bad input (imported lazily)."""
+    from experts.images import ImageError
+    from fusion.base import FusionConfigError
+    from moe_vision.data.records import DataError
+    from moe_vision.training.checkpoint import CheckpointError
+    from moe_vision.training.recipes import RecipeError
+
+    return (ImageError, DataError, FusionConfigError, RecipeError, CheckpointError)
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one- or two-line message for an input error; ``None`` for anything else (a bug).
+
+    ``ValueError``, ``KeyError`` and ``FileNotFoundError`` count as input errors only when the
+    innermost frame that raised them is in ``experts``, ``fusion`` or ``moe_vision`` (our
+    checks, e.g. an unknown expert name or a config key), not deep inside torch.
+    """
+    own_types = _input_error_types()
+    if not isinstance(err, (*own_types, ValueError, KeyError, FileNotFoundError)):
+        return None
+    if not isinstance(err, own_types):
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is None or not tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE):
+            return None
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]  # str(KeyError) would quote it
+    return str(err) or type(err).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as err:
+        message = None if args.verbose else user_error(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        print("(moe-vision -v ... shows the traceback)", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
