@@ -1,4 +1,6 @@
-"""LLaVA dataset: tokenisation and label masking, batching, workers, and every bad input."""
+"""LLaVA dataset: tokenisation and label masking, batching, workers, the byte-offset index, and
+every bad input (found lazily, in ``__getitem__``: an error naming file and record, or a skip
+that is counted, listed and replaced)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from torch.utils.data import DataLoader
 
 import experts
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.index import index_file
 from moe_vision.data.llava import (
     IGNORE_INDEX,
     DataError,
     LlavaDataset,
     load_records,
+    read_skips,
     tokenize_conversation,
 )
 from moe_vision.model.llm import build_tokenizer
@@ -98,6 +102,8 @@ def test_collate_pads_right_and_batches_each_expert(bench, tokenizer, preprocess
     conv_spec = experts.get_spec("convnext-tiny")
     assert batch["images"][0]["pixel_values"].shape == (4, 3, *clip_spec.input_size)
     assert batch["images"][1]["pixel_values"].shape == (4, 3, *conv_spec.input_size)
+    assert batch["image_counts"] == [1, 1, 1, 1]
+    assert batch["image_keys"] == [k for it in items for k in it["image_keys"]]
     assert batch["ids"] == [it["id"] for it in items]
     assert batch["categories"] == [it["category"] for it in items]
 
@@ -110,7 +116,7 @@ def test_image_key_is_a_content_hash(bench, tokenizer, preprocessors, tmp_path: 
     shutil.copy(bench.images / records[0]["image"], tmp_path / records[0]["image"])
     ds = LlavaDataset(tmp_path / "d.json", tmp_path, preprocessors, tokenizer)
     digest = hashlib.sha256((bench.images / records[0]["image"]).read_bytes()).hexdigest()
-    assert ds[0]["image_key"] == ds[1]["image_key"] == digest
+    assert ds[0]["image_keys"] == ds[1]["image_keys"] == [digest]
 
 
 def test_dataloader_workers_preprocess(bench, tokenizer, preprocessors) -> None:
@@ -120,6 +126,35 @@ def test_dataloader_workers_preprocess(bench, tokenizer, preprocessors) -> None:
     assert sum(len(b["ids"]) for b in batches) == len(ds)
     direct = ds.collate([ds[i] for i in range(3)])
     assert torch.equal(batches[0]["images"][0]["pixel_values"], direct["images"][0]["pixel_values"])
+
+
+# ---------------------------------------------------------------------------- the index
+def test_index_matches_a_line_split_and_a_json_parse(tmp_path: Path) -> None:
+    records = [{"id": i, "text": "é" * i + "\n" * (i % 2)} for i in range(7)]
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(("\n".join(lines[:3]) + "\n\n  \n" + "\r\n".join(lines[3:])).encode())
+    index = index_file(jsonl)
+    assert [index.read(i) for i in range(len(index))] == records
+    raw = jsonl.read_bytes()  # brute force: the byte offset of every non-blank line
+    starts = [0] + [k + 1 for k, b in enumerate(raw) if b == 10]
+    expected = [s for s in starts if raw[s:].split(b"\n")[0].strip()]
+    assert index.offset.tolist() == expected
+    assert index.line.tolist() == [1, 2, 3, 6, 7, 8, 9]
+    js = tmp_path / "a.json"
+    js.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+    jindex = index_file(js)
+    assert [jindex.read(i) for i in range(len(jindex))] == records
+    assert jindex.line[1] == 1 + json.dumps(records, indent=2).split("\n").index("  {", 2)
+
+
+def test_building_reads_no_record(bench, tokenizer, preprocessors, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("not json\n" * 50)
+    ds = _dataset(path, bench, tokenizer, preprocessors)  # no error: nothing parsed yet
+    assert len(ds) == 50
+    with pytest.raises(DataError, match=r"bad\.jsonl record 0 \(line 1\).*malformed JSON"):
+        ds[0]
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -144,7 +179,10 @@ def _conv(question: str, answer: str = "red") -> list[dict]:
 
 BAD_RECORDS = {
     "no conversations": ({"conversations": None}, "no 'conversations'"),
-    "no placeholder": ({"conversations": _conv("What color?")}, "exactly one '<image>'"),
+    "no placeholder": (
+        {"conversations": _conv("What color?")},
+        "single-image record needs exactly one '<image>' placeholder, found 0",
+    ),
     "two placeholders": ({"conversations": _conv("<image>\n<image>\nWhat?")}, "found 2"),
     "empty answer": ({"conversations": _conv("<image>\nWhat?", "  ")}, "empty answer"),
     "unknown role": (
@@ -156,7 +194,12 @@ BAD_RECORDS = {
         "must start with a human turn",
     ),
     "missing image": ({"image": "nowhere.png"}, "image file not found"),
-    "no image field": ({"image": None}, "needs an 'image'"),
+    "text-only with a placeholder": ({"image": None}, "text-only record needs exactly 0"),
+    "image in an answer": (
+        {"conversations": [*_conv("<image>"), *_conv("Again?", "<image>")]},
+        "found 2",
+    ),
+    "bad image field": ({"image": 3}, "'image' must be a path"),
 }
 
 
@@ -164,43 +207,61 @@ BAD_RECORDS = {
 def test_bad_record_errors_name_file_and_record(case, bench, tokenizer, preprocessors, tmp_path):
     changes, message = BAD_RECORDS[case]
     path = _write_bad(tmp_path, bench, changes)
+    ds = _dataset(path, bench, tokenizer, preprocessors)
+    ds[0]
     with pytest.raises(DataError, match=message) as err:
-        _dataset(path, bench, tokenizer, preprocessors)
-    assert str(path) in str(err.value) and "record 1" in str(err.value)
+        ds[1]
+    assert str(path) in str(err.value) and "record 1 (line" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_RECORDS))
-def test_bad_record_is_skipped_counted_and_reported(
+def test_bad_record_is_skipped_counted_listed_and_replaced(
     case, bench, tokenizer, preprocessors, tmp_path, caplog
 ):
     changes, message = BAD_RECORDS[case]
     path = _write_bad(tmp_path, bench, changes)
-    ds = _dataset(path, bench, tokenizer, preprocessors, on_bad_record="skip")
-    assert len(ds) == SIZES.val - 1
-    assert [s.index for s in ds.skipped] == [1]
-    assert message in ds.skipped[0].reason
+    log = tmp_path / "skipped.jsonl"
+    ds = _dataset(path, bench, tokenizer, preprocessors, on_bad_record="skip", skip_log=log)
+    assert len(ds) == SIZES.val
+    replaced = ds[1]
+    assert replaced["id"] == ds[2]["id"]  # the next record, deterministically
+    assert torch.equal(replaced["input_ids"], ds[2]["input_ids"])
+    ds[1]  # found again (next epoch): listed once
+    assert [s.index for s in ds.skipped] == [1] and message in ds.skipped[0].reason
+    assert [(s.file, s.index) for s in read_skips(log)] == [(str(path), 1)]
     assert sum(ds.skipped_reasons().values()) == 1
-    assert "skipped 1 of" in caplog.text
+    assert "skipping" in caplog.text
+
+
+def test_skips_found_in_workers_reach_the_skip_list(bench, tokenizer, preprocessors, tmp_path):
+    path = _write_bad(tmp_path, bench, {"image": "nowhere.png"})
+    log = tmp_path / "skipped.jsonl"
+    ds = _dataset(path, bench, tokenizer, preprocessors, on_bad_record="skip", skip_log=log)
+    batches = list(DataLoader(ds, batch_size=2, num_workers=2, collate_fn=ds.collate))
+    assert sum(len(b["ids"]) for b in batches) == len(ds)
+    assert ds.skipped == []  # found in the workers, not here
+    (skip,) = read_skips(log)
+    assert (skip.index, skip.kind) == (1, "missing_image")
 
 
 def test_corrupt_and_truncated_images(bench, tokenizer, preprocessors, tmp_path: Path) -> None:
-    records = load_records(bench.split("val"))[:3]
+    records = load_records(bench.split("val"))[:4]
     for r in records:
         shutil.copy(bench.images / r["image"], tmp_path / r["image"])
     (tmp_path / records[1]["image"]).write_bytes(b"not a png at all")
     good = (bench.images / records[2]["image"]).read_bytes()
     (tmp_path / records[2]["image"]).write_bytes(good[: len(good) // 2])
     (tmp_path / "d.json").write_text(json.dumps(records))
-    with pytest.raises(DataError, match="record 1 .*cannot read image"):
-        LlavaDataset(tmp_path / "d.json", tmp_path, preprocessors, tokenizer)
-    ds = LlavaDataset(tmp_path / "d.json", tmp_path, preprocessors, tokenizer, on_bad_record="skip")
-    assert [s.index for s in ds.skipped] == [1, 2] and len(ds) == 1
-    # Without the up-front check the bad file fails in __getitem__, naming the record.
-    lazy = LlavaDataset(
-        tmp_path / "d.json", tmp_path, preprocessors, tokenizer, verify_images=False
+    ds = LlavaDataset(tmp_path / "d.json", tmp_path, preprocessors, tokenizer)
+    for i in (1, 2):
+        with pytest.raises(DataError, match=f"record {i} .*cannot read image"):
+            ds[i]
+    skip = LlavaDataset(
+        tmp_path / "d.json", tmp_path, preprocessors, tokenizer, on_bad_record="skip"
     )
-    with pytest.raises(DataError, match=f"{records[1]['id']}.*cannot read image"):
-        lazy[1]
+    assert skip[1]["id"] == records[3]["id"]
+    assert [(s.index, s.kind) for s in skip.skipped] == [(1, "corrupt_image"), (2, "corrupt_image")]
 
 
 def test_malformed_json_names_file_and_line(tmp_path: Path, tokenizer, preprocessors) -> None:
@@ -219,9 +280,22 @@ def test_malformed_json_names_file_and_line(tmp_path: Path, tokenizer, preproces
         load_records(tmp_path / "missing.json")
 
 
+def test_non_utf8_names_file_and_line(tmp_path: Path, tokenizer, preprocessors) -> None:
+    good = json.dumps({"id": "a", "conversations": _conv("hi")}).encode()
+    bad = good.replace(b"hi", b"h\xff")
+    (tmp_path / "d.jsonl").write_bytes(good + b"\n" + bad + b"\n")
+    ds = LlavaDataset(tmp_path / "d.jsonl", tmp_path, preprocessors, tokenizer)
+    with pytest.raises(DataError, match=r"d\.jsonl record 1 \(line 2\).*not UTF-8 on line 2"):
+        ds[1]
+    (tmp_path / "d.json").write_bytes(b"[" + good + b",\n" + bad + b"]")
+    with pytest.raises(DataError, match=r"d\.json: bytes that are not UTF-8 on line 2"):
+        LlavaDataset(tmp_path / "d.json", tmp_path, preprocessors, tokenizer)
+
+
 def test_sequence_too_long(bench, tokenizer, preprocessors) -> None:
-    with pytest.raises(DataError, match=r"sequence too long: \d+ text tokens \+ 500 visual"):
-        _dataset(bench.split("val"), bench, tokenizer, preprocessors, num_visual_tokens=500)
+    ds = _dataset(bench.split("val"), bench, tokenizer, preprocessors, num_visual_tokens=500)
+    with pytest.raises(DataError, match=r"sequence too long: \d+ text tokens \+ 1 x 500 visual"):
+        ds[0]
     ds = _dataset(
         bench.split("val"),
         bench,
@@ -230,7 +304,7 @@ def test_sequence_too_long(bench, tokenizer, preprocessors) -> None:
         num_visual_tokens=500,
         max_length=1000,
     )
-    assert len(ds) == SIZES.val
+    assert all(ds[i]["id"] for i in range(len(ds)))
 
 
 def test_jsonl_is_read_like_json(bench, tokenizer, preprocessors, tmp_path: Path) -> None:
@@ -239,12 +313,17 @@ def test_jsonl_is_read_like_json(bench, tokenizer, preprocessors, tmp_path: Path
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     a = _dataset(path, bench, tokenizer, preprocessors)
     b = _dataset(bench.split("val"), bench, tokenizer, preprocessors)
-    assert [s.input_ids for s in a.samples] == [s.input_ids for s in b.samples]
+    for i in range(len(a)):
+        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"])
 
 
-def test_bad_policy_and_empty_result(bench, tokenizer, preprocessors, tmp_path: Path) -> None:
+def test_bad_policy_and_all_bad(bench, tokenizer, preprocessors, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="on_bad_record"):
         _dataset(bench.split("val"), bench, tokenizer, preprocessors, on_bad_record="ignore")
-    (tmp_path / "bad.json").write_text(json.dumps([{"id": "x"}]))
-    with pytest.raises(DataError, match="no usable records"):
-        _dataset(tmp_path / "bad.json", bench, tokenizer, preprocessors, on_bad_record="skip")
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "x"}] * 3))
+    ds = _dataset(tmp_path / "bad.json", bench, tokenizer, preprocessors, on_bad_record="skip")
+    with pytest.raises(DataError, match="records after it are all bad.*moe-vision data check"):
+        ds[0]
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataError, match="no records"):
+        _dataset(tmp_path / "empty.json", bench, tokenizer, preprocessors)

@@ -3,6 +3,7 @@
 :mod:`.core` holds the harness and the training sections (overhead, feature cache, throughput).
 """
 
+from moe_vision.bench import data as _data  # noqa: F401 - registers "data"
 from moe_vision.bench.core import BenchConfig, bench_row, list_sections, register_section, run_bench
 
 __all__ = ["BenchConfig", "bench_row", "list_sections", "register_section", "run_bench"]

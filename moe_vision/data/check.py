@@ -1,0 +1,108 @@
+"""Whole-dataset validation (``moe-vision data check``): every record, in worker processes.
+
+:func:`check_files` runs :meth:`~moe_vision.data.validation.RecordValidator.validate` (images
+decoded) over every record of each file or mixture through a DataLoader with workers, and
+returns a JSON-able report::
+
+    {"files": [...], "records": N, "ok": n, "dropped": d,
+     "layouts": {"text_only": a, "single_image": b, "multi_image": c},
+     "problems": {kind: {"count": k, "examples": [{"where": ..., "id": ..., "problem": ...}]}}}
+
+``dropped`` counts the records training would skip (or stop on); text-only and multi-image
+records are valid layouts and only counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from moe_vision.data.llava import resolve_data
+from moe_vision.data.records import RecordProblem, record_id
+from moe_vision.data.validation import RecordValidator
+
+
+class _Checks(Dataset):
+    """Record ``i`` -> ``(layout, problem kind or None, where, id, message)``."""
+
+    def __init__(self, path: Path, image_root: Path | None, validator: RecordValidator, seed: int):
+        self.index, self.roots, _ = resolve_data(path, image_root, seed)
+        self.validator = validator
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[str | None, str | None, str, str, str]:
+        position = int(self.index.position[i])
+        rid, layout = f"#{position}", None
+        try:
+            record = self.index.read(i)
+            rid = record_id(record, position)
+            root = self.roots[int(self.index.file_id[i])]
+            sample = self.validator.validate(record, position, root, decode=True)
+            n = len(sample.image_paths)
+            layout = "text_only" if n == 0 else "single_image" if n == 1 else "multi_image"
+            return layout, None, "", rid, ""
+        except RecordProblem as err:
+            return layout, err.kind, self.index.where(i), rid, str(err)
+
+
+def check_files(
+    files: Sequence[str | os.PathLike[str]],
+    image_root: str | os.PathLike[str] | None,
+    validator: RecordValidator,
+    workers: int = 2,
+    examples: int = 3,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """The report of the module docstring for ``files`` (data files or mixture YAMLs)."""
+    layouts: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    found: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
+    total = 0
+    for f in files:
+        ds = _Checks(Path(f), Path(image_root) if image_root else None, validator, seed)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, num_workers=workers, collate_fn=list
+        )
+        for batch in loader:
+            for layout, kind, where, rid, message in batch:
+                total += 1
+                if layout is not None:
+                    layouts[layout] += 1
+                if kind is not None:
+                    counts[kind] += 1
+                    if len(found[kind]) < examples:
+                        found[kind].append({"where": where, "id": rid, "problem": message})
+    return {
+        "files": [str(f) for f in files],
+        "records": total,
+        "ok": total - sum(counts.values()),
+        "dropped": sum(counts.values()),
+        "layouts": {k: layouts.get(k, 0) for k in ("text_only", "single_image", "multi_image")},
+        "problems": {k: {"count": counts[k], "examples": found[k]} for k in sorted(counts)},
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table (problem, count, first example)."""
+    lines = [
+        f"{report['records']} records in {len(report['files'])} file(s): {report['ok']} ok, "
+        f"{report['dropped']} would be dropped",
+        "layouts: " + ", ".join(f"{k} {v}" for k, v in report["layouts"].items()),
+    ]
+    if report["problems"]:
+        width = max(len(k) for k in report["problems"])
+        lines.append(f"{'problem':<{width}}  {'count':>8}  first examples")
+        for kind, entry in report["problems"].items():
+            for j, ex in enumerate(entry["examples"]):
+                head = f"{kind:<{width}}  {entry['count']:>8}" if j == 0 else " " * (width + 10)
+                lines.append(f"{head}  {ex['where']} (id {ex['id']!r}): {ex['problem']}")
+    return "\n".join(lines)
