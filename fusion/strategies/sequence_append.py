@@ -74,6 +74,11 @@ class SequenceAppend(Fusion):
         self.out_dim = dim
         self.out_grid = self.grids[0] if len(self.specs) == 1 else None
 
+    @property
+    def token_grids(self) -> list[tuple[int, int]]:
+        """One run of tokens per map, on its aligned grid (token compressors use them)."""
+        return list(self.grids)
+
     def forward(self, maps: Sequence[FeatureMap]) -> torch.Tensor:
         """``maps[i]`` ``(B, C_i, H_i, W_i)`` -> tokens ``(B, sum_i h_i*w_i, D)``."""
         self.check_maps(maps)

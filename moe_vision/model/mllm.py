@@ -43,6 +43,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from experts import ExpertInputs, FeatureMap, collate_inputs, create_expert, get_spec, load_image
 from fusion import create_fusion, create_projector
+from fusion.projectors.compressors import create_compressor
 from moe_vision.data.llava import IGNORE_INDEX
 from moe_vision.model.llm import create_llm, llm_from_saved, max_positions
 
@@ -65,6 +66,10 @@ class ModelConfig:
         fusion_options: the strategy's config fields (``grid``, ``dim``, ...).
         projector: projector (``fusion.list_projectors()``).
         projector_options: the projector's extra keyword arguments.
+        compressor: token compressor between fusion and projector
+            (:func:`fusion.projectors.compressors.list_compressors`: ``"none"``,
+            ``"pixel_shuffle"``, ``"avg_pool"``); the C-Abstractor is ``projector: cabstractor``.
+        compressor_options: its options (``factor``).
         llm: tiny preset (``moe_vision.model.llm.list_llms()``), hub id or local folder.
         llm_options: config overrides for tiny LLM presets (``hidden_size``, ...).
         image_token: the image placeholder in prompts.
@@ -77,6 +82,8 @@ class ModelConfig:
     fusion_options: dict[str, Any] = field(default_factory=dict)
     projector: str = "mlp2x_gelu"
     projector_options: dict[str, Any] = field(default_factory=dict)
+    compressor: str = "none"
+    compressor_options: dict[str, Any] = field(default_factory=dict)
     llm: str = "tiny-qwen2"
     llm_options: dict[str, Any] = field(default_factory=dict)
     image_token: str = "<image>"
@@ -102,8 +109,12 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of JSON types (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain dict of JSON types (tuples become lists). The compressor fields appear only
+        when set, so configs (and sweep cell ids) without one are unchanged."""
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        if data["compressor"] == "none" and not data["compressor_options"]:
+            del data["compressor"], data["compressor_options"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -199,14 +210,21 @@ class MoEVisionModel(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         hidden = int(self.llm.get_input_embeddings().embedding_dim)
+        self.compressor = create_compressor(  # no parameters; "none" is the identity
+            config.compressor,
+            int(self.fusion.out_dim),
+            int(self.fusion.num_tokens),
+            self.fusion.token_grids,
+            **dict(config.compressor_options),
+        )
         self.projector = create_projector(
             config.projector,
-            int(self.fusion.out_dim),
+            int(self.compressor.out_dim),
             hidden,
-            grid=self.fusion.out_grid,
+            grid=self.compressor.out_grid,
             **dict(config.projector_options),
         )
-        self.num_visual_tokens = int(self.projector.num_tokens(self.fusion.num_tokens))
+        self.num_visual_tokens = int(self.projector.num_tokens(self.compressor.num_tokens))
         token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {config.image_token!r} token")
@@ -299,7 +317,7 @@ class MoEVisionModel(nn.Module):
                 f"{len(self.experts)} ({self.config.experts})"
             )
         fused = self.fusion.run(list(self.experts), list(images), precomputed)  # (B, N, D)
-        tokens = self.projector(fused)  # (B, N', D_llm)
+        tokens = self.projector(self.compressor(fused))  # (B, N', D_llm)
         return tokens.to(self.llm.get_input_embeddings().weight.dtype)
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
