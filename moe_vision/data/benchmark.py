@@ -150,21 +150,51 @@ ANSWER_FIELD: dict[str, str] = {
 
 @dataclass(frozen=True)
 class BenchmarkSizes:
-    """Number of records per split (each split cycles through the categories evenly)."""
+    """Number of records per split (each split cycles through the categories evenly), and the
+    categories: the default six, or a list with opt-in ones
+    (:data:`moe_vision.data.benchmark_tiling.TILING_CATEGORIES`)."""
 
     align: int = 600
     instruct: int = 1200
     val: int = 120
     test: int = 2400  # 400 per category: a 10-point gap in one category is resolvable (README)
+    categories: tuple[str, ...] = CATEGORIES
 
     def __post_init__(self) -> None:
         for name in SPLITS:
             n = getattr(self, name)
             if not isinstance(n, int) or n < 0:
                 raise ValueError(f"BenchmarkSizes.{name} must be a non-negative int, got {n!r}")
+        cats = (self.categories,) if isinstance(self.categories, str) else self.categories
+        object.__setattr__(self, "categories", tuple(cats))
+        known = CATEGORIES + tuple(_extra().SCENES)
+        bad = [c for c in self.categories if c not in known]
+        if bad or not self.categories or len(set(self.categories)) != len(self.categories):
+            raise ValueError(
+                f"BenchmarkSizes.categories: expected distinct names from {list(known)}, "
+                f"got {list(self.categories)}"
+            )
 
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """Sizes (and categories when not the default six: default manifests are unchanged)."""
+        d = dataclasses.asdict(self)
+        if self.categories == CATEGORIES:
+            del d["categories"]
+        else:
+            d["categories"] = list(self.categories)
+        return d
+
+
+def _extra() -> Any:
+    """The opt-in categories' module (imported late: it draws with this module's helpers)."""
+    from moe_vision.data import benchmark_tiling
+
+    return benchmark_tiling
+
+
+def _base(category: str) -> str:
+    """The category whose questions, captions and answers ``category`` uses."""
+    return category if category in CATEGORIES else _extra().EXTRA_CATEGORIES[category]
 
 
 @dataclass(frozen=True)
@@ -336,11 +366,11 @@ SCENES: dict[str, Callable[[np.random.Generator], tuple[Image.Image, Scene]]] = 
 
 # ---------------------------------------------------------------------------- records
 def _question(category: str, scene: Scene, rng: np.random.Generator) -> str:
-    return _pick(rng, QUESTIONS[category]).format(**scene)
+    return _pick(rng, QUESTIONS[_base(category)]).format(**scene)
 
 
 def _caption(category: str, scene: Scene) -> str:
-    return CAPTIONS[category].format(**scene)
+    return CAPTIONS[_base(category)].format(**scene)
 
 
 def _record(
@@ -349,7 +379,8 @@ def _record(
     if split == "align":
         prompt, answer = _pick(rng, CAPTION_PROMPTS), _caption(category, scene)
     else:
-        prompt, answer = _question(category, scene, rng), str(scene[ANSWER_FIELD[category]])
+        prompt = _question(category, scene, rng)
+        answer = str(scene[ANSWER_FIELD[_base(category)]])
     return {
         "id": f"{split}-{index:05d}",
         "image": image,
@@ -362,13 +393,19 @@ def _record(
 
 
 def _split_records(
-    split: str, n: int, seed: int, images_dir: Path, seen: set[str]
+    split: str,
+    n: int,
+    seed: int,
+    images_dir: Path,
+    seen: set[str],
+    categories: tuple[str, ...] = CATEGORIES,
 ) -> Iterator[dict[str, Any]]:
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     for i in range(n):
-        category = CATEGORIES[i % len(CATEGORIES)]
+        category = categories[i % len(categories)]
+        draw = SCENES[category] if category in SCENES else _extra().SCENES[category]
         for _ in range(100):
-            img, scene = SCENES[category](rng)
+            img, scene = draw(rng)
             digest = hashlib.sha256(img.tobytes()).hexdigest()
             if digest not in seen:
                 break
@@ -409,7 +446,9 @@ def _write_all(root: Path, seed: int, sizes: BenchmarkSizes) -> None:
     paths.images.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     for split in SPLITS:
-        records = list(_split_records(split, getattr(sizes, split), seed, paths.images, seen))
+        records = list(
+            _split_records(split, getattr(sizes, split), seed, paths.images, seen, sizes.categories)
+        )
         _write_json_atomic(paths.split(split), records)
     _write_json_atomic(paths.manifest, _manifest(seed, sizes))
 
