@@ -17,6 +17,7 @@ a 12 KB PNG that claims 10000x10000 pixels is refused without allocating them. T
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,10 @@ def open_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> I
     if path.stat().st_size == 0:
         raise ImageError(f"cannot read image {path}: the file is empty (0 bytes)")
     try:
-        with Image.open(path) as im:  # reads the header only
+        with warnings.catch_warnings():  # the limit below replaces PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # reads the header only
+        with im:
             w, h = im.size
             if w * h > limit:
                 raise ImageTooLargeError(

@@ -234,3 +234,52 @@ def test_resize_normalise_uses_the_given_size_mean_and_std() -> None:
     assert x.shape == (3, 12, 20) and x.dtype == torch.float32
     for k, v in enumerate((255, 128, 0)):
         torch.testing.assert_close(x[k], torch.full((12, 20), (v / 255 - mean[k]) / std[k]))
+
+
+# ---------------------------------------------------------------------------- hostile files
+def test_truncated_jpeg_and_empty_file_are_caught(tmp_path) -> None:
+    from hostile import truncated_jpeg
+
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(truncated_jpeg())
+    with Image.open(cut) as im:
+        assert im.size == (64, 48)  # the header alone looks fine
+    with pytest.raises(ImageError, match="cut.jpg.*truncated"):
+        load_image(cut)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.png.*empty \\(0 bytes\\)"):
+        load_image(empty)
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch) -> None:
+    from hostile import png_claiming
+
+    from experts import images
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(10_000, 10_000))  # 100M pixels in ~100 bytes
+    decoded = []
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))
+    with pytest.raises(
+        images.ImageTooLargeError,
+        match=r"10000x10000 = 100000000 pixels.*"
+        r"limit of 50000000.*MOE_VISION_MAX_IMAGE_PIXELS",
+    ):
+        load_image(bomb)
+    assert decoded == []  # refused from the header
+    with pytest.raises(ImageError, match="limit of 99"):
+        load_image(bomb, max_pixels=99)
+    monkeypatch.undo()
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_claiming(20_000, 20_000))  # past PIL's own bomb limit
+    with pytest.raises(ImageError, match="huge.png.*decompression bomb"):
+        load_image(huge, max_pixels=10**9)
+    images.set_max_image_pixels(10**6)
+    try:
+        with pytest.raises(ImageError, match="limit of 1000000"):
+            load_image(bomb)
+    finally:
+        images.set_max_image_pixels(50_000_000)
