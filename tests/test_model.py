@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -154,16 +155,55 @@ def test_precomputed_maps_skip_the_experts(model, batch) -> None:
         model.encode_images(None, precomputed={0: maps[0]})
 
 
-def test_generate_batch_equals_one_by_one(model, bench) -> None:
-    records = json.loads(bench.split("test").read_text())[:3]
+@pytest.fixture(scope="module")
+def seeing_model() -> MoEVisionModel:
+    """A model whose greedy answers depend on the pixels: the LLM's and projector's matrices are
+    redrawn with std 0.3 (at the default 0.02 init the tiny LLM answers "\\n" to everything)."""
+    torch.manual_seed(0)
+    model = MoEVisionModel.from_config(CONFIG).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in (model.llm, model.projector):
+            for p in module.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.3, generator=gen)
+    return model
+
+
+def _generated_ids(model, images, prompts, max_new_tokens: int = 4) -> list[list[int]]:
+    """Token ids ``model.generate`` decodes, one list per prompt (trailing padding removed)."""
+    seen: list[torch.Tensor] = []
+    decode = model.tokenizer.batch_decode
+
+    def spy(ids, **kwargs):
+        seen.append(ids.clone())
+        return decode(ids, **kwargs)
+
+    with patch.object(model.tokenizer, "batch_decode", spy):
+        model.generate(images, prompts, max_new_tokens=max_new_tokens)
+    pad, eos = model.tokenizer.pad_token_id, model.tokenizer.eos_token_id
+    rows = []
+    for row in seen[-1].tolist():
+        while len(row) > 1 and row[-1] == pad and row[-2] in (pad, eos):
+            row.pop()
+        rows.append(row)
+    return rows
+
+
+def test_generate_batch_equals_one_by_one(seeing_model, bench) -> None:
+    model = seeing_model
+    records = json.loads(bench.split("test").read_text())[:6]
     images = [bench.images / r["image"] for r in records]
-    prompts = [r["conversations"][0]["value"] for r in records]
+    # one question for every image but the second, whose much longer one needs left padding
+    prompts = [records[0]["conversations"][0]["value"]] * len(images)
     prompts[1] = "<image>\nA much longer question, so that the batch needs left padding here?"
-    batched = model.generate(images, prompts, max_new_tokens=4)
-    single = [model.generate([im], [p], max_new_tokens=4)[0] for im, p in zip(images, prompts)]
-    assert batched == single
-    assert all(isinstance(a, str) for a in batched)
-    assert all(len(model.tokenizer(a, add_special_tokens=False)["input_ids"]) <= 4 for a in batched)
+    batched = _generated_ids(model, images, prompts)
+    single = [_generated_ids(model, [im], [p])[0] for im, p in zip(images, prompts)]
+    assert batched == single  # token for token
+    # the answers depend on the image: same question, different images, different answers
+    same_question = {tuple(ids) for i, ids in enumerate(batched) if i != 1}
+    assert len(same_question) >= 3, batched
+    assert all(1 <= len(ids) <= 4 for ids in batched)
 
 
 def test_bad_prompts_and_inputs(model, batch) -> None:

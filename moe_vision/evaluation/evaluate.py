@@ -114,7 +114,8 @@ class EvalResult:
         per_category: mean score per category.
         overall: mean score over all questions (micro average).
         predictions: one dict per question: ``id``, ``category``, ``prompt``, ``prediction``,
-            ``answers``, ``score``.
+            ``answers``, ``score`` and ``correct`` (full credit); the per-question record that
+            paired comparisons (``moe_vision.results.compare``) read back.
         counts: questions per category.
         skipped: records left out under ``on_bad_record="skip"``.
     """
@@ -131,9 +132,14 @@ class EvalResult:
         return sum(self.per_category.values()) / max(len(self.per_category), 1)
 
     def to_metrics(self, prefix: str = "accuracy") -> dict[str, float]:
-        """Flat metrics: ``{prefix}/{category}`` and ``{prefix}/overall``."""
+        """Flat metrics: ``{prefix}/{category}`` and ``{prefix}/overall``, each with its 95%
+        interval ``{prefix}/{category}/lo`` and ``/hi`` and its question count ``n/{category}``
+        (:func:`moe_vision.results.stats.interval_metrics`: Wilson for 0/1 scores)."""
+        from moe_vision.results.stats import interval_metrics
+
         out = {f"{prefix}/{c}": v for c, v in sorted(self.per_category.items())}
         out[f"{prefix}/overall"] = self.overall
+        out.update(interval_metrics(self.predictions, prefix))
         return out
 
 
@@ -282,7 +288,8 @@ def evaluate(
                     "prompt": it.prompt,
                     "prediction": pred,
                     "answers": it.answers,
-                    "score": score(pred, it.answers),
+                    "score": (value := score(pred, it.answers)),
+                    "correct": value == 1.0,
                 }
             )
     return summarize(predictions, skipped)

@@ -1,17 +1,35 @@
-"""Sweep results: the table of cells as a pandas DataFrame, its files and its plots.
+"""Sweep results: the table of cells as a pandas DataFrame, its statistics, files and plots.
 
-The public face of ``moe_vision.results``: :mod:`.table` reads and writes sweep folders.
+The public face of ``moe_vision.results``: :mod:`.table` reads and writes sweep folders,
+:mod:`.stats` holds the intervals and tests, :mod:`.summary` aggregates seeds, :mod:`.compare`
+compares two runs on the same questions, :mod:`.plots` draws them.
 """
 
+from moe_vision.results.compare import COMPARE_COLUMNS, compare, format_compare, load_scores
+from moe_vision.results.plots import plot_categories, plot_heatmap, plot_overall, plot_sweep
+from moe_vision.results.stats import (
+    CONFIDENCE,
+    crossed_bootstrap,
+    interval_metrics,
+    mcnemar_exact,
+    paired_bootstrap,
+    paired_p_value,
+    score_interval,
+    wilson_interval,
+)
+from moe_vision.results.summary import format_summary, summarize
 from moe_vision.results.table import (
     ACCURACY_PREFIX,
+    ATTRIBUTION_FILE,
     CELL_FILE,
     CELLS_DIR,
     ERROR_FILE,
+    INTERVAL_SUFFIXES,
     MANIFEST,
     METRIC_COLUMNS,
     METRICS_FILE,
     OVERALL,
+    PREDICTIONS_FILE,
     SETTINGS_COLUMNS,
     STATUS_COLUMNS,
     STATUS_FAILED,
@@ -22,12 +40,11 @@ from moe_vision.results.table import (
     atomic_write,
     cell_row,
     collect_rows,
+    format_accuracy,
     format_table,
+    is_accuracy_column,
     load,
     pivot_accuracy,
-    plot_accuracy_vs_tokens,
-    plot_heatmap,
-    plot_sweep,
     read_json,
     save,
     to_frame,
@@ -37,12 +54,17 @@ from moe_vision.results.table import (
 
 __all__ = [
     "ACCURACY_PREFIX",
+    "ATTRIBUTION_FILE",
     "CELLS_DIR",
     "CELL_FILE",
+    "COMPARE_COLUMNS",
+    "CONFIDENCE",
     "ERROR_FILE",
+    "INTERVAL_SUFFIXES",
     "MANIFEST",
     "METRICS_FILE",
     "OVERALL",
+    "PREDICTIONS_FILE",
     "STATUS_COLUMNS",
     "SETTINGS_COLUMNS",
     "METRIC_COLUMNS",
@@ -54,15 +76,30 @@ __all__ = [
     "atomic_write",
     "cell_row",
     "collect_rows",
+    "compare",
+    "crossed_bootstrap",
+    "format_accuracy",
+    "format_compare",
+    "format_summary",
     "format_table",
+    "interval_metrics",
+    "is_accuracy_column",
     "load",
+    "load_scores",
+    "mcnemar_exact",
+    "paired_bootstrap",
+    "paired_p_value",
     "pivot_accuracy",
-    "plot_accuracy_vs_tokens",
+    "plot_categories",
     "plot_heatmap",
+    "plot_overall",
     "plot_sweep",
     "read_json",
     "save",
+    "score_interval",
+    "summarize",
     "to_frame",
+    "wilson_interval",
     "write_json",
     "write_tables",
 ]

@@ -15,8 +15,10 @@ The row schema follows the results tables of Eagle (Shi et al., 2024, "Eagle: Ex
 Design Space for Multimodal LLMs with Mixture of Encoders") and Cambrian-1 (Tong et al.,
 2024): the cell's settings (experts, fusion, recipe, seed), per-category and overall accuracy,
 total and trainable parameters, visual tokens, training time, throughput and peak memory.
-Plots: an accuracy heatmap of expert combinations x fusion strategies and accuracy against
-the number of visual tokens (matplotlib, Agg backend, no display needed).
+Every accuracy ``accuracy/<category>`` comes with its 95% interval ``accuracy/<category>/lo``
+and ``/hi`` and its question count ``n/<category>`` (:mod:`moe_vision.results.stats`; computed
+from the cell's ``predictions.json`` when its metrics lack them). Seed aggregates live in
+:mod:`moe_vision.results.summary`, plots in :mod:`moe_vision.results.plots`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 ACCURACY_PREFIX = "accuracy/"
 OVERALL = "accuracy/overall"
+INTERVAL_SUFFIXES: tuple[str, ...] = ("/lo", "/hi")
+"""``<metric>/lo`` and ``<metric>/hi``: the bounds of ``<metric>``'s 95% interval."""
+PREDICTIONS_FILE = "predictions.json"
+ATTRIBUTION_FILE = "attribution.json"
 
 
 # ---------------------------------------------------------------------------- atomic files
@@ -147,7 +153,24 @@ def cell_row(
     for key, value in result.items():
         if key not in row and _is_scalar(value):
             row[key] = value
+    if status == STATUS_OK and f"{OVERALL}/lo" not in row:
+        row.update(_intervals_from_predictions(cell_dir))
+    if status == STATUS_OK and (cell_dir / ATTRIBUTION_FILE).exists():
+        attribution = read_json(cell_dir / ATTRIBUTION_FILE)
+        row.update({k: v for k, v in attribution.get("metrics", {}).items() if _is_scalar(v)})
+        if attribution.get("error"):
+            row["attribution_error"] = attribution["error"]
     return row
+
+
+def _intervals_from_predictions(cell_dir: Path) -> dict[str, Any]:
+    """Interval columns of a cell whose metrics predate them (from its ``predictions.json``)."""
+    from moe_vision.results.stats import interval_metrics
+
+    path = cell_dir / PREDICTIONS_FILE
+    if not path.exists():
+        return {}
+    return dict(interval_metrics(read_json(path)))
 
 
 def _is_scalar(value: Any) -> bool:
@@ -176,14 +199,20 @@ def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Rows to a DataFrame with a stable column order: settings, status, accuracies, metrics,
     then anything else the cells reported (sorted)."""
     df = pd.DataFrame(list(rows))
-    acc = sorted(c for c in df.columns if c.startswith(ACCURACY_PREFIX) and c != OVERALL)
     for col in (*SETTINGS_COLUMNS, *STATUS_COLUMNS, OVERALL, *METRIC_COLUMNS):
         if col not in df.columns:
             df[col] = None
-    known = [*SETTINGS_COLUMNS, "status", "error", *acc, *METRIC_COLUMNS, "wall_time_s"]
+    acc = [
+        col
+        for point in accuracy_columns(df)
+        for col in (point, *(point + s for s in INTERVAL_SUFFIXES))
+        if col in df.columns
+    ]
+    metrics = [c for c in METRIC_COLUMNS if c != OVERALL]
+    known = [*SETTINGS_COLUMNS, "status", "error", *acc, *metrics, "wall_time_s"]
     rest = sorted(c for c in df.columns if c not in known)
     df = df[known + rest]
-    for col in [*acc, *METRIC_COLUMNS, "wall_time_s"]:
+    for col in [*acc, *metrics, "wall_time_s"]:
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
@@ -238,8 +267,13 @@ def write_tables(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- views
 def accuracy_columns(df: pd.DataFrame) -> list[str]:
     """The ``accuracy/<category>`` columns, per-category first, ``accuracy/overall`` last."""
-    acc = sorted(c for c in df.columns if c.startswith(ACCURACY_PREFIX) and c != OVERALL)
+    acc = sorted(c for c in df.columns if is_accuracy_column(c) and c != OVERALL)
     return acc + ([OVERALL] if OVERALL in df.columns else [])
+
+
+def is_accuracy_column(column: str) -> bool:
+    """``accuracy/<category>`` (a point estimate, not ``accuracy/<category>/lo`` and the like)."""
+    return column.startswith(ACCURACY_PREFIX) and "/" not in column[len(ACCURACY_PREFIX) :]
 
 
 def pivot_accuracy(
@@ -260,16 +294,15 @@ def pivot_accuracy(
 
 
 def format_table(df: pd.DataFrame) -> str:
-    """A compact text rendering of the table for the terminal (accuracies in %)."""
+    """A compact text rendering of the table for the terminal: accuracies in %, each as
+    ``point (lo-hi)`` when the table holds its 95% interval."""
     if df.empty:
         return "(no finished cells)"
     cols = ["experts", "fusion", "recipe", "seed", "status"]
-    cols += [c for c in accuracy_columns(df)]
     cols += [c for c in ("visual_tokens", "params_trainable", "train_time_s") if c in df.columns]
     view = df[cols].copy()
     for c in accuracy_columns(df):
-        view[c] = (100 * view[c]).round(1)
-    view = view.rename(columns={c: c.removeprefix(ACCURACY_PREFIX) for c in accuracy_columns(df)})
+        view[c.removeprefix(ACCURACY_PREFIX)] = format_accuracy(df, c)
     if "train_time_s" in view.columns:
         view["train_time_s"] = view["train_time_s"].round(1)
     text = view.to_string(index=False, na_rep="-")
@@ -279,86 +312,16 @@ def format_table(df: pd.DataFrame) -> str:
     return text
 
 
-# ---------------------------------------------------------------------------- plots
-def plot_heatmap(df: pd.DataFrame, ax: Any = None, value: str = OVERALL) -> Any:
-    """Heatmap of ``value`` (default overall accuracy) for expert combinations x fusions.
+def format_accuracy(df: pd.DataFrame, column: str) -> pd.Series:
+    """``column`` in % as text, ``"31.7 (29.9-33.6)"`` when ``column/lo`` and ``/hi`` exist."""
+    lo, hi = f"{column}/lo", f"{column}/hi"
 
-    Cells that failed or did not run are left blank and labelled. Returns the matplotlib axes.
-    """
-    import matplotlib.pyplot as plt
+    def cell(row: pd.Series) -> str:
+        v = row[column]
+        if v != v or v is None:
+            return "-"
+        if lo in row.index and row[lo] == row[lo] and row[lo] is not None:
+            return f"{100 * v:.1f} ({100 * row[lo]:.0f}-{100 * row[hi]:.0f})"
+        return f"{100 * v:.1f}"
 
-    table = pivot_accuracy(df, value=value)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(1.8 + 1.4 * table.shape[1], 1.2 + 0.5 * table.shape[0]))
-    data = table.to_numpy(dtype=float)
-    image = ax.imshow(data, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=30, ha="right")
-    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
-    finite = data[data == data]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-    for i in range(table.shape[0]):
-        for j in range(table.shape[1]):
-            v = data[i, j]
-            label = "n/a" if v != v else f"{100 * v:.1f}"
-            colour = "white" if (v == v and v <= mid) else "black"  # n/a: black on blank
-            ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=8)
-    if finite.size:
-        ax.figure.colorbar(image, ax=ax, label=value)
-    ax.set_xlabel("fusion")
-    ax.set_ylabel("experts")
-    ax.set_title(f"{value} by expert combination and fusion")
-    return ax
-
-
-def plot_accuracy_vs_tokens(df: pd.DataFrame, ax: Any = None, value: str = OVERALL) -> Any:
-    """Scatter of ``value`` against the number of visual tokens, one colour per fusion."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
-    ok = df[df["status"] == STATUS_OK] if "status" in df.columns else df
-    ok = ok.dropna(subset=["visual_tokens", value])
-    for fusion, group in ok.groupby("fusion", sort=False):
-        ax.scatter(group["visual_tokens"], group[value], label=str(fusion), alpha=0.8)
-        for _, row in group.iterrows():
-            ax.annotate(
-                str(row["experts"]),
-                (row["visual_tokens"], row[value]),
-                fontsize=6,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    if not ok.empty and ok["visual_tokens"].max() > 4 * max(ok["visual_tokens"].min(), 1):
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel("visual tokens")
-    ax.set_ylabel(value)
-    ax.set_title(f"{value} vs visual tokens")
-    if not ok.empty:
-        ax.legend(fontsize=7, title="fusion", title_fontsize=7)
-    ax.grid(alpha=0.3)
-    return ax
-
-
-def plot_sweep(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Both plots side by side, written atomically to ``path`` (PNG/PDF/SVG by suffix)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    table = pivot_accuracy(df)
-    width = 3.0 + 1.4 * table.shape[1] + 6.0
-    height = max(4.0, 1.2 + 0.5 * table.shape[0])
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(width, height), gridspec_kw={"width_ratios": [table.shape[1] + 1, 4]}
-    )
-    plot_heatmap(df, ax=left)
-    plot_accuracy_vs_tokens(df, ax=right)
-    fig.tight_layout()
-    path = Path(path)
-    fmt = path.suffix.lstrip(".") or "png"
-    try:
-        atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=fmt))
-    finally:
-        plt.close(fig)
-    return path
+    return df.apply(cell, axis=1) if len(df) else pd.Series([], dtype=str)

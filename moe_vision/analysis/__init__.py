@@ -1,0 +1,1 @@
+"""Analyses of trained models: expert attribution (:mod:`.attribution`) and probes."""

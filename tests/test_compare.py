@@ -1,0 +1,100 @@
+"""results.compare: paired comparison of two runs per category, against hand-computed
+references (differences, exact McNemar sums, a resampling loop); errors; the CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moe_vision import results
+from moe_vision.cli import main
+
+
+def _preds(correct: dict[str, list[int]]) -> list[dict]:
+    return [
+        {"id": f"{cat}-{i}", "category": cat, "score": float(c), "correct": bool(c)}
+        for cat, values in correct.items()
+        for i, c in enumerate(values)
+    ]
+
+
+RNG = np.random.default_rng(0)
+A = {"color": list(RNG.random(60) < 0.8), "ocr": list(RNG.random(60) < 0.3)}
+B = {"color": list(RNG.random(60) < 0.5), "ocr": list(RNG.random(60) < 0.3)}
+
+
+def _exact(k: int, n: int) -> float:
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n)
+
+
+def test_compare_matches_hand_computation() -> None:
+    table = results.compare(_preds(A), _preds(B), n_boot=1000, seed=3)
+    assert list(table["category"]) == ["color", "ocr", "overall"]
+    assert list(table.columns) == list(results.COMPARE_COLUMNS)
+    for cat in ("color", "ocr"):
+        a, b = np.array(A[cat], dtype=float), np.array(B[cat], dtype=float)
+        row = table.set_index("category").loc[cat]
+        assert row["n"] == 60
+        assert row["accuracy_a"] == pytest.approx(a.mean())
+        assert row["difference"] == pytest.approx(a.mean() - b.mean())
+        a_only, b_only = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+        assert (row["a_only"], row["b_only"]) == (a_only, b_only)
+        assert row["p_value"] == pytest.approx(_exact(b_only, a_only + b_only))
+        # interval: resampling loop over question pairs with the same generator
+        idx = np.random.default_rng(3).integers(0, 60, size=(1000, 60))
+        reps = [a[i].mean() - b[i].mean() for i in idx]
+        assert (row["lo"], row["hi"]) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])))
+        assert row["significant"] == (row["lo"] > 0 or row["hi"] < 0)
+    color = table.set_index("category").loc["color"]
+    assert color["significant"] and color["p_value"] < 0.05  # 80% vs 50% on 60 questions
+
+
+def test_identical_runs_do_not_differ() -> None:
+    table = results.compare(_preds(A), _preds(A))
+    assert (table["difference"] == 0).all() and (table["p_value"] == 1.0).all()
+    assert not table["significant"].any()
+
+
+def test_sides_from_folders_and_seed_lists(tmp_path: Path) -> None:
+    for name, data in (("a", A), ("b", B), ("a2", B)):
+        results.write_json(tmp_path / name / results.PREDICTIONS_FILE, _preds(data))
+    from_dirs = results.compare(tmp_path / "a", tmp_path / "b" / results.PREDICTIONS_FILE)
+    pd.testing.assert_frame_equal(from_dirs, results.compare(_preds(A), _preds(B)))
+    seeds = results.compare([tmp_path / "a", tmp_path / "a2"], tmp_path / "b")
+    color = seeds.set_index("category").loc["color"]
+    mean_a = (np.array(A["color"], float) + np.array(B["color"], float)) / 2
+    assert color["accuracy_a"] == pytest.approx(mean_a.mean())
+
+
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="predictions.json"):
+        results.compare(tmp_path, _preds(A))
+    fewer = _preds(A)[:-3]
+    with pytest.raises(ValueError, match="different questions .*3 only in A"):
+        results.compare(_preds(A), fewer)
+    moved = _preds(A)
+    moved[0]["category"] = "ocr"
+    with pytest.raises(ValueError, match="different categories"):
+        results.compare(_preds(A), moved)
+    with pytest.raises(ValueError, match="lacks \\['score'\\]"):
+        results.compare([{"id": "1", "category": "c"}], _preds(A))
+    twice = _preds(A) + _preds(A)[:1]
+    with pytest.raises(ValueError, match="appear twice"):
+        results.compare(twice, _preds(A))
+
+
+def test_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results.write_json(tmp_path / "a" / results.PREDICTIONS_FILE, _preds(A))
+    results.write_json(tmp_path / "b" / results.PREDICTIONS_FILE, _preds(B))
+    out = tmp_path / "diff.csv"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--csv", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "color" in text and "overall" in text and "p_value" in text
+    written = pd.read_csv(out)
+    assert list(written["category"]) == ["color", "ocr", "overall"]
+    with pytest.raises(SystemExit, match="give two runs"):
+        main(["compare", str(tmp_path / "a")])
