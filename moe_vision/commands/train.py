@@ -183,11 +183,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue the run in --out from its newest checkpoint",
     )
     add_run_arguments(p)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the run's library logging on the console (also: moe-vision -v train)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moe_vision.console import RUN_LOG, configure_console
     from moe_vision.training.run import run_experiment
+
+    configure_console(bool(getattr(args, "verbose", False)))  # INFO goes to <out>/train.log
 
     if args.resume and args.config is None and (args.out / "config.yaml").is_file():
         args.config = args.out / "config.yaml"  # resume what was started, flags still win
@@ -199,4 +209,5 @@ def run(args: argparse.Namespace) -> int:
     metrics = run_experiment(cfg, args.out, resume=args.resume)
     if metrics:
         print(json.dumps(metrics, indent=1))
+    print(f"run folder: {args.out} (log: {args.out / RUN_LOG})")
     return 0

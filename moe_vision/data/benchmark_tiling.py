@@ -8,10 +8,10 @@ asks about when squashed, and keep it when cut into tiles of the image's aspect 
 =============  =============================================================  ================
 category       image                                                          shares with
 =============  =============================================================  ================
-ocr_strip      a wide strip (``STRIP_SIZE``, 8:1 to 12:1) of small text among  ``ocr``
+ocr_strip      a wide strip (``STRIP_SIZE``, 8:1 to 11:1) of small text among  ``ocr``
                grey rules, like a receipt line
-detail_wide    a large non-square canvas (``WIDE_SIZE``, 3:1, wide or tall)    ``detail``
-               of grey clutter with one small coloured marker
+detail_wide    a large wide canvas (``WIDE_SIZE``, 3:1) of grey clutter with   ``detail``
+               one small coloured marker
 =============  =============================================================  ================
 
 A category shares its questions, captions and answer set with the base category it names
@@ -66,7 +66,7 @@ def _scene_ocr_strip(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]:
 
 
 def _scene_detail_wide(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]:
-    """Grey clutter on a 3:1 canvas (wide or tall) and one small marker of a colour."""
+    """Grey clutter on a wide 3:1 canvas and one small marker of a colour."""
     marker = bm._pick(rng, bm.MARKER_COLORS)
     short, long = WIDE_SIZE
     tone = tuple(int(v) for v in rng.integers(225, 256, size=3))
@@ -84,8 +84,6 @@ def _scene_detail_wide(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]
     s = short * float(rng.uniform(0.025, 0.035))
     cx, cy = float(rng.uniform(s + 2, long - s - 2)), float(rng.uniform(s + 2, short - s - 2))
     draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=bm._jitter(bm.COLORS[marker], rng, 10))
-    if rng.integers(2):
-        img = img.transpose(Image.Transpose.ROTATE_90)  # tall
     return img, {"marker": marker}
 
 

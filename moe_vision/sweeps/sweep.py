@@ -71,6 +71,7 @@ RUNTIME_KEYS: frozenset[str] = frozenset(
         "train.log_every",
         "train.keep_checkpoints",
         "train.checkpoint_every",
+        "train.checkpoint_interval_s",
     }
 )
 """Dotted run-config keys that say *where* or *how visibly* a cell runs, not *what* it
@@ -669,6 +670,7 @@ def run_sweep(
             cell_dir = sweep_dir / results.CELLS_DIR / cell.cell_id
             if (cell_dir / results.METRICS_FILE).exists():
                 continue
+    on_result: Callable[[CellJob, Mapping[str, Any]], None] | None = None,
             if (cell_dir / results.ERROR_FILE).exists() and not retry_failed:
                 continue
             jobs.append(
@@ -680,6 +682,8 @@ def run_sweep(
                     entrypoint if entrypoint is not None else spec.entrypoint,
                 )
             )
+        on_result: called with each cell's job and row (``status``, metrics, ``error``) as the
+            cell finishes (the CLI prints one line per cell with it, under the bar).
         logger.info(
             "sweep %s in %s: %d cells, %d to run", spec.name, sweep_dir, len(cells), len(jobs)
         )
@@ -727,3 +731,5 @@ DEFAULT_SWEEP: dict[str, Any] = {
 """The default sweep as data: 2 expert pairs x 3 fusions = 6 cells over tiny experts on the
 built-in benchmark, 2 cells at a time on one core each (tiny models gain nothing from more
 threads, and two single-threaded cells use a 2-core laptop fully)."""
+            if on_result is not None:
+                on_result(job, outcome)

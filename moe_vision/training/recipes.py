@@ -366,7 +366,16 @@ def check_patterns(model: nn.Module, patterns: Iterable[str], where: str) -> Non
         if any(_matches(n, pat) for n in param_names):
             continue
         if any(_matches(n, pat) or fnmatch.fnmatchcase(n, pat.rstrip(".*")) for n in module_names):
-            logger.warning("%s: pattern %r names modules without parameters", where, pat)
+            # Said once per pattern and process (every stage of every cell would repeat it).
+            say = logger.info if pat in _SAID_EMPTY else logger.warning
+            _SAID_EMPTY.add(pat)
+            say(
+                "recipe pattern %r names only modules without parameters (%s), so it trains "
+                "nothing there; expected with a parameter-free fusion such as channel "
+                "concatenation. Drop the pattern from the stage to silence this note.",
+                pat,
+                where,
+            )
             continue
         lists = _list_modules(model)
         groups = sorted({module_group(n, lists) for n in param_names})
@@ -424,3 +433,7 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict[str, Any]]:
     if not groups:
         raise RecipeError(f"stage {stage.name!r}: no trainable parameters (train={stage.train})")
     return list(groups.values())
+_SAID_EMPTY: set[str] = set()
+"""Patterns already reported as naming no parameters in this process."""
+
+

@@ -23,7 +23,9 @@ in ``params_trainable/<unit>``), ``visual_tokens``, ``train_time_s``, ``throughp
 peak resident set size of the process), ``flops_per_sample`` (forward FLOPs of one training
 sample, measured with ``torch.utils.flop_counter``), ``eval_time_s``, ``nonfinite_skipped``,
 ``skipped_records`` (and ``skipped_records/train``, ``skipped_records/eval``), ``cache_hits`` /
-``cache_misses``.
+``cache_misses``, and where this process's training loop spent its time: ``time/data_s``,
+``time/features_s``, ``time/step_s``, ``time/checkpoint_s``
+(:class:`~moe_vision.training.trainer.StepTimings`). The run's log is ``out_dir/train.log``.
 
 The default :class:`RunConfig` is the laptop run: tiny experts, the tiny LLM, the built-in
 benchmark at its default sizes, the Eagle recipe and the recipe's tiny-run stage overrides
@@ -53,6 +55,7 @@ from torch import nn
 
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.llava import LlavaDataset, read_skips
+from moe_vision.console import logs_to_run_folder
 from moe_vision.data.mixture import is_mixture
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 from moe_vision.training.cache import FeatureCache, default_cache_dir
@@ -404,6 +407,7 @@ def flops_per_sample(model: MoEVisionModel, dataset: LlavaDataset, n: int = 2) -
 def run_experiment(
     cfg: RunConfig,
     out_dir: str | Path,
+@logs_to_run_folder  # library logging of the run goes to <out_dir>/train.log
     resume: bool = True,
     hooks: list[StepHook] | None = None,
 ) -> dict[str, Any]:
@@ -520,6 +524,8 @@ def run_experiment(
         metrics["skipped_records"] = datasets.skipped + len(result.skipped)
         metrics["cache_hits"] = cache.hits if cache is not None else 0
         metrics["cache_misses"] = cache.misses if cache is not None else 0
+        for name, seconds in dataclasses.asdict(trainer.timings).items():  # this process's loop
+            metrics[f"time/{name}"] = round(seconds, 3)
         metrics["skipped_records/train"] = datasets.skipped
         metrics["skipped_records/eval"] = len(result.skipped)
         for r in reports:

@@ -77,7 +77,11 @@ class TrainOptions:
             installed are dropped with a warning, except when named explicitly in
             ``require_trackers``.
         log_every: optimiser steps between tracker logs.
-        checkpoint_every: optimiser steps between mid-unit checkpoints (0: only at unit ends).
+        checkpoint_every: optimiser steps between mid-unit checkpoints (0: by time only).
+        checkpoint_interval_s: seconds of training between mid-unit checkpoints (0: by steps
+            only). A checkpoint (weights, optimiser, RNG) costs far more than a tiny model's
+            step, so short cells write one only at unit ends; a long run loses at most this
+            much work when killed. Either trigger writes one; both 0: only at unit ends.
         keep_checkpoints: newest checkpoints kept (plus the ``unit_end`` ones still needed).
         max_nonfinite: NaN/inf losses tolerated (skipped, counted) before raising.
         use_feature_cache: serve frozen experts from the feature cache.
@@ -92,7 +96,8 @@ class TrainOptions:
     num_workers: int = 0
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     log_every: int = 10
-    checkpoint_every: int = 50
+    checkpoint_every: int = 0
+    checkpoint_interval_s: float = 600.0
     keep_checkpoints: int = 2
     max_nonfinite: int = 0
     use_feature_cache: bool = True
@@ -121,6 +126,12 @@ class TrainOptions:
             if not isinstance(v, int) or v < (1 if key in ("log_every", "keep_checkpoints") else 0):
                 raise ValueError(f"TrainOptions.{key} must be a non-negative integer, got {v!r}")
 
+        interval = self.checkpoint_interval_s
+        if not isinstance(interval, (int, float)) or interval < 0:
+            raise ValueError(
+                "TrainOptions.checkpoint_interval_s must be a non-negative number of seconds, "
+                f"got {self.checkpoint_interval_s!r}"
+            )
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -159,8 +170,21 @@ def available_trackers(names: Sequence[str]) -> list[str]:
 
 
 def make_accelerator(options: TrainOptions, project_dir: str | Path) -> Accelerator:
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ... while saving" warning (said at every
+    checkpoint). The tensors it removes are tied weights (an LLM's ``lm_head`` tied to its input
+    embeddings); :func:`load_weights` re-ties them on loading and raises on any other missing
+    key, so the warning tells the user nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
     """The run's :class:`~accelerate.Accelerator` (distributed setup from the environment)."""
     # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU box):
+    other = logging.getLogger("accelerate.utils.other")
+    if not any(isinstance(f, _TiedWeightsNote) for f in other.filters):
+        other.addFilter(_TiedWeightsNote())
     # data-parallel on CPU with gloo, which accelerate only picks when told `cpu=True`.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     ckpt.quiet_accelerate_file_logs()
@@ -241,6 +265,24 @@ class StepEvent:
 
 
 StepHook = Callable[[StepEvent], None]
+@dataclass
+class StepTimings:
+    """Where this process's training loop spent its wall time (seconds, all units): waiting
+    for batches, frozen experts' maps (cache reads or forwards), training steps (forward,
+    backward, optimiser) and mid-unit checkpoints."""
+
+    data_s: float = 0.0
+    features_s: float = 0.0
+    step_s: float = 0.0
+    checkpoint_s: float = 0.0
+
+    def add(self, name: str, since: float) -> float:
+        """Add the time since ``since`` to ``name``; returns now."""
+        now = time.perf_counter()
+        setattr(self, name, getattr(self, name) + now - since)
+        return now
+
+
 DatasetFactory = Callable[[str, nn.Module], Dataset]
 """``(stage.data, model) -> Dataset``: a stage's data for a model (its preprocessors/tokens)."""
 UnitModelFactory = Callable[[nn.Module, TrainUnit], nn.Module]
@@ -395,6 +437,7 @@ class Trainer:
         self.cache = cache if options.use_feature_cache else None
         self.hooks = list(hooks)
         self.units = expand_units(recipe, len(model.experts))
+        self.timings = StepTimings()
         if any(u.expert is not None for u in self.units) and unit_model is None:
             raise ValueError("recipe has a per_expert stage but no unit_model factory was given")
         self.state = ckpt.TrainerState("unit_end", -1, "init")
@@ -599,6 +642,7 @@ class Trainer:
                 with acc.accumulate(prepared), acc.autocast():
                     precomputed = {
                         i: self.cache.maps(  # type: ignore[union-attr]
+        last_checkpoint = time.monotonic()
                             model.experts[i],
                             keys[i],
                             batch["images"][i],
@@ -606,7 +650,9 @@ class Trainer:
                             acc.device,
                         )
                         for i in (cached if batch["images"] is not None else ())  # text-only batch
+            mark = time.perf_counter()
                     }
+                mark = self.timings.add("data_s", mark)  # waiting for the loader
                     loss = batch_loss(prepared, batch, precomputed)
                     if not self._finite(loss, unit, epoch, batch):
                         optimizer.zero_grad()
@@ -618,6 +664,7 @@ class Trainer:
                         scheduler.step()
                         optimizer.zero_grad()
                         running += float(loss.detach())
+                    mark = self.timings.add("features_s", mark)  # cache reads / frozen experts
                         running_n += 1
                 n = len(batch["ids"]) * acc.num_processes
                 samples += n
@@ -630,6 +677,7 @@ class Trainer:
                     running, running_n = 0.0, 0
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
+                mark = self.timings.add("step_s", mark)  # forward, backward, optimiser
                     if self.state.global_step % self.options.log_every == 0:
                         acc.log(
                             {
@@ -639,8 +687,7 @@ class Trainer:
                             step=self.state.global_step,
                         )
                     done = self.state.optimizer_steps >= total_steps
-                    every = self.options.checkpoint_every
-                    if every and self.state.optimizer_steps % every == 0 and not done:
+                    if not done and self._checkpoint_due(last_checkpoint):
                         self.state.train_time_s += time.perf_counter() - t_start
                         t_start = time.perf_counter()
                         self._save_checkpoint("mid", base)
@@ -654,7 +701,10 @@ class Trainer:
                     )
                     for hook in self.hooks:
                         hook(event)
+                        mark = time.perf_counter()
                     if done:
+                        mark = self.timings.add("checkpoint_s", mark)
+                        last_checkpoint = time.monotonic()
                         break
         bar.close()
         self.state.train_time_s += time.perf_counter() - t_start
@@ -667,6 +717,7 @@ class Trainer:
             )
         report = UnitReport(
             unit.name,
+                mark = time.perf_counter()
             trainable,
             total,
             self.state.optimizer_steps,
@@ -689,11 +740,28 @@ class Trainer:
             st = ckpt.TrainerState.load(latest)
             return latest.name if st.kind == "unit_end" else st.base
         return None
+        if self.cache is not None and cached:
+            self.cache.flush()  # this unit's maps, for later units and runs
 
     def _finite(self, loss: torch.Tensor, unit: TrainUnit, epoch: int, batch: dict) -> bool:
         """Whether every process's loss is finite; counts skips and raises past the limit."""
         ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
         if self.accelerator.num_processes > 1:
+    def _checkpoint_due(self, last_checkpoint: float) -> bool:
+        """Whether a mid-unit checkpoint is due after this optimiser step: every
+        ``checkpoint_every`` steps, or ``checkpoint_interval_s`` after the last one. A checkpoint
+        is collective, so when any process's clock has passed the interval, all write it."""
+        every, interval = self.options.checkpoint_every, self.options.checkpoint_interval_s
+        if every and self.state.optimizer_steps % every == 0:
+            return True
+        if not interval:
+            return False
+        due = time.monotonic() - last_checkpoint >= interval
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(due)], device=self.accelerator.device)
+            due = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return due
+
             ok = self.accelerator.reduce(ok, reduction="sum") / self.accelerator.num_processes
         if bool(ok.item() == 1.0):
             return True
