@@ -211,6 +211,9 @@ class SweepSpec:
             (:mod:`moe_vision.sweeps.executors`).
         entrypoint: ``"module:function"`` run for each cell, ``(config, cell_dir) -> row``.
         output: the sweep folder (default ``runs/sweeps/<name>``).
+        attribute: after each cell, evaluate it again with each expert ablated
+            (:func:`moe_vision.analysis.attribution.attribute`) and add the accuracy drops
+            ``drop/<expert>/<category>`` (with ``/lo``, ``/hi``) to its row.
     """
 
     name: str = "sweep"
@@ -224,6 +227,7 @@ class SweepSpec:
     executor: dict[str, Any] = field(default_factory=lambda: {"kind": "inline"})
     entrypoint: str = DEFAULT_ENTRYPOINT
     output: str | None = None
+    attribute: bool = False
 
     # -------------------------------------------------------------- (de)serialisation
     @classmethod
@@ -261,6 +265,7 @@ class SweepSpec:
             executor=dict(executor),
             entrypoint=str(data.get("entrypoint", DEFAULT_ENTRYPOINT)),
             output=data.get("output"),
+            attribute=bool(data.get("attribute", False)),
         )
         if "kind" not in spec.executor:
             raise ValueError(f"sweep spec: executor {spec.executor} needs a 'kind'")
@@ -472,6 +477,7 @@ class CellJob:
     config: dict[str, Any]
     cell_dir: str
     entrypoint: str | Entrypoint = DEFAULT_ENTRYPOINT
+    attribute: bool = False
 
 
 def resolve_entrypoint(entrypoint: str | Entrypoint) -> Entrypoint:
@@ -493,7 +499,11 @@ def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
     (resuming a killed cell)."""
     from moe_vision.training.run import RunConfig, run_experiment
 
-    return run_experiment(RunConfig.from_dict(config), cell_dir, resume=True)
+    metrics = dict(run_experiment(RunConfig.from_dict(config), cell_dir, resume=True))
+    predictions = cell_dir / results.PREDICTIONS_FILE
+    if predictions.exists():  # 95% intervals and question counts next to every accuracy
+        metrics.update(results.interval_metrics(results.read_json(predictions)))
+    return metrics
 
 
 def resolve_run_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -564,6 +574,8 @@ def execute_cell(job: CellJob) -> dict[str, Any]:
     with file_lock(cell_dir / ".lock"):
         if metrics_path.exists():
             logger.info("cell %s already finished", job.cell_id)
+            if job.attribute and needs_attribution(cell_dir):
+                attribute_cell(cell_dir)
             return {**results.read_json(metrics_path), "status": results.STATUS_OK}
         results.write_json(
             cell_dir / results.CELL_FILE,
@@ -593,7 +605,31 @@ def execute_cell(job: CellJob) -> dict[str, Any]:
         row = {**dict(metrics), "wall_time_s": time.perf_counter() - start}
         results.write_json(metrics_path, row)
         logger.info("cell %s: done in %.1fs", job.cell_id, row["wall_time_s"])
+        if job.attribute:
+            attribute_cell(cell_dir)
         return {**row, "status": results.STATUS_OK}
+
+
+def needs_attribution(cell_dir: Path, retry_failed: bool = True) -> bool:
+    """True when the cell has no attribution yet (or a failed one, with ``retry_failed``)."""
+    path = cell_dir / results.ATTRIBUTION_FILE
+    return not path.exists() or (retry_failed and "error" in results.read_json(path))
+
+
+def attribute_cell(cell_dir: Path) -> None:
+    """Expert attribution of a finished cell (``attribute: true``). A failure is recorded in
+    its ``attribution.json`` (shown as ``attribution_error`` in the row); the metrics stand."""
+    from moe_vision.analysis.attribution import attribute
+
+    try:
+        attribute(cell_dir)
+    except Exception as e:  # noqa: BLE001 - the trained cell is kept, its attribution failed
+        error = f"{type(e).__name__}: {e}"
+        results.write_json(
+            cell_dir / results.ATTRIBUTION_FILE,
+            {"error": error, "traceback": traceback.format_exc(), "finished_at": _now()},
+        )
+        logger.error("cell %s: attribution failed: %s", cell_dir.name, error)
 
 
 def _record_crash(job: CellJob, error: BaseException) -> None:
@@ -634,6 +670,7 @@ def run_sweep(
     entrypoint: str | Entrypoint | None = None,
     retry_failed: bool = True,
     progress: bool = True,
+    on_result: Callable[[CellJob, Mapping[str, Any]], None] | None = None,
 ) -> pd.DataFrame:
     """Run every cell of ``spec`` that has not finished yet; return the results table.
 
@@ -645,6 +682,8 @@ def run_sweep(
             callable; with the ``process``/``submitit`` executors it must be picklable).
         retry_failed: run failed cells again (default); False keeps their failed rows.
         progress: show a progress bar.
+        on_result: called with each cell's job and row (``status``, metrics, ``error``) as the
+            cell finishes (the CLI prints one line per cell with it, under the bar).
 
     Raises:
         RuntimeError: another sweep is running in ``out_dir``.
@@ -668,9 +707,10 @@ def run_sweep(
         jobs = []
         for cell in cells:
             cell_dir = sweep_dir / results.CELLS_DIR / cell.cell_id
-            if (cell_dir / results.METRICS_FILE).exists():
+            if (cell_dir / results.METRICS_FILE).exists() and not (
+                spec.attribute and needs_attribution(cell_dir, retry_failed)
+            ):
                 continue
-    on_result: Callable[[CellJob, Mapping[str, Any]], None] | None = None,
             if (cell_dir / results.ERROR_FILE).exists() and not retry_failed:
                 continue
             jobs.append(
@@ -680,10 +720,9 @@ def run_sweep(
                     cell.config,
                     str(cell_dir),
                     entrypoint if entrypoint is not None else spec.entrypoint,
+                    attribute=spec.attribute,
                 )
             )
-        on_result: called with each cell's job and row (``status``, metrics, ``error``) as the
-            cell finishes (the CLI prints one line per cell with it, under the bar).
         logger.info(
             "sweep %s in %s: %d cells, %d to run", spec.name, sweep_dir, len(cells), len(jobs)
         )
@@ -695,7 +734,10 @@ def run_sweep(
         ):
             if isinstance(outcome, BaseException):
                 _record_crash(job, outcome)
+                outcome = {"status": results.STATUS_FAILED, "error": f"worker crashed: {outcome}"}
             results.write_tables(sweep_dir)
+            if on_result is not None:
+                on_result(job, outcome)
         return results.write_tables(sweep_dir)
     finally:
         lock.__exit__(None, None, None)
@@ -731,5 +773,3 @@ DEFAULT_SWEEP: dict[str, Any] = {
 """The default sweep as data: 2 expert pairs x 3 fusions = 6 cells over tiny experts on the
 built-in benchmark, 2 cells at a time on one core each (tiny models gain nothing from more
 threads, and two single-threaded cells use a 2-core laptop fully)."""
-            if on_result is not None:
-                on_result(job, outcome)
