@@ -148,6 +148,8 @@ def load_eval_items(
     image_root: str | os.PathLike[str] | None,
     validator: RecordValidator,
     on_bad_record: BadRecordPolicy = "error",
+    limit: int | None = None,
+    seed: int = 0,
 ) -> tuple[list[EvalItem], list[SkippedRecord]]:
     """The questions of a LLaVA file or mixture, validated by the same
     :class:`~moe_vision.data.validation.RecordValidator` as training data (images fully decoded,
@@ -163,8 +165,6 @@ def load_eval_items(
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     index, roots, _ = resolve_data(json_path, image_root, seed)
-    limit: int | None = None,
-    seed: int = 0,
     items: list[EvalItem] = []
     skipped: list[SkippedRecord] = []
     for i in range(len(index)):
@@ -232,14 +232,14 @@ def evaluate(
     on_bad_record: BadRecordPolicy = "error",
     limit: int | None = None,
     progress: bool = False,
+    allow_outside_root: bool = False,
+    max_image_pixels: int | None = None,
 ) -> EvalResult:
     """Greedy answers of ``model`` to every question of ``json_path``, scored per category.
 
     Args:
         model: a :class:`~moe_vision.model.mllm.MoEVisionModel` (anything with ``generate(images,
             prompts, max_new_tokens)``, ``tokenizer`` and ``config.image_token``).
-    allow_outside_root: bool = False,
-    max_image_pixels: int | None = None,
         json_path: LLaVA-format file (the benchmark's ``test.json``, or a VQA-style file with
             ``"answers"`` lists) or a mixture YAML; text-only and multi-image questions too.
         image_root: folder of the images.
@@ -248,6 +248,8 @@ def evaluate(
         on_bad_record: ``"error"`` or ``"skip"`` (logged and counted in ``result.skipped``).
         limit: only the first ``limit`` questions.
         progress: show a progress bar.
+        allow_outside_root: accept absolute and ``..`` image paths.
+        max_image_pixels: pixel limit of image files (``None``: the platform default).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -261,8 +263,6 @@ def evaluate(
     )
     items, skipped = load_eval_items(json_path, image_root, validator, on_bad_record, limit)
     if not items:
-        allow_outside_root: accept absolute and ``..`` image paths.
-        max_image_pixels: pixel limit of image files (``None``: the platform default).
         raise DataError(f"{json_path}: no questions to evaluate")
     if max_new_tokens is None:
         longest = max(

@@ -125,13 +125,13 @@ class TrainOptions:
             v = getattr(self, key)
             if not isinstance(v, int) or v < (1 if key in ("log_every", "keep_checkpoints") else 0):
                 raise ValueError(f"TrainOptions.{key} must be a non-negative integer, got {v!r}")
-
         interval = self.checkpoint_interval_s
         if not isinstance(interval, (int, float)) or interval < 0:
             raise ValueError(
                 "TrainOptions.checkpoint_interval_s must be a non-negative number of seconds, "
                 f"got {self.checkpoint_interval_s!r}"
             )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -169,7 +169,6 @@ def available_trackers(names: Sequence[str]) -> list[str]:
     return ok
 
 
-def make_accelerator(options: TrainOptions, project_dir: str | Path) -> Accelerator:
 class _TiedWeightsNote(logging.Filter):
     """Drops accelerate's "Removed shared tensor ... while saving" warning (said at every
     checkpoint). The tensors it removes are tied weights (an LLM's ``lm_head`` tied to its input
@@ -180,11 +179,12 @@ class _TiedWeightsNote(logging.Filter):
         return "Removed shared tensor" not in record.getMessage()
 
 
+def make_accelerator(options: TrainOptions, project_dir: str | Path) -> Accelerator:
     """The run's :class:`~accelerate.Accelerator` (distributed setup from the environment)."""
-    # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU box):
     other = logging.getLogger("accelerate.utils.other")
     if not any(isinstance(f, _TiedWeightsNote) for f in other.filters):
         other.addFilter(_TiedWeightsNote())
+    # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU box):
     # data-parallel on CPU with gloo, which accelerate only picks when told `cpu=True`.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     ckpt.quiet_accelerate_file_logs()
@@ -264,7 +264,6 @@ class StepEvent:
     loss: float
 
 
-StepHook = Callable[[StepEvent], None]
 @dataclass
 class StepTimings:
     """Where this process's training loop spent its wall time (seconds, all units): waiting
@@ -283,6 +282,7 @@ class StepTimings:
         return now
 
 
+StepHook = Callable[[StepEvent], None]
 DatasetFactory = Callable[[str, nn.Module], Dataset]
 """``(stage.data, model) -> Dataset``: a stage's data for a model (its preprocessors/tokens)."""
 UnitModelFactory = Callable[[nn.Module, TrainUnit], nn.Module]
@@ -436,8 +436,8 @@ class Trainer:
         self.unit_model = unit_model
         self.cache = cache if options.use_feature_cache else None
         self.hooks = list(hooks)
-        self.units = expand_units(recipe, len(model.experts))
         self.timings = StepTimings()
+        self.units = expand_units(recipe, len(model.experts))
         if any(u.expert is not None for u in self.units) and unit_model is None:
             raise ValueError("recipe has a per_expert stage but no unit_model factory was given")
         self.state = ckpt.TrainerState("unit_end", -1, "init")
@@ -631,6 +631,7 @@ class Trainer:
         samples = 0
         done = self.state.optimizer_steps >= total_steps
         t_start = time.perf_counter()
+        last_checkpoint = time.monotonic()
         for epoch in range(start_epoch, stage.epochs):
             if done:
                 break
@@ -638,11 +639,12 @@ class Trainer:
             batches = acc.skip_first_batches(loader, skip) if skip else loader
             self.state.epoch, self.state.batches_done = epoch, skip
             skip = 0
+            mark = time.perf_counter()
             for batch in batches:
+                mark = self.timings.add("data_s", mark)  # waiting for the loader
                 with acc.accumulate(prepared), acc.autocast():
                     precomputed = {
                         i: self.cache.maps(  # type: ignore[union-attr]
-        last_checkpoint = time.monotonic()
                             model.experts[i],
                             keys[i],
                             batch["images"][i],
@@ -650,9 +652,8 @@ class Trainer:
                             acc.device,
                         )
                         for i in (cached if batch["images"] is not None else ())  # text-only batch
-            mark = time.perf_counter()
                     }
-                mark = self.timings.add("data_s", mark)  # waiting for the loader
+                    mark = self.timings.add("features_s", mark)  # cache reads / frozen experts
                     loss = batch_loss(prepared, batch, precomputed)
                     if not self._finite(loss, unit, epoch, batch):
                         optimizer.zero_grad()
@@ -664,8 +665,8 @@ class Trainer:
                         scheduler.step()
                         optimizer.zero_grad()
                         running += float(loss.detach())
-                    mark = self.timings.add("features_s", mark)  # cache reads / frozen experts
                         running_n += 1
+                mark = self.timings.add("step_s", mark)  # forward, backward, optimiser
                 n = len(batch["ids"]) * acc.num_processes
                 samples += n
                 self.state.samples_seen += n
@@ -677,7 +678,6 @@ class Trainer:
                     running, running_n = 0.0, 0
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
-                mark = self.timings.add("step_s", mark)  # forward, backward, optimiser
                     if self.state.global_step % self.options.log_every == 0:
                         acc.log(
                             {
@@ -690,7 +690,10 @@ class Trainer:
                     if not done and self._checkpoint_due(last_checkpoint):
                         self.state.train_time_s += time.perf_counter() - t_start
                         t_start = time.perf_counter()
+                        mark = time.perf_counter()
                         self._save_checkpoint("mid", base)
+                        mark = self.timings.add("checkpoint_s", mark)
+                        last_checkpoint = time.monotonic()
                     event = StepEvent(
                         unit,
                         epoch,
@@ -701,11 +704,9 @@ class Trainer:
                     )
                     for hook in self.hooks:
                         hook(event)
-                        mark = time.perf_counter()
                     if done:
-                        mark = self.timings.add("checkpoint_s", mark)
-                        last_checkpoint = time.monotonic()
                         break
+                mark = time.perf_counter()
         bar.close()
         self.state.train_time_s += time.perf_counter() - t_start
         if self.cache is not None and cached:
@@ -717,7 +718,6 @@ class Trainer:
             )
         report = UnitReport(
             unit.name,
-                mark = time.perf_counter()
             trainable,
             total,
             self.state.optimizer_steps,
@@ -729,24 +729,13 @@ class Trainer:
         )
         self.state.unit_reports.append(dataclasses.asdict(report))
         self.state.epoch = self.state.batches_done = self.state.optimizer_steps = 0
+        if self.cache is not None and cached:
+            self.cache.flush()  # this unit's maps, for later units and runs
         self._save_checkpoint("unit_end", None, prepared if unit.expert is None else self.model)
         acc.free_memory()
         for p in model.parameters():
             p.grad = None
 
-    def _last_unit_end(self) -> str | None:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
-        while latest is not None:
-            st = ckpt.TrainerState.load(latest)
-            return latest.name if st.kind == "unit_end" else st.base
-        return None
-        if self.cache is not None and cached:
-            self.cache.flush()  # this unit's maps, for later units and runs
-
-    def _finite(self, loss: torch.Tensor, unit: TrainUnit, epoch: int, batch: dict) -> bool:
-        """Whether every process's loss is finite; counts skips and raises past the limit."""
-        ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-        if self.accelerator.num_processes > 1:
     def _checkpoint_due(self, last_checkpoint: float) -> bool:
         """Whether a mid-unit checkpoint is due after this optimiser step: every
         ``checkpoint_every`` steps, or ``checkpoint_interval_s`` after the last one. A checkpoint
@@ -762,6 +751,17 @@ class Trainer:
             due = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         return due
 
+    def _last_unit_end(self) -> str | None:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        while latest is not None:
+            st = ckpt.TrainerState.load(latest)
+            return latest.name if st.kind == "unit_end" else st.base
+        return None
+
+    def _finite(self, loss: torch.Tensor, unit: TrainUnit, epoch: int, batch: dict) -> bool:
+        """Whether every process's loss is finite; counts skips and raises past the limit."""
+        ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:
             ok = self.accelerator.reduce(ok, reduction="sum") / self.accelerator.num_processes
         if bool(ok.item() == 1.0):
             return True
