@@ -19,6 +19,11 @@ shrunk (aspect kept) until its rows and columns fit in ``G``. ``spec.grid = (G, 
 standardisation, bilinear antialiased resize, ``torch_extract_patches``), with the extra
 ``G`` bound above; without the bound its output equals the processor's (tested).
 ``spec.mean``/``spec.std`` are identity because the standardisation is per image.
+The order of operations differs, not the result: the standardisation is affine and the resize
+is linear with weights summing to one, so ``resize((x - m) / s) == (resize(x) - m) / s``. The
+full-resolution image is therefore never turned into floats: ``m`` and ``s`` come exactly from
+its uint8 histogram, and the separable resize runs its horizontal pass over strips of rows
+(:func:`resize_uint8`), so a 10000x10000 page costs a few MB and about a second, not gigabytes.
 
 **Staged execution**: groups of encoder layers (``spec.num_stages`` even groups); the state is
 the token sequence ``(B, N, C)`` plus the scatter index, and ``to_map``/``from_map`` scatter to
@@ -51,6 +56,38 @@ from experts.spec import ExpertSpec, FeatureMap
 def scatter_grid(max_patches: int, max_aspect_ratio: float) -> int:
     """Side ``G`` of the square scatter grid: rows, cols <= G for aspect ratios <= the bound."""
     return max(1, math.isqrt(int(max_patches * max_aspect_ratio)))
+
+
+def histogram_mean_std(image: Image.Image) -> tuple[float, float]:
+    """Mean and unbiased std (``torch.std``'s) over all pixels and channels of an 8-bit image,
+    exactly, from PIL's per-band histograms (no copy of the pixels)."""
+    counts = np.asarray(image.histogram(), dtype=np.float64).reshape(-1, 256).sum(0)
+    values = np.arange(256, dtype=np.float64)
+    n = counts.sum()
+    mean = float((counts * values).sum() / n)
+    var = float((counts * (values - mean) ** 2).sum() / max(n - 1.0, 1.0))
+    return mean, math.sqrt(var)
+
+
+def resize_uint8(
+    image: Image.Image, height: int, width: int, strip_bytes: int = 1 << 24
+) -> torch.Tensor:
+    """RGB image -> ``(1, 3, height, width)`` float32, bilinear with antialiasing.
+
+    The same separable resize as ``tvF.resize(float image, antialias=True)``: the horizontal
+    pass runs on float strips of rows of at most ``strip_bytes``, the vertical pass on the
+    narrow result, so the full image is never held as floats (nor copied as a whole).
+    """
+    w, h = image.size
+    rows_per_strip = max(1, strip_bytes // (4 * 3 * w))
+    mode = tvF.InterpolationMode.BILINEAR
+    strips = []
+    for r in range(0, h, rows_per_strip):
+        strip = np.asarray(image.crop((0, r, w, min(h, r + rows_per_strip))), dtype=np.float32)
+        x = torch.from_numpy(strip).permute(2, 0, 1)[None]  # (1, 3, strip rows, W)
+        strips.append(tvF.resize(x, [x.shape[2], width], interpolation=mode, antialias=True))
+    narrow = torch.cat(strips, dim=2)  # (1, 3, H, width)
+    return tvF.resize(narrow, [height, width], interpolation=mode, antialias=True)
 
 
 def patch_rows_cols(
@@ -120,17 +157,14 @@ class Pix2StructExpert(Expert):
     def preprocess_image(cls, spec: ExpertSpec, image: Image.Image) -> ExpertInputs:
         """RGB image -> ``{"flattened_patches": (M, 2 + 3p^2), "attention_mask": (M,)}``."""
         p, m = spec.patch_size, int(spec.max_patches or 0)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-        # per-image standardisation, as Pix2StructImageProcessor.normalize
-        min_std = 1.0 / math.sqrt(x.numel())
-        x = (x - x.mean()) / torch.clamp(x.std(), min=min_std)
-        rows, cols = patch_rows_cols(x.shape[1], x.shape[2], p, m, spec.grid[0])
-        x = tvF.resize(
-            x[None],
-            [rows * p, cols * p],
-            interpolation=tvF.InterpolationMode.BILINEAR,
-            antialias=True,
-        )
+        if image.mode != "RGB":
+            raise ValueError(f"expert {spec.name!r}: expected an RGB image, got {image.mode}")
+        w, h = image.size
+        rows, cols = patch_rows_cols(h, w, p, m, spec.grid[0])
+        x = resize_uint8(image, rows * p, cols * p)  # (1, 3, rows*p, cols*p)
+        # per-image standardisation of the full image, as Pix2StructImageProcessor.normalize
+        mean, std = histogram_mean_std(image)
+        x = (x - mean) / max(std, 1.0 / math.sqrt(3 * h * w))
         patches = torch_extract_patches(x, p, p).reshape(rows * cols, 3 * p * p)
         ids = torch.stack(
             torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1

@@ -53,9 +53,9 @@ import torch
 import yaml
 from torch import nn
 
+from moe_vision.console import logs_to_run_folder
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.llava import LlavaDataset, read_skips
-from moe_vision.console import logs_to_run_folder
 from moe_vision.data.mixture import is_mixture
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 from moe_vision.training.cache import FeatureCache, default_cache_dir
@@ -126,9 +126,9 @@ class DataConfig:
     eval_split: str = "test"
     eval_limit: int | None = None
     on_bad_record: str = "error"
-
     allow_outside_root: bool = False
     max_image_pixels: int | None = None
+
     def __post_init__(self) -> None:
         plain = [v for v in self.splits.values() if not is_mixture(v)]
         if plain and not self.image_root:
@@ -348,8 +348,8 @@ class DatasetCache:
         specs = tuple(json.dumps(e.spec.to_dict(), default=str) for e in model.experts)
         key = (str(path), specs, model.num_visual_tokens, model.max_length)
         if key not in self._built:
-            ds = LlavaDataset(
             d = self.cfg.data
+            ds = LlavaDataset(
                 path,
                 self.image_root,
                 model.preprocessors,
@@ -404,10 +404,10 @@ def flops_per_sample(model: MoEVisionModel, dataset: LlavaDataset, n: int = 2) -
 
 
 # ------------------------------------------------------------------------------ the run
+@logs_to_run_folder  # library logging of the run goes to <out_dir>/train.log
 def run_experiment(
     cfg: RunConfig,
     out_dir: str | Path,
-@logs_to_run_folder  # library logging of the run goes to <out_dir>/train.log
     resume: bool = True,
     hooks: list[StepHook] | None = None,
 ) -> dict[str, Any]:
@@ -495,14 +495,14 @@ def run_experiment(
             batch_size=cfg.eval_batch_size,
             on_bad_record=cfg.data.on_bad_record,  # type: ignore[arg-type]
             limit=cfg.data.eval_limit,
-        )
-        eval_time = time.perf_counter() - t0
             allow_outside_root=cfg.data.allow_outside_root,
             max_image_pixels=cfg.data.max_image_pixels,
         )
         _atomic_write(
             out / "skipped_eval.jsonl",
             "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in result.skipped),
+        )
+        eval_time = time.perf_counter() - t0
         _atomic_write(out / "predictions.json", json.dumps(result.predictions, indent=1))
         flops_data = recipe.stages[-1].data
         metrics = {f"accuracy/{k}": float(v) for k, v in sorted(result.per_category.items())}
@@ -519,15 +519,15 @@ def run_experiment(
         metrics["peak_memory_mb"] = round(peak_memory_mb(accelerator.device), 1)
         metrics["flops_per_sample"] = flops_per_sample(model, datasets(flops_data, model))
         metrics["eval_time_s"] = round(eval_time, 3)
+        for name, seconds in dataclasses.asdict(trainer.timings).items():  # this process's loop
+            metrics[f"time/{name}"] = round(seconds, 3)
         metrics["eval_samples"] = len(result.predictions)
         metrics["nonfinite_skipped"] = state.nonfinite_skipped
         metrics["skipped_records"] = datasets.skipped + len(result.skipped)
-        metrics["cache_hits"] = cache.hits if cache is not None else 0
-        metrics["cache_misses"] = cache.misses if cache is not None else 0
-        for name, seconds in dataclasses.asdict(trainer.timings).items():  # this process's loop
-            metrics[f"time/{name}"] = round(seconds, 3)
         metrics["skipped_records/train"] = datasets.skipped
         metrics["skipped_records/eval"] = len(result.skipped)
+        metrics["cache_hits"] = cache.hits if cache is not None else 0
+        metrics["cache_misses"] = cache.misses if cache is not None else 0
         for r in reports:
             metrics[f"final_loss/{r.unit}"] = r.final_loss
         _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
