@@ -9,12 +9,17 @@ and flags override the default; flags win over the YAML::
     moe-vision sweep --base clip-tiny --pool convnext-tiny,sam-tiny --k 2 \\
         --fusions channel_concat,sequence_append --seeds 0,1
     moe-vision sweep --set model.llm=tiny-llama --set train.max_steps=20
+
+The console shows one progress bar, one line per finished cell (name, status, overall
+accuracy, wall time), each distinct warning once, and the table. Each cell's library logging is
+in ``<sweep>/cells/<cell>/train.log``; ``-v`` shows it on the console as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +99,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep failed cells' rows instead of running them again",
     )
     e.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the cells' library logging on the console (also: moe-vision -v sweep)",
+    )
     p.set_defaults(func=run)
 
 
@@ -137,16 +149,59 @@ def build_spec(args: argparse.Namespace) -> Any:
     return spec.with_overrides(overrides) if overrides else spec
 
 
+def cell_line(job: Any, row: Mapping[str, Any], done: int, total: int) -> str:
+    """``[k/n] <cell name>: ok, overall 0.230, 41.2 s`` (or ``failed: <error>``)."""
+    from moe_vision import results
+
+    name = job.settings.get("name", job.cell_id)
+    wall = row.get("wall_time_s")
+    took = f", {wall:.1f} s" if isinstance(wall, (int, float)) else ""
+    if row.get("status") == results.STATUS_OK:
+        acc = row.get("accuracy/overall")
+        acc_text = f"overall {acc:.3f}" if isinstance(acc, (int, float)) else "no accuracy"
+        return f"[{done}/{total}] {name}: ok, {acc_text}{took}"
+    error = str(row.get("error", "unknown error")).splitlines()[0][:160]
+    return f"[{done}/{total}] {name}: FAILED{took}: {error} (see {job.cell_dir}/error.json)"
+
+
+def _reporter(total: int, finished: int) -> Callable[[Any, Mapping[str, Any]], None]:
+    """The per-cell console line plus the cell's warnings not said yet in this sweep."""
+    from tqdm.auto import tqdm
+
+    from moe_vision.console import RUN_LOG, new_warnings
+
+    seen: set[str] = set()
+    done = [finished]
+
+    def report(job: Any, row: Mapping[str, Any]) -> None:
+        done[0] += 1
+        tqdm.write(cell_line(job, row, done[0], total))
+        for text in new_warnings(Path(job.cell_dir) / RUN_LOG, seen):
+            tqdm.write(f"  warning (first seen in this cell; see its {RUN_LOG}): {text}")
+
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     from moe_vision import results
+    from moe_vision.console import configure_console
     from moe_vision.sweeps.sweep import run_sweep
 
+    verbose = bool(getattr(args, "verbose", False))
+    configure_console(verbose, quiet_level=logging.ERROR)  # warnings: once, from the run logs
     spec = build_spec(args)
+    cells = spec.expand()
     if args.dry_run:
-        for cell in spec.expand():
+        for cell in cells:
             print(cell.cell_id)
         return 0
-    df = run_sweep(spec, retry_failed=not args.no_retry_failed)
+    folder = spec.output_dir()
+    finished = sum(
+        (folder / results.CELLS_DIR / c.cell_id / results.METRICS_FILE).is_file() for c in cells
+    )
+    print(f"sweep {spec.name}: {len(cells)} cells ({finished} finished before), folder {folder}")
+    report = _reporter(len(cells), finished)
+    df = run_sweep(spec, retry_failed=not args.no_retry_failed, on_result=report)
     print(results.format_table(df))
     sweep_dir = spec.output_dir()
     print(f"\nsweep folder: {sweep_dir} ({len(df)} rows)")

@@ -7,28 +7,49 @@ When a stage keeps an expert frozen (and the fusion does not drive that expert i
   input size, mean/std, ...: everything preprocessing and forward depend on) **and a
   fingerprint of its current weights** -- so an expert changed by an earlier stage (Eagle's
   pre-alignment) gets a new key, and
-* the image: a content hash (``image_key`` from :class:`moe_vision.data.llava.LlavaDataset`).
+* the image: a content hash (``image_keys`` of :class:`moe_vision.data.llava.LlavaDataset`).
 
-Every ``(expert key, image key)`` map is one safetensors file
-``<root>/<expert key>/<image key[:2]>/<image key>.safetensors`` holding ``features``
-``(C, H, W)`` and, for ragged grids, ``mask`` ``(H, W)``; the stride and source are metadata.
-Writes are atomic (temporary file + ``os.replace``), so concurrent runs and data-parallel ranks
-can share one cache folder (default ``~/.cache/moe-vision/features``). This is what makes
-frozen-expert sweeps cheap (Cambrian-1 and Eagle ablations freeze the encoders).
+Storage: one safetensors file per *shard* of a dataset and expert,
+``<root>/<expert key>/shard-<id>.safetensors``, holding ``features`` ``(N, C, H, W)`` (ragged
+grids zero-padded), ``mask`` ``(N, H, W)`` when any grid is ragged, and in its metadata the
+``N`` image keys (row order), the grids, the stride and the source. Maps computed during a run
+are kept in memory and written as one shard when ``shard_bytes`` is reached or at
+:meth:`FeatureCache.flush` (the trainer flushes at every unit end). Shards are read through a
+memory map (``numpy.memmap`` of the file, viewed as tensors without copying), so a batch read is
+one gather of ``B`` rows. Writes are atomic (temporary file + ``os.replace``) and file names are
+unique, so concurrent runs and data-parallel ranks can share one cache folder (default
+``~/.cache/moe-vision/features``).
+
+**Is the cache worth it?** A cache that costs more than it saves is not used. With
+``policy="auto"`` (default) the cache times, per expert, computing a map (its forward on the
+batch's misses) and reading one back (gather + copy to the device, on hits); once both are
+known it keeps the cache only when a read is cheaper than a computation, says so once in the
+log, and records the decision in ``<root>/<expert key>/decision-<device>.json`` so later runs
+(and a resumed run) follow it without measuring. With tiny experts on a CPU the two are close;
+with real-size experts (a CLIP ViT-L/336 forward is ~0.4 TFLOP per image) reading wins by orders
+of magnitude (``moe-vision bench``, section ``feature_cache``). ``policy="always"`` keeps the
+cache whatever it costs. This is what makes frozen-expert sweeps cheap (Cambrian-1 and Eagle
+ablations freeze the encoders).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import struct
+import time
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,6 +57,19 @@ from experts.base import Expert, ExpertInputs
 from experts.spec import FeatureMap
 
 logger = logging.getLogger(__name__)
+
+CachePolicy = Literal["auto", "always"]
+SHARD_BYTES = 256 * 2**20
+"""Default size at which the maps computed in a run are written out as one shard."""
+
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+}
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +93,10 @@ def expert_cache_key(expert: Expert) -> str:
     """Key of an expert's maps: its spec's cache key plus its weights fingerprint."""
     spec = json.dumps(expert.spec.cache_key(), sort_keys=True, default=str)
     h = hashlib.sha256(spec.encode())
-    h.update(weights_fingerprint(expert).encode())
+    h.update(weights_fingerprint(expert).encode())  # LoRA adapter tensors included
+    from moe_vision.training.lora import adapter_fingerprint  # lora imports recipes
+
+    h.update(adapter_fingerprint(expert).encode())  # their scaling; "" (no change) without LoRA
     return h.hexdigest()[:32]
 
 
@@ -67,59 +104,232 @@ def _select(inputs: ExpertInputs, index: torch.Tensor) -> ExpertInputs:
     return {k: v.index_select(0, index.to(v.device)) for k, v in inputs.items()}
 
 
+def mmap_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a safetensors file as views of a copy-on-write memory map (nothing is
+    read until a row is used), and its metadata."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    buf = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+    tensors = {}
+    for name, info in header.items():
+        start, end = (8 + n + o for o in info["data_offsets"])
+        dtype = _DTYPES[info["dtype"]]
+        tensors[name] = buf[start:end].view(dtype).reshape(info["shape"])
+    return tensors, meta
+
+
+@dataclass
+class _Shard:
+    """A written shard, memory-mapped: ``features (N, C, H, W)``, optional ``mask (N, H, W)``,
+    per-row grids ``(N, 2)``."""
+
+    features: torch.Tensor
+    mask: torch.Tensor | None
+    grids: list[tuple[int, int]]
+    stride: int
+    source: str
+
+
+@dataclass
+class _Costs:
+    """Seconds and rows timed per expert key (compute: forward on misses; read: hits)."""
+
+    compute_s: float = 0.0
+    compute_rows: int = 0
+    read_s: float = 0.0
+    read_rows: int = 0
+    decided: bool | None = None  # None: not yet; True: use the cache; False: bypass
+
+
 class FeatureCache:
-    """Maps of frozen experts on disk, keyed by ``(expert key, image key)``.
+    """Maps of frozen experts on disk, keyed by ``(expert key, image key)`` (module docstring).
+
+    Args:
+        root: the cache folder (default :func:`default_cache_dir`).
+        policy: ``"auto"`` (use the cache only where reading beats computing) or ``"always"``.
+        shard_bytes: in-memory maps written out as one shard at this size.
 
     Attributes:
-        root: the cache folder.
-        hits / misses: maps read back / computed since construction.
+        hits / misses: maps read back / computed for the cache since construction.
+        bypassed: maps computed because the cache was judged not worth it.
     """
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        policy: CachePolicy = "auto",
+        shard_bytes: int = SHARD_BYTES,
+    ) -> None:
+        if policy not in ("auto", "always"):
+            raise ValueError(f"feature cache policy must be 'auto' or 'always', got {policy!r}")
         self.root = Path(root) if root is not None else default_cache_dir()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.hits = 0
-        self.misses = 0
+        self.policy = policy
+        self.shard_bytes = int(shard_bytes)
+        self.hits = self.misses = self.bypassed = 0
+        self._index: dict[str, dict[str, tuple[int, int]]] = {}  # key -> image -> (shard, row)
+        self._shards: dict[str, list[_Shard]] = {}
+        self._seen_files: dict[str, set[str]] = {}
+        self._pending: dict[str, dict[str, FeatureMap]] = {}  # computed, not written yet
+        self._costs: dict[str, _Costs] = {}
 
-    def _path(self, expert_key: str, image_key: str) -> Path:
-        if not image_key or "/" in image_key or image_key.startswith("."):
-            raise ValueError(f"feature cache: invalid image key {image_key!r} (expected a hash)")
-        return self.root / expert_key / image_key[:2] / f"{image_key}.safetensors"
+    # -------------------------------------------------------------- storage
+    def folder(self, expert_key: str) -> Path:
+        if not expert_key or "/" in expert_key or expert_key.startswith("."):
+            raise ValueError(f"feature cache: invalid expert key {expert_key!r} (expected a hash)")
+        return self.root / expert_key
 
     def describe(self, expert: Expert, expert_key: str) -> None:
         """Write ``<root>/<expert key>/spec.json`` so a cache folder can be read by people."""
-        path = self.root / expert_key / "spec.json"
+        path = self.folder(expert_key) / "spec.json"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".spec.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(expert.spec.to_dict(), indent=1, default=str))
-            os.replace(tmp, path)
+            _atomic_text(path, json.dumps(expert.spec.to_dict(), indent=1, default=str))
+
+    def _scan(self, expert_key: str) -> None:
+        """Index shards of ``expert_key`` written since the last scan (by any process)."""
+        index = self._index.setdefault(expert_key, {})
+        shards = self._shards.setdefault(expert_key, [])
+        seen = self._seen_files.setdefault(expert_key, set())
+        folder = self.folder(expert_key)
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("shard-*.safetensors")):
+            if path.name in seen:
+                continue
+            seen.add(path.name)
+            tensors, meta = mmap_safetensors(path)
+            keys = json.loads(meta["image_keys"])
+            grids = [tuple(g) for g in json.loads(meta["grids"])]
+            shards.append(
+                _Shard(
+                    tensors["features"],
+                    tensors.get("mask"),
+                    grids,
+                    int(meta.get("stride", 1)),
+                    meta.get("source", ""),
+                )
+            )
+            for row, key in enumerate(keys):
+                index.setdefault(key, (len(shards) - 1, row))
+
+    def flush(self) -> list[Path]:
+        """Write the maps computed so far as one shard per expert key; returns the files."""
+        written = []
+        for expert_key, maps in self._pending.items():
+            if maps:
+                written.append(self._write_shard(expert_key, maps))
+        self._pending = {}
+        return written
+
+    def _write_shard(self, expert_key: str, maps: dict[str, FeatureMap]) -> Path:
+        keys = list(maps)
+        stacked = stack_maps([maps[k] for k in keys])
+        tensors = {"features": stacked.features.detach().cpu().contiguous()}
+        if stacked.mask is not None:
+            tensors["mask"] = stacked.mask.cpu().contiguous()
+        first = maps[keys[0]]
+        meta = {
+            "image_keys": json.dumps(keys),
+            "grids": json.dumps([list(maps[k].grid) for k in keys]),
+            "stride": str(first.stride),
+            "source": first.source,
+        }
+        folder = self.folder(expert_key)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"shard-{uuid.uuid4().hex[:16]}.safetensors"
+        tmp = folder / f".{path.name}.tmp"
+        start = time.perf_counter()
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        logger.debug(
+            "feature cache: wrote %s (%d maps, %.2fs)", path, len(keys), time.perf_counter() - start
+        )
+        return path
 
     def contains(self, expert_key: str, image_key: str) -> bool:
-        return self._path(expert_key, image_key).is_file()
-
-    def put(self, expert_key: str, image_key: str, fmap: FeatureMap, index: int = 0) -> None:
-        """Store row ``index`` of ``fmap`` (``features (B, C, H, W)``) atomically."""
-        path = self._path(expert_key, image_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"features": fmap.features[index].detach().contiguous().cpu()}
-        if fmap.mask is not None:
-            tensors["mask"] = fmap.mask[index].detach().contiguous().cpu()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"stride": str(fmap.stride), "source": fmap.source})
-        os.replace(tmp, path)
+        """Whether the map of ``image_key`` is stored (written or pending)."""
+        if image_key in self._pending.get(expert_key, {}):
+            return True
+        self._scan(expert_key)
+        return image_key in self._index.get(expert_key, {})
 
     def get(self, expert_key: str, image_key: str) -> FeatureMap | None:
         """The stored map as a batch of one ``(1, C, H, W)``, or ``None`` when absent."""
-        path = self._path(expert_key, image_key)
-        if not path.is_file():
+        if not image_key or "/" in image_key:
+            raise ValueError(f"feature cache: invalid image key {image_key!r} (expected a hash)")
+        pending = self._pending.get(expert_key, {})
+        if image_key in pending:
+            return pending[image_key]
+        self._scan(expert_key)
+        where = self._index.get(expert_key, {}).get(image_key)
+        if where is None:
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            feats = f.get_tensor("features")[None]
-            mask = f.get_tensor("mask")[None] if "mask" in f.keys() else None
-        return FeatureMap(feats, int(meta.get("stride", 1)), meta.get("source", ""), mask)
+        shard = self._shards[expert_key][where[0]]
+        return _row(shard, where[1])
 
+    def put(self, expert_key: str, image_key: str, fmap: FeatureMap, index: int = 0) -> None:
+        """Keep row ``index`` of ``fmap`` (``features (B, C, H, W)``) for the next shard."""
+        if not image_key or "/" in image_key:
+            raise ValueError(f"feature cache: invalid image key {image_key!r} (expected a hash)")
+        valid = None if fmap.mask is None else fmap.mask[index : index + 1].cpu()
+        row = FeatureMap(
+            fmap.features[index : index + 1].detach().cpu(), fmap.stride, fmap.source, valid
+        )
+        pending = self._pending.setdefault(expert_key, {})
+        pending[image_key] = row
+        if sum(m.features.numel() * m.features.element_size() for m in pending.values()) >= (
+            self.shard_bytes
+        ):
+            self._write_shard(expert_key, pending)
+            self._pending[expert_key] = {}
+
+    # -------------------------------------------------------------- policy
+    def decision_path(self, expert_key: str, device: torch.device | str | None) -> Path:
+        kind = torch.device(device).type if device is not None else "cpu"
+        return self.folder(expert_key) / f"decision-{kind}.json"
+
+    def use_cache(self, expert: Expert, expert_key: str, device=None) -> bool | None:  # noqa: ANN001
+        """``True``/``False`` once decided (or ``policy="always"``), ``None`` while measuring."""
+        if self.policy == "always":
+            return True
+        costs = self._costs.setdefault(expert_key, _Costs())
+        if costs.decided is None:
+            path = self.decision_path(expert_key, device)
+            if path.is_file():
+                record = json.loads(path.read_text())
+                costs.decided = bool(record["use_cache"])
+                logger.info(
+                    "feature cache %s for %s (decided earlier, %s)",
+                    "on" if costs.decided else "off",
+                    expert.spec.name,
+                    path,
+                )
+        return costs.decided
+
+    def _decide(self, expert: Expert, expert_key: str, device) -> None:  # noqa: ANN001
+        costs = self._costs[expert_key]
+        if costs.decided is not None or not (costs.compute_rows and costs.read_rows):
+            return
+        compute = costs.compute_s / costs.compute_rows
+        read = costs.read_s / costs.read_rows
+        costs.decided = read < compute
+        record = {"use_cache": costs.decided, "compute_ms": 1e3 * compute, "read_ms": 1e3 * read}
+        _atomic_text(self.decision_path(expert_key, device), json.dumps(record, indent=1))
+        logger.info(
+            "feature cache %s for expert %s: reading a map costs %.3f ms, computing it %.3f ms "
+            "per image (%.1fx)%s",
+            "on" if costs.decided else "OFF",
+            expert.spec.name,
+            1e3 * read,
+            1e3 * compute,
+            compute / max(read, 1e-12),
+            "" if costs.decided else "; it runs every step (decision kept in the cache folder)",
+        )
+
+    # -------------------------------------------------------------- the batch
     def maps(
         self,
         expert: Expert,
@@ -129,31 +339,84 @@ class FeatureCache:
         device: torch.device | str | None = None,
     ) -> FeatureMap:
         """The batch's maps: cached rows read back, missing rows computed by ``expert`` and
-        stored. Returns ``features (B, C, H, W)`` on ``device`` (ragged grids padded, masked).
+        kept. Returns ``features (B, C, H, W)`` on ``device`` (ragged grids padded, masked).
 
         Args:
-            expert: the frozen expert (run only on cache misses, under ``no_grad``).
+            expert: the frozen expert (run only on misses or when bypassed, under ``no_grad``).
             expert_key: :func:`expert_cache_key` of ``expert``.
             inputs: the batch's inputs of this expert, ``B`` rows.
             image_keys: ``B`` image content hashes, aligned with the rows of ``inputs``.
         """
+        use = self.use_cache(expert, expert_key, device)
+        if use is False:
+            with torch.no_grad():
+                out = expert(inputs)
+            self.bypassed += len(image_keys)
+            return out if device is None else _to_device(out, device)
+        costs = self._costs.setdefault(expert_key, _Costs())
+        start = time.perf_counter()
         found = [self.get(expert_key, k) for k in image_keys]
         missing = [i for i, m in enumerate(found) if m is None]
         if missing:
+            t0 = time.perf_counter()
             index = torch.tensor(missing, dtype=torch.long)
             with torch.no_grad():
                 computed = expert(_select(inputs, index))
+            if computed.thumbnail is not None:  # tiled expert: its thumbnail is not stored
+                return self._never_cache(expert, expert_key, inputs, image_keys, device)
+            if use is None:
+                costs.compute_s += time.perf_counter() - t0
+                costs.compute_rows += len(missing)
             for j, i in enumerate(missing):
                 self.put(expert_key, image_keys[i], computed, j)
-                found[i] = FeatureMap(
-                    computed.features[j : j + 1].detach(),
-                    computed.stride,
-                    computed.source,
-                    None if computed.mask is None else computed.mask[j : j + 1],
-                )
+                found[i] = self.get(expert_key, image_keys[i])
+        out = stack_maps([m for m in found if m is not None], device)
+        if use is None and not missing:
+            costs.read_s += time.perf_counter() - start
+            costs.read_rows += len(image_keys)
+            self._decide(expert, expert_key, device)
         self.hits += len(image_keys) - len(missing)
         self.misses += len(missing)
-        return stack_maps([m for m in found if m is not None], device)
+        return out
+
+    def _never_cache(
+        self,
+        expert: Expert,
+        expert_key: str,
+        inputs: ExpertInputs,
+        image_keys: Sequence[str],
+        device: torch.device | str | None,
+    ) -> FeatureMap:
+        """Run ``expert`` on the whole batch from now on (maps with a thumbnail)."""
+        self._costs.setdefault(expert_key, _Costs()).decided = False
+        logger.info("feature cache off for %s: its maps carry a thumbnail", expert.spec.name)
+        with torch.no_grad():
+            out = expert(inputs)
+        self.bypassed += len(image_keys)
+        return out if device is None else _to_device(out, device)
+
+
+def _to_device(fmap: FeatureMap, device: torch.device | str) -> FeatureMap:
+    return dataclasses.replace(
+        fmap,
+        features=fmap.features.to(device),
+        mask=None if fmap.mask is None else fmap.mask.to(device),
+        thumbnail=None if fmap.thumbnail is None else _to_device(fmap.thumbnail, device),
+    )
+
+
+def _row(shard: _Shard, row: int) -> FeatureMap:
+    h, w = shard.grids[row]
+    feats = shard.features[row : row + 1, :, :h, :w]
+    mask = None if shard.mask is None else shard.mask[row : row + 1, :h, :w]
+    return FeatureMap(feats, shard.stride, shard.source, mask)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def stack_maps(maps: Sequence[FeatureMap], device: torch.device | str | None = None) -> FeatureMap:
@@ -165,7 +428,7 @@ def stack_maps(maps: Sequence[FeatureMap], device: torch.device | str | None = N
     for m in maps:
         f = m.features.to(device)
         pad = (0, w - m.grid[1], 0, h - m.grid[0])
-        feats.append(F.pad(f, pad))
+        feats.append(F.pad(f, pad) if any(pad) else f)
         if ragged:
             masks.append(F.pad(m.valid().to(device), pad, value=False))
     mask = torch.cat(masks) if ragged else None
