@@ -43,6 +43,89 @@ class RecipeError(ValueError):
     """A recipe or stage that cannot be used: says which field and what was expected."""
 
 
+LORA_QUANTIZE = ("nf4", "fp4")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al., 2021) for a stage, applied with ``peft``.
+
+    The modules that get adapters are those under a ``targets`` pattern (fnmatch over module
+    names, like ``train``: ``"llm.*"``, ``"experts.0.*"``) whose name ends with one of
+    ``modules`` (peft's ``target_modules``: ``q_proj``, ``mlp.fc1``); they must be
+    ``nn.Linear``, ``nn.Conv2d`` (not grouped) or ``nn.Embedding``. In the stage, their adapters
+    train and their base weights stay frozen; see :mod:`moe_vision.training.lora`.
+
+    Attributes:
+        targets: module-name patterns (which parts of the model).
+        modules: module-name suffixes inside them.
+        r: adapter rank.
+        alpha: scaling numerator (the update is ``alpha / r * B @ A``).
+        dropout: dropout on the adapter's input.
+        quantize: QLoRA (Dettmers et al., 2023): ``"nf4"`` or ``"fp4"`` stores the adapted
+            modules' base weights in 4 bits through bitsandbytes (CUDA only); ``None``: as is.
+    """
+
+    targets: list[str]
+    modules: list[str]
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "lora") -> None:
+        """Raise :class:`RecipeError` naming the bad field and what was expected."""
+        for key, example in (("targets", "['llm.*']"), ("modules", "['q_proj', 'v_proj']")):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = [value]
+            if not value or not all(isinstance(v, str) and v for v in value):
+                raise RecipeError(
+                    f"{where}: {key} must be a non-empty list of names such as {example}, "
+                    f"got {getattr(self, key)!r}"
+                )
+            setattr(self, key, list(value))
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise RecipeError(f"{where}: r must be an integer >= 1, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise RecipeError(f"{where}: alpha must be a positive number, got {self.alpha!r}")
+        if self.alpha <= 0:
+            raise RecipeError(f"{where}: alpha must be a positive number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise RecipeError(f"{where}: dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if self.quantize is not None and self.quantize not in LORA_QUANTIZE:
+            raise RecipeError(
+                f"{where}: quantize must be null or one of {list(LORA_QUANTIZE)}, "
+                f"got {self.quantize!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "lora") -> LoraConfig:
+        """Build from a plain dict; unknown or missing keys raise with the valid ones listed."""
+        if isinstance(data, LoraConfig):
+            data = dataclasses.asdict(data)
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}: {data!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(data) - set(valid))
+        if bad:
+            raise RecipeError(f"{where}: unknown fields {bad}; valid fields: {valid}")
+        missing = [k for k in ("targets", "modules") if k not in data]
+        if missing:
+            raise RecipeError(f"{where}: missing required fields {missing}")
+        obj = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            setattr(obj, f.name, data.get(f.name, default))
+        obj.validate(where)
+        return obj
+
+
 @dataclass
 class Stage:
     """One training stage.
@@ -72,6 +155,10 @@ class Stage:
             carried into the mixture.
         per_expert_fusion: fusion strategy of the single-expert models.
         per_expert_fusion_options: its options (``{}``: the strategy's defaults).
+        lora: :class:`LoraConfig` entries (a single mapping is accepted): low-rank adapters
+            added at the start of the stage, which train there while the adapted modules' base
+            weights stay frozen; ``[]``: none. Adapters stay in the model for later stages,
+            where ``train`` patterns decide whether they train.
     """
 
     name: str
@@ -90,6 +177,7 @@ class Stage:
     per_expert: bool = False
     per_expert_fusion: str = "channel_concat"
     per_expert_fusion_options: dict[str, Any] = field(default_factory=dict)
+    lora: list[LoraConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -137,6 +225,10 @@ class Stage:
             )
         if self.weight_decay < 0:
             raise RecipeError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
+        lora = [self.lora] if isinstance(self.lora, (dict, LoraConfig)) else self.lora
+        if not isinstance(lora, list):
+            raise RecipeError(f"{where}: lora must be a mapping or a list of mappings")
+        self.lora = [LoraConfig.from_dict(x, f"{where} lora[{i}]") for i, x in enumerate(lora)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -392,15 +484,22 @@ def check_patterns(model: nn.Module, patterns: Iterable[str], where: str) -> Non
 def apply_stage(model: nn.Module, stage: Stage) -> dict[str, list[str]]:
     """Set ``requires_grad`` so that exactly the parameters ``stage.train`` names train.
 
+    The stage's LoRA adapters (added beforehand by
+    :func:`moe_vision.training.lora.add_stage_adapters`) train and the base weights of the
+    modules they adapt stay frozen, whatever the patterns say; 4-bit weights never train.
+
     Returns ``{"train": [...], "frozen": [...]}`` module groups, which are also logged.
     Raises :class:`RecipeError` when a pattern matches nothing.
     """
+    from moe_vision.training.lora import stage_trainability  # lora imports this module
+
     check_patterns(model, stage.train, f"stage {stage.name!r} train")
     check_patterns(model, stage.lr_scale, f"stage {stage.name!r} lr_scale")
+    forced = stage_trainability(model, stage)
     counts: dict[str, list[int]] = {}
     lists = _list_modules(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(any(_matches(name, pat) for pat in stage.train))
+        p.requires_grad_(forced.get(name, any(_matches(name, pat) for pat in stage.train)))
         c = counts.setdefault(module_group(name, lists), [0, 0])
         c[0 if p.requires_grad else 1] += p.numel()
     trained = [g for g, (t, _) in counts.items() if t]
@@ -437,5 +536,3 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict[str, Any]]:
     if not groups:
         raise RecipeError(f"stage {stage.name!r}: no trainable parameters (train={stage.train})")
     return list(groups.values())
-
-

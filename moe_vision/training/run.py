@@ -17,11 +17,13 @@ Run folder layout::
     out_dir/logs/              tracker logs (TensorBoard by default)
 
 Metrics row: ``accuracy/<category>`` and ``accuracy/overall`` on the evaluation split,
-``params_total`` (the mixture model), ``params_trainable`` (the most any unit trained; per unit
-in ``params_trainable/<unit>``), ``visual_tokens``, ``train_time_s``, ``throughput_samples_s``
-(training samples per second, all processes), ``peak_memory_mb`` (CUDA: peak allocated; CPU:
-peak resident set size of the process), ``flops_per_sample`` (forward FLOPs of one training
-sample, measured with ``torch.utils.flop_counter``), ``eval_time_s``, ``nonfinite_skipped``,
+``params_total`` (the mixture model, LoRA adapters included), ``params_adapter`` (its LoRA
+adapters), ``params_trainable`` (the most any unit trained, adapters included and the frozen base
+weights under them not; per unit in ``params_trainable/<unit>``), ``visual_tokens``,
+``train_time_s``, ``throughput_samples_s`` (training samples per second, all processes),
+``peak_memory_mb`` (CUDA: peak allocated; CPU: peak resident set size of the process),
+``flops_per_sample`` (forward FLOPs of one training sample, measured with
+``torch.utils.flop_counter``), ``eval_time_s``, ``nonfinite_skipped``,
 ``skipped_records`` (and ``skipped_records/train``, ``skipped_records/eval``), ``cache_hits`` /
 ``cache_misses``, and where this process's training loop spent its time: ``time/data_s``,
 ``time/features_s``, ``time/step_s``, ``time/checkpoint_s``
@@ -58,6 +60,7 @@ from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.llava import LlavaDataset, read_skips
 from moe_vision.data.mixture import is_mixture
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.training import lora
 from moe_vision.training.cache import FeatureCache, default_cache_dir
 from moe_vision.training.recipes import Recipe, get_recipe
 from moe_vision.training.trainer import StepHook, Trainer, TrainOptions, TrainUnit, make_accelerator
@@ -507,7 +510,9 @@ def run_experiment(
         flops_data = recipe.stages[-1].data
         metrics = {f"accuracy/{k}": float(v) for k, v in sorted(result.per_category.items())}
         metrics["accuracy/overall"] = float(result.overall)
-        metrics["params_total"] = int(sum(p.numel() for p in model.parameters()))
+        counts = lora.count_parameters(model)  # LoRA adapters counted; 4-bit weights unpacked
+        metrics["params_total"] = counts["total"]
+        metrics["params_adapter"] = counts["adapter"]
         metrics["params_trainable"] = max(r.params_trainable for r in reports)
         for r in reports:
             metrics[f"params_trainable/{r.unit}"] = r.params_trainable

@@ -51,6 +51,7 @@ from transformers import get_scheduler
 
 from moe_vision.training import checkpoint as ckpt
 from moe_vision.training.cache import FeatureCache, expert_cache_key
+from moe_vision.training.lora import add_stage_adapters
 from moe_vision.training.recipes import Recipe, Stage, apply_stage, param_groups
 
 logger = logging.getLogger(__name__)
@@ -502,6 +503,7 @@ class Trainer:
             else (self.ckpt_root / state.base if state.base else None)
         )
         if end is not None:
+            self._replay_adapters(ckpt.TrainerState.load(end).unit)
             load_weights(self.model, end)
         logger.info(
             "resuming from %s (%s, unit %s, epoch %d, batch %d)",
@@ -542,6 +544,14 @@ class Trainer:
         torch.manual_seed(_unit_seed(self.seed, unit))  # the temporary projector's init
         return self.unit_model(self.model, unit).to(self.accelerator.device)
 
+    def _replay_adapters(self, last: int) -> None:
+        """Add the LoRA adapters that units ``0..last`` added, as they added them, so that a
+        checkpoint of unit ``last`` loads (:mod:`~.lora`: adapters stay in the model)."""
+        for unit in self.units[: last + 1]:
+            if unit.stage.lora:
+                model = self._unit_module(unit)
+                add_stage_adapters(model, unit.stage, _unit_seed(self.seed, unit))
+
     def _cached_experts(self, model: nn.Module) -> list[int]:
         staged = set(model.fusion.staged_experts())
         out = []
@@ -557,6 +567,7 @@ class Trainer:
         """Train one unit and write its ``unit_end`` checkpoint."""
         acc, stage = self.accelerator, unit.stage
         model = self._unit_module(unit)
+        add_stage_adapters(model, stage, _unit_seed(self.seed, unit))  # LoRA: before apply_stage
         groups = apply_stage(model, stage)
         if self.options.gradient_checkpointing:
             _enable_gradient_checkpointing(model)

@@ -1,0 +1,335 @@
+"""LoRA / QLoRA stages (:mod:`moe_vision.training.lora`).
+
+The end-to-end test trains a tiny Eagle recipe (per-expert pre-alignment, joint, SFT) whose joint
+stage adapts one expert (CLIP) with LoRA and whose SFT adds LoRA on the LLM: only fusion,
+projector and the adapters change, every base weight stays bitwise what it was at init, the
+other expert is served from the feature cache, the per-stage trainable counts equal an
+independent count, a run killed twice resumes to bitwise the same weights, and the adapter
+and merged saves give the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_vision.data.benchmark import BenchmarkSizes
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.training import lora
+from moe_vision.training.cache import expert_cache_key
+from moe_vision.training.checkpoint import TrainerState, latest_checkpoint
+from moe_vision.training.recipes import LoraConfig, Recipe, RecipeError, Stage, apply_stage
+from moe_vision.training.run import DataConfig, RunConfig, run_experiment
+from moe_vision.training.trainer import StepEvent, TrainOptions
+
+QV = ["q_proj", "v_proj"]
+CLIP_LORA = {"targets": ["experts.0.*"], "modules": QV, "r": 4, "alpha": 8}
+LLM_LORA = {"targets": ["llm.*"], "modules": QV, "r": 4, "alpha": 8, "dropout": 0.1}
+
+
+def _recipe() -> Recipe:
+    fp = ["fusion.*", "projector.*"]
+    return Recipe(
+        "eagle_lora_tiny",
+        [
+            Stage("prealign", "align", fp, per_expert=True, max_steps=1),
+            Stage("joint", "align", fp, lora=[CLIP_LORA], max_steps=3),
+            Stage("sft", "instruct", ["projector.*"], lora=[LLM_LORA, CLIP_LORA], max_steps=3),
+        ],
+    )
+
+
+def _config(tmp_path) -> RunConfig:
+    sizes = BenchmarkSizes(align=12, instruct=12, val=2, test=4)
+    return RunConfig(
+        model=ModelConfig(experts=["clip-tiny", "convnext-tiny"]),
+        recipe=_recipe(),
+        overrides={"*": {"batch_size": 2, "lr": 5e-3}},
+        data=DataConfig(benchmark_sizes=sizes.to_dict(), benchmark_dir=str(tmp_path / "bench")),
+        train=TrainOptions(progress_bar=False, log_with=[], checkpoint_every=2, keep_checkpoints=1),
+        cache_dir=str(tmp_path / "cache"),
+    )
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def _kill_at(step: int, log: list):
+    def hook(event: StepEvent) -> None:
+        log.append((event.unit.name, event.optimizer_steps, event.loss))
+        if event.global_step == step:
+            raise Killed(step)
+
+    return hook
+
+
+def _adapted(model: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Linear]:
+    """The q/v projections under ``prefix`` of a plain model (brute force over names)."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if n.startswith(prefix) and n.rsplit(".", 1)[-1] in QV and isinstance(m, torch.nn.Linear)
+    }
+
+
+def _batch(model: MoEVisionModel) -> dict:
+    from PIL import Image
+
+    images = [Image.new("RGB", (40, 30), c) for c in [(200, 30, 30), (20, 200, 60)]]
+    inputs = [
+        {k: torch.stack([pre(im)[k] for im in images]) for k in pre(images[0])}
+        for pre in model.preprocessors
+    ]
+    ids = torch.tensor([[1, model.image_token_id, 5, 6], [7, 8, model.image_token_id, 9]])
+    return {"input_ids": ids, "images": inputs}
+
+
+@pytest.mark.timeout(400)
+def test_eagle_with_lora_trains_only_adapters_resumes_and_saves_both_forms(tmp_path) -> None:
+    cfg = _config(tmp_path)
+    ref_log: list = []
+    ref = run_experiment(cfg, tmp_path / "ref", resume=False, hooks=[_kill_at(-1, ref_log)])
+    units = ["prealign[0]", "prealign[1]", "joint", "sft"]
+    assert [u for u, _, _ in ref_log] == units[:2] + ["joint"] * 3 + ["sft"] * 3
+
+    # -- only the adapters and what the stages name changed; base weights bitwise as at init
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    init = MoEVisionModel.from_config(cfg.model)
+    saved = ref_dir = tmp_path / "ref" / "model"
+    base = load_file(str(saved / "model.safetensors"))
+    tied = {"llm.model.embed_tokens.weight": "llm.lm_head.weight"}  # stored once
+    for key, value in init.state_dict().items():
+        if key.startswith(("experts.", "llm.")):
+            assert torch.equal(base[key if key in base else tied[key]], value), key
+    assert any(
+        not torch.equal(base[k], v) for k, v in init.state_dict().items() if "projector" in k
+    )
+    adapters = load_file(str(saved / lora.ADAPTERS_WEIGHTS))
+    clip, llm = _adapted(init, "experts.0."), _adapted(init, "llm.")
+    expected = {f"{n}.lora_{ab}.default.weight" for n in [*clip, *llm] for ab in "AB"}
+    assert set(adapters) == expected  # no adapter on the ConvNeXt expert
+    block = init.experts[0].feature_block  # CLIP is read there: later blocks never train
+    for key in (k for k in expected if ".lora_B." in k):
+        layer = int(key.split("layers.")[1].split(".")[0])
+        reached = key.startswith("llm.") or layer <= block
+        assert bool(adapters[key].abs().sum() > 0) == reached, key  # B starts at 0
+
+    # -- trainable parameters per stage, counted independently: r * (in + out) per module
+    def lora_count(mods: dict) -> int:
+        return sum(4 * (m.in_features + m.out_features) for m in mods.values())
+
+    def numel(prefix: str) -> int:
+        return sum(p.numel() for n, p in init.named_parameters() if n.startswith(prefix))
+
+    assert ref["params_trainable/joint"] == numel("fusion.") + numel("projector.") + lora_count(
+        clip
+    )
+    assert ref["params_trainable/sft"] == numel("projector.") + lora_count(clip) + lora_count(llm)
+    assert ref["params_adapter"] == lora_count(clip) + lora_count(llm)
+    assert ref["params_total"] == sum(p.numel() for p in init.parameters()) + ref["params_adapter"]
+
+    # -- the expert whose adapters train is not cached; the frozen ConvNeXt is
+    reports = TrainerState.load(latest_checkpoint(tmp_path / "ref" / "checkpoints")).unit_reports
+    cached = {r["unit"]: r["cached_experts"] for r in reports}
+    assert cached == {"prealign[0]": [0], "prealign[1]": [0], "joint": [1], "sft": [1]}
+
+    # -- killed inside joint (its last step is lost) and inside SFT (after a checkpoint)
+    log: list = []
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_experiment(cfg, out, resume=False, hooks=[_kill_at(5, log)])
+    with pytest.raises(Killed):
+        run_experiment(cfg, out, resume=True, hooks=[_kill_at(7, log)])
+    state = TrainerState.load(latest_checkpoint(out / "checkpoints"))
+    assert (state.kind, state.unit_name, state.optimizer_steps) == ("mid", "sft", 2)
+    metrics = run_experiment(cfg, out, resume=True, hooks=[_kill_at(-1, log)])
+    reference = {(u, s): loss for u, s, loss in ref_log}
+    assert [(u, s) for u, s, _ in log].count(("joint", 3)) == 2  # lost, then redone
+    for unit, step, loss in log:
+        assert loss == reference[(unit, step)], (unit, step)
+    for name in ("model.safetensors", lora.ADAPTERS_WEIGHTS):
+        a, b = load_file(str(ref_dir / name)), load_file(str(out / "model" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert metrics["accuracy/overall"] == ref["accuracy/overall"]
+
+    # -- adapters beside the base, or merged: the same outputs
+    unmerged = MoEVisionModel.from_pretrained(ref_dir).eval()
+    unmerged.save_pretrained(tmp_path / "merged", merge_lora=True)
+    assert not (tmp_path / "merged" / lora.ADAPTERS_CONFIG).exists()
+    merged = MoEVisionModel.from_pretrained(tmp_path / "merged").eval()
+    assert lora.lora_layers(merged) == {}
+    assert set(lora.lora_layers(unmerged)) == set(clip) | set(llm)
+    batch = _batch(unmerged)
+    with torch.no_grad():
+        a, b = unmerged(**batch).logits, merged(**batch).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    merged_w = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    q = next(iter(llm)) + ".weight"
+    assert not torch.equal(merged_w[q], base[q])  # the update went into the weight
+
+
+def test_lora_config_yaml_round_trip_and_errors() -> None:
+    stage = Stage("sft", "instruct", ["projector.*"], lora={**LLM_LORA, "quantize": "nf4"})
+    assert isinstance(stage.lora[0], LoraConfig)  # a single mapping becomes a list
+    recipe = Recipe("r", [stage])
+    again = Recipe.from_yaml(recipe.to_yaml())
+    assert again == recipe and again.stages[0].lora[0].quantize == "nf4"
+    assert stage.replace(lora=[]).lora == []
+    with pytest.raises(RecipeError, match=r"lora\[0\]: unknown fields \['rank'\]"):
+        Stage("s", "align", ["*"], lora={"targets": ["llm.*"], "modules": QV, "rank": 4})
+    with pytest.raises(RecipeError, match="r must be an integer >= 1"):
+        Stage("s", "align", ["*"], lora={**LLM_LORA, "r": 0})
+    with pytest.raises(RecipeError, match="missing required fields \\['modules'\\]"):
+        Stage("s", "align", ["*"], lora={"targets": ["llm.*"]})
+    with pytest.raises(RecipeError, match="quantize must be null or one of"):
+        Stage("s", "align", ["*"], lora={**LLM_LORA, "quantize": "int3"})
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MoEVisionModel:
+    torch.manual_seed(0)
+    return MoEVisionModel.from_config(ModelConfig(experts=["clip-tiny", "convnext-tiny"]))
+
+
+def _fresh(tiny: MoEVisionModel) -> MoEVisionModel:
+    import copy
+
+    return copy.deepcopy(tiny)
+
+
+def test_stage_adapters_train_base_frozen_and_gradients_reach_only_them(tiny) -> None:
+    model = _fresh(tiny)
+    stage = Stage("s", "instruct", ["llm.*"], lora=[LLM_LORA])
+    selected = lora.add_stage_adapters(model, stage, seed=0)
+    assert len(next(iter(selected.values()))) == 4
+    apply_stage(model, stage)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    base = {n for n in trainable if ".base_layer." in n}
+    assert not base  # 'llm.*' names them, the stage's adapters keep them frozen
+    assert {n for n in trainable if lora.is_adapter_key(n)} == {
+        f"{n}.lora_{ab}.default.weight" for n in _adapted(tiny, "llm.") for ab in "AB"
+    }
+    assert "llm.model.layers.0.mlp.up_proj.weight" in trainable  # the rest of the LLM trains
+    model.train()
+    model(**_batch(model)).logits.sum().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    # B = 0 at init: the adapted model computes what the plain one does
+    model.eval()
+    with torch.no_grad():
+        plain = tiny.eval()(**_batch(tiny)).logits
+        torch.testing.assert_close(model(**_batch(model)).logits, plain)
+
+
+def test_same_seed_same_adapters_and_continuation_rules(tiny) -> None:
+    a, b = _fresh(tiny), _fresh(tiny)
+    stage = Stage("s", "instruct", ["projector.*"], lora=[LLM_LORA])
+    before = torch.random.get_rng_state()
+    lora.add_stage_adapters(a, stage, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the run's RNG is untouched
+    lora.add_stage_adapters(b, stage, seed=3)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    lora.add_stage_adapters(a, stage, seed=4)  # continuing: the adapters stay as they are
+    assert all(torch.equal(a.state_dict()[k], sb[k]) for k in sa)
+    with pytest.raises(RecipeError, match="already has an adapter with r=4"):
+        lora.add_stage_adapters(a, stage.replace(lora=[{**LLM_LORA, "r": 8}]), seed=0)
+    twice = stage.replace(lora=[LLM_LORA, {**LLM_LORA, "targets": ["llm.model.*"]}])
+    with pytest.raises(RecipeError, match=r"lora\[1\]: modules .* already selected by lora\[0\]"):
+        lora.add_stage_adapters(_fresh(tiny), twice, seed=0)
+
+
+def test_bad_targets_and_modules_name_what_is_there(tiny) -> None:
+    model = _fresh(tiny)
+    with pytest.raises(RecipeError, match=r"targets \['vision\.\*'\] match no module; .*'llm'"):
+        lora.select_modules(model, LoraConfig(["vision.*"], QV))
+    with pytest.raises(RecipeError, match=r"no module .* ends with one of \['qkv'\].*'fc1'"):
+        lora.select_modules(model, LoraConfig(["experts.1.*"], ["qkv"]))
+    with pytest.raises(RecipeError, match="is a LayerNorm; LoRA adapts nn.Linear"):
+        lora.select_modules(model, LoraConfig(["experts.0.*"], ["layer_norm1"]))
+    with pytest.raises(RecipeError, match="conv_dw' is a Conv2d with groups=16"):
+        lora.select_modules(model, LoraConfig(["experts.1.*"], ["conv_dw"]))  # depthwise
+    conv = lora.select_modules(model, LoraConfig(["experts.1.*"], ["stem.0"]))
+    assert conv == ["experts.1.model.stem.0"]
+
+
+def test_frozen_adapter_is_part_of_the_expert_cache_key(tiny) -> None:
+    model = _fresh(tiny)
+    plain = expert_cache_key(model.experts[0])
+    stage = Stage("s", "align", ["projector.*"], lora=[CLIP_LORA])
+    lora.add_stage_adapters(model, stage, seed=0)
+    expert = model.experts[0].requires_grad_(False)
+    layers = lora.lora_layers(expert)
+    keyed = expert_cache_key(expert)
+    assert keyed != plain  # the wrapped layout (and A) differ, though B = 0
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+    trained = expert_cache_key(expert)
+    assert trained != keyed
+    for layer in layers.values():
+        layer.scaling["default"] *= 2  # same tensors, another alpha
+    assert expert_cache_key(expert) != trained
+    assert lora.adapter_fingerprint(tiny.experts[1]) == ""  # no adapters: keys as before
+
+
+def test_qlora_refuses_without_cuda(tiny, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    stage = Stage("sft", "instruct", ["projector.*"], lora={**LLM_LORA, "quantize": "nf4"})
+    with pytest.raises(lora.QLoraUnavailableError) as err:
+        lora.add_stage_adapters(_fresh(tiny), stage, seed=0)
+    text = str(err.value)
+    assert "needs CUDA and bitsandbytes" in text and "no CUDA device" in text
+    assert "Use plain LoRA" in text and "stage 'sft' lora[0]" in text
+
+
+def test_eagle_lora_example_adapts_the_default_experts(tiny) -> None:
+    from pathlib import Path
+
+    recipe = Recipe.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "eagle_lora.yaml")
+    model = _fresh(tiny)
+    sft = recipe.stages[-1]
+    chosen = lora.add_stage_adapters(model, sft, seed=0)
+    experts = next(v for k, v in chosen.items() if "lora[1]" in k)
+    assert {n.split(".")[1] for n in experts} == {"0", "1"}  # CLIP and ConvNeXt both adapted
+    counts = lora.count_parameters(model)
+    assert counts["adapter"] == sum(
+        layer.r["default"] * (m.in_features + m.out_features)
+        for layer in lora.lora_layers(model).values()
+        for m in [layer.get_base_layer()]
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA")
+def test_qlora_on_cuda(tiny, tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    model = _fresh(tiny).cuda()
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = {"targets": ["llm.*"], "modules": modules, "r": 4, "alpha": 8, "quantize": "nf4"}
+    stage = Stage("sft", "instruct", ["projector.*"], lora=[cfg])
+    lora.add_stage_adapters(model, stage, seed=0)
+    apply_stage(model, stage)
+    quantized = [n for n, p in model.named_parameters() if lora.is_4bit(p)]
+    assert len(quantized) == 2 * len(modules)
+    batch = {k: v for k, v in _batch(model).items()}
+    batch["input_ids"] = batch["input_ids"].cuda()
+    batch["images"] = [{k: v.cuda() for k, v in x.items()} for x in batch["images"]]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(**batch).logits
+    logits.float().sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(lora.is_adapter_key(n) or n.startswith("projector.") for n in grads)
+    model.eval().save_pretrained(tmp_path / "q")
+    again = MoEVisionModel.from_pretrained(tmp_path / "q", device="cuda").eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = model(**batch).logits.float(), again(**batch).logits.float()
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # 4-bit vs dequantised base, bf16
+    info = json.loads((tmp_path / "q" / lora.ADAPTERS_CONFIG).read_text())
+    assert all(m["quantized"] for m in info["modules"].values())
