@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def quick_config():  # noqa: ANN201 - BenchConfig, imported lazily
     """Tiny sizes: every code path of the benchmark, in seconds."""
     from moe_vision.bench import BenchConfig
+    from moe_vision.bench.data import DataBenchConfig
 
     return BenchConfig(
         batch_size=2,
@@ -53,6 +54,8 @@ def quick_config():  # noqa: ANN201 - BenchConfig, imported lazily
         real_steps=1,
         matmul_size=256,
     )
+    cfg.data = DataBenchConfig(records=[2_000], throughput_batches=4)  # the "data" section's
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
