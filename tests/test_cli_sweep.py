@@ -65,9 +65,16 @@ def test_sweep_cli_runs_real_cells(tmp_path: Path, capsys: pytest.CaptureFixture
     ok, failed = df.iloc[0], df.iloc[1]
     assert ok.status == "ok" and failed.status == "failed"
     assert "mr_adapter" in failed.error and "FAILED" in printed
-    categories = [c for c in df.columns if c.startswith("accuracy/") and c != "accuracy/overall"]
+    categories = [c for c in results.accuracy_columns(df) if c != "accuracy/overall"]
     assert len(categories) == 6
     assert 0.0 <= ok["accuracy/overall"] <= 1.0
+    for col in [*categories, "accuracy/overall"]:  # every accuracy with its 95% interval
+        assert ok[f"{col}/lo"] <= ok[col] <= ok[f"{col}/hi"]
+    assert ok["n/overall"] == 12 and "best" in printed  # the seed summary is printed
+    summary = pd.read_csv(res / "cli_summary.csv")
+    assert list(summary["vs_best"]) == ["best"] and summary.loc[0, "n_seeds"] == 1
+    answers = pd.read_parquet(res / "cli_predictions.parquet")
+    assert len(answers) == 12 and set(answers["cell_id"]) == {ok.cell_id}
     assert ok.params_total > ok.params_trainable > 0 and ok.visual_tokens > 0
     assert ok.train_time_s > 0 and ok.peak_memory_mb > 0
     assert (res / "cli.png").read_bytes()[:4] == b"\x89PNG"

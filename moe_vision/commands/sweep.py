@@ -99,6 +99,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep failed cells' rows instead of running them again",
     )
     e.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    e.add_argument(
+        "--attribute",
+        action="store_true",
+        help="also run expert attribution per cell (drop/<expert>/<category> columns)",
+    )
     p.add_argument(
         "-v",
         "--verbose",
@@ -146,6 +151,8 @@ def build_spec(args: argparse.Namespace) -> Any:
         overrides["executor"] = executor
     if args.out:
         overrides["output"] = args.out
+    if args.attribute:
+        overrides["attribute"] = True
     return spec.with_overrides(overrides) if overrides else spec
 
 
@@ -204,13 +211,24 @@ def run(args: argparse.Namespace) -> int:
     df = run_sweep(spec, retry_failed=not args.no_retry_failed, on_result=report)
     print(results.format_table(df))
     sweep_dir = spec.output_dir()
+    summary = results.summarize(df, sweep_dir)
+    print(
+        "\nper setting: mean over seeds (95% interval over seeds and questions), seed std of "
+        "overall, and vs the best setting (paired test on the same questions)"
+    )
+    print(results.format_summary(summary))
     print(f"\nsweep folder: {sweep_dir} ({len(df)} rows)")
     if args.results_dir:
         out = Path(args.results_dir)
         csv = results.save(df, out / f"{spec.name}.csv")
         print(f"table: {csv}")
-        if not df.empty and (df["status"] == results.STATUS_OK).any():
-            png = results.plot_sweep(df, out / f"{spec.name}.png")
+        if not summary.empty:
+            print(f"summary: {results.save(summary, out / f'{spec.name}_summary.csv')}")
+        answers = results.collect_predictions(sweep_dir)
+        if not answers.empty:
+            print(f"answers: {results.save(answers, out / f'{spec.name}_predictions.parquet')}")
+        if not summary.empty:
+            png = results.plot_sweep(summary, out / f"{spec.name}.png")
             print(f"plot:  {png}")
     failed = int((df["status"] == results.STATUS_FAILED).sum()) if not df.empty else 0
     return 1 if failed else 0

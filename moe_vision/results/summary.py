@@ -48,6 +48,8 @@ MEAN_COLUMNS: tuple[str, ...] = (
 )
 """Other metrics averaged over seeds."""
 VS_BEST_COLUMNS: tuple[str, ...] = ("vs_best", "diff_vs_best", "p_vs_best")
+DROP_PREFIX = "drop/"
+"""Attribution columns (:mod:`moe_vision.analysis.attribution`)."""
 
 
 def _cell_dirs(df: pd.DataFrame, sweep_dir: Path | None) -> list[Path] | None:
@@ -108,7 +110,9 @@ def summarize(
     Returns:
         One row per setting, in the table's order: :data:`GROUP_COLUMNS`, ``n_seeds``,
         ``seeds``, per accuracy ``<col>``, ``<col>/std``, ``<col>/lo``, ``<col>/hi`` and
-        ``n/<category>``, the means of :data:`MEAN_COLUMNS`, and :data:`VS_BEST_COLUMNS`.
+        ``n/<category>``, the means of :data:`MEAN_COLUMNS` and of attribution drops
+        ``drop/<expert>/<category>`` (with ``/lo``, ``/hi`` for one seed), and
+        :data:`VS_BEST_COLUMNS`.
     """
     if isinstance(source, pd.DataFrame):
         df = source
@@ -128,12 +132,22 @@ def summarize(
         for column in MEAN_COLUMNS:
             if column in group.columns:
                 row[column] = pd.to_numeric(group[column], errors="coerce").mean()
+        for column in _drop_columns(ok):  # attribution: mean over seeds, one seed's interval
+            row[column] = pd.to_numeric(group[column], errors="coerce").mean()
+            if len(group) == 1:
+                for bound in ("lo", "hi"):
+                    row[f"{column}/{bound}"] = group[f"{column}/{bound}"].iloc[0]
         rows.append(row)
         sides.append(dirs)
     out = pd.DataFrame(rows)
     if out.empty:
         return out
     return _mark_vs_best(out, sides, confidence, n_boot)
+
+
+def _drop_columns(df: pd.DataFrame) -> list[str]:
+    """Attribution columns ``drop/<expert>/<category>`` (not their bounds)."""
+    return [c for c in df.columns if c.startswith(DROP_PREFIX) and not c.endswith(("/lo", "/hi"))]
 
 
 def _mark_vs_best(

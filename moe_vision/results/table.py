@@ -195,6 +195,24 @@ def collect_rows(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def collect_predictions(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Per-question scores of every finished cell: ``cell_id``, ``id``, ``category``,
+    ``score`` (from the cells' ``predictions.json``), in spec order; what paired comparisons
+    of cells need once the sweep folder is gone (``moe-vision sweep`` saves it next to the
+    table)."""
+    sweep_dir = Path(sweep_dir)
+    frames = []
+    for row in collect_rows(sweep_dir):
+        path = sweep_dir / CELLS_DIR / row["cell_id"] / PREDICTIONS_FILE
+        if row["status"] == STATUS_OK and path.exists():
+            preds = pd.DataFrame(read_json(path), columns=["id", "category", "score"])
+            frames.append(preds.assign(cell_id=row["cell_id"]))
+    if not frames:
+        return pd.DataFrame(columns=["cell_id", "id", "category", "score"])
+    out = pd.concat(frames, ignore_index=True)[["cell_id", "id", "category", "score"]]
+    return out.astype({"id": str, "category": str, "score": float})
+
+
 def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Rows to a DataFrame with a stable column order: settings, status, accuracies, metrics,
     then anything else the cells reported (sorted)."""
