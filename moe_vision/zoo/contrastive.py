@@ -1,0 +1,109 @@
+"""Image-text contrastive pretraining: CLIP, ConvNeXt-CLIP (open_clip's ``ClipLoss``) and
+SigLIP (open_clip's ``SigLipLoss``).
+
+CLIP (Radford et al., 2021) and SigLIP (Zhai et al., 2023): an image tower and a text tower
+embed a batch of images and their captions in one space; the InfoNCE loss (CLIP) or the
+pairwise sigmoid loss (SigLIP) pulls matching pairs together. The captions
+(:meth:`moe_vision.zoo.data.Scene.caption`) name colours, shapes, counts, positions, the text
+and the small marker, so the image tower must see all of them.
+
+The image embedding is the family's own pooled output, as in the released models:
+
+* CLIP: the library model's ``pooler_output`` (the CLS token of the last block after
+  ``post_layernorm``), then a bias-free projection (``CLIPModel.visual_projection``);
+* SigLIP: ``pooler_output`` of its attention-pooling head (MAP), then a projection;
+* ConvNeXt-CLIP: global average pool of the trunk's map, LayerNorm, projection (open_clip's
+  ``TimmModel`` head for ConvNeXt towers).
+
+The text tower is open_clip's ``TextTransformer`` over a word tokenizer
+(:mod:`moe_vision.zoo.text`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, SigLipLoss
+from torch import nn
+
+from experts import Expert
+from moe_vision.zoo.core import Objective, PretrainConfig, register_objective
+from moe_vision.zoo.data import Scene
+from moe_vision.zoo.text import WordTokenizer, text_tower
+
+EMBED_DIM = 64
+
+
+class ContrastiveObjective(Objective):
+    """Image tower (the expert + a projection) and text tower under a contrastive loss."""
+
+    description = "image-text contrastive (open_clip ClipLoss) on generated captions"
+
+    def __init__(self, expert: Expert, config: PretrainConfig) -> None:
+        super().__init__(expert, config)
+        self.tokenizer = WordTokenizer()
+        self.text = text_tower(self.tokenizer, EMBED_DIM)
+        self.visual_projection = nn.Linear(self.pooled_dim(), EMBED_DIM, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.criterion = ClipLoss()
+
+    def pooled_dim(self) -> int:
+        """Width of :meth:`pool`'s output."""
+        return self.expert.spec.channels
+
+    def pool(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The family's pooled image embedding ``(B, D)`` before the projection."""
+        return self.expert.model(pixel_values=inputs["pixel_values"]).pooler_output
+
+    def embed(self, scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised image and text embeddings, each ``(B, EMBED_DIM)``."""
+        inputs = self.expert.preprocess([s.image for s in scenes])
+        image = F.normalize(self.visual_projection(self.pool(inputs)), dim=-1)
+        tokens = self.tokenizer([s.caption() for s in scenes])
+        text = F.normalize(self.text(tokens), dim=-1)
+        return image, text
+
+    def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
+        image, text = self.embed(scenes)
+        return self.criterion(image, text, self.logit_scale.clamp(max=math.log(100)).exp())
+
+
+@register_objective("clip")
+class ClipObjective(ContrastiveObjective):
+    """CLIP: the CLS token of the last block (``pooler_output``), open_clip's ``ClipLoss``."""
+
+
+@register_objective("convnext-clip")
+class ConvNeXtClipObjective(ContrastiveObjective):
+    """ConvNeXt-CLIP: average-pooled trunk map + LayerNorm, open_clip's ``ClipLoss``."""
+
+    description = "image-text contrastive (open_clip ClipLoss), ConvNeXt tower, generated captions"
+
+    def __init__(self, expert: Expert, config: PretrainConfig) -> None:
+        super().__init__(expert, config)
+        self.head_norm = nn.LayerNorm(expert.spec.channels)
+
+    def pool(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        fmap = self.expert(inputs).features  # (B, C, H, W)
+        return self.head_norm(fmap.mean(dim=(2, 3)))
+
+
+@register_objective("siglip")
+class SiglipObjective(ContrastiveObjective):
+    """SigLIP: the attention-pooling head's output, open_clip's ``SigLipLoss`` with a learnt
+    bias (initialised at scale 10, bias -10, as in the paper)."""
+
+    description = "image-text sigmoid loss (open_clip SigLipLoss) on generated captions"
+
+    def __init__(self, expert: Expert, config: PretrainConfig) -> None:
+        super().__init__(expert, config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.criterion = SigLipLoss()
+
+    def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
+        image, text = self.embed(scenes)
+        return self.criterion(image, text, self.logit_scale.exp(), self.logit_bias)

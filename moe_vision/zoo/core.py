@@ -1,0 +1,312 @@
+"""The pretraining loop of the mini zoo: objectives registry, config, loop, weights and card.
+
+An :class:`Objective` wraps one expert with what its family's pretraining adds around it (a text
+tower, a decoder, a mask decoder, a teacher) and turns a batch of generated scenes
+(:mod:`moe_vision.zoo.data`) into a scalar loss. Objectives register under a name with
+:func:`register_objective`; a mini preset names its objective in :data:`MINI_RECIPES`.
+
+:func:`pretrain` runs the loop (AdamW, linear warm-up then cosine decay, gradient clipping,
+``torch.manual_seed(seed)`` before building anything, so a run is a pure function of its
+arguments on one machine) and :func:`save_pretrained` writes the expert's library module as
+safetensors (the format the family's ``load_checkpoint`` reads) and the JSON card.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+import experts
+from experts import Expert
+from moe_vision.results import atomic_write, write_json
+from moe_vision.zoo.data import KINDS, Scene, make_scenes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Hyper-parameters of one pretraining run.
+
+    Attributes:
+        steps: optimiser steps.
+        batch_size: scenes per step.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup: linear warm-up steps (then cosine decay to 0).
+        seed: seeds torch and the scene stream.
+        kinds: scene kinds of the data (:data:`moe_vision.zoo.data.KINDS`).
+        options: objective-specific settings (e.g. the teacher preset of EVA-02).
+    """
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 20
+    seed: int = 0
+    kinds: tuple[str, ...] = KINDS
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError(
+                f"PretrainConfig: steps must be >= 1 and batch_size >= 2 (contrastive "
+                f"objectives need negatives), got steps={self.steps}, "
+                f"batch_size={self.batch_size}"
+            )
+
+
+class Objective(nn.Module, ABC):
+    """A family's pretraining objective around one expert (``self.expert``).
+
+    Subclasses set :attr:`description` (the card's ``objective``) and implement :meth:`loss`.
+    Every parameter of the module trains (the expert plus the objective's heads) unless
+    :meth:`trainable` says otherwise.
+    """
+
+    description: str = ""
+
+    def __init__(self, expert: Expert, config: PretrainConfig) -> None:
+        super().__init__()
+        self.expert = expert
+        self.config = config
+
+    @abstractmethod
+    def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
+        """Scalar loss of one batch of scenes."""
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates (default: all that require grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def after_step(self, step: int) -> None:
+        """Hook after each optimiser step (EMA teachers)."""
+
+
+ObjectiveFactory = Callable[[Expert, PretrainConfig], Objective]
+OBJECTIVES: dict[str, ObjectiveFactory] = {}
+
+
+def register_objective(name: str) -> Callable[[ObjectiveFactory], ObjectiveFactory]:
+    """Class decorator: register an :class:`Objective` under ``name``."""
+
+    def wrap(cls: ObjectiveFactory) -> ObjectiveFactory:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is already registered")
+        OBJECTIVES[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class MiniRecipe:
+    """How a mini preset is pretrained: its objective and default config."""
+
+    objective: str
+    config: PretrainConfig
+
+
+MINI_RECIPES: dict[str, MiniRecipe] = {}
+"""Mini preset name -> recipe; filled by the objective modules (see ``moe_vision.zoo``)."""
+
+
+def register_recipe(preset: str, objective: str, config: PretrainConfig) -> None:
+    """Name the objective and defaults that ``moe-vision pretrain PRESET`` uses."""
+    if preset in MINI_RECIPES:
+        raise ValueError(f"mini recipe {preset!r} is already registered")
+    MINI_RECIPES[preset] = MiniRecipe(objective, config)
+
+
+def get_recipe(preset: str) -> MiniRecipe:
+    """The recipe of ``preset``, or a ``KeyError`` listing the valid names."""
+    if preset not in MINI_RECIPES:
+        raise KeyError(
+            f"no pretraining recipe for {preset!r}; valid presets are {sorted(MINI_RECIPES)}"
+        )
+    return MINI_RECIPES[preset]
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced.
+
+    Attributes:
+        name: the mini preset.
+        expert: the trained expert (eval mode).
+        losses: the loss of every step.
+        wall_time_s: seconds of the loop (data generation included).
+        config: the config the run used.
+        objective: the objective's registry name.
+    """
+
+    name: str
+    expert: Expert
+    losses: list[float]
+    wall_time_s: float
+    config: PretrainConfig
+    objective: str
+
+
+def _lr_lambda(config: PretrainConfig) -> Callable[[int], float]:
+    def schedule(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return schedule
+
+
+def build_objective(name: str, config: PretrainConfig, objective: str | None = None) -> Objective:
+    """Seed torch, build the random-init expert ``name`` and its objective."""
+    objective = objective or get_recipe(name).objective
+    if objective not in OBJECTIVES:
+        raise KeyError(
+            f"unknown objective {objective!r}; valid objectives are {sorted(OBJECTIVES)}"
+        )
+    torch.manual_seed(config.seed)
+    return OBJECTIVES[objective](experts.create_expert(name), config)
+
+
+def pretrain(
+    name: str,
+    config: PretrainConfig | None = None,
+    objective: str | None = None,
+    progress: bool = True,
+) -> PretrainResult:
+    """Pretrain mini preset ``name`` from random init with its recipe (or ``config``).
+
+    Returns:
+        :class:`PretrainResult` with the trained expert and the loss curve.
+    """
+    config = config or get_recipe(name).config
+    objective = objective or get_recipe(name).objective
+    model = build_objective(name, config, objective)
+    model.train()
+    opt = torch.optim.AdamW(model.trainable(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc=f"pretrain {name}", disable=not progress)
+    for step in bar:
+        scenes = make_scenes(config.seed, step, config.batch_size, config.kinds)
+        loss = model.loss(scenes, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretrain {name}: loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.trainable(), 1.0)
+        opt.step()
+        sched.step()
+        model.after_step(step)
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    wall = time.perf_counter() - start
+    logger.info(
+        "pretrain %s: %d steps in %.1f s, final loss %.4f", name, config.steps, wall, losses[-1]
+    )
+    return PretrainResult(name, model.expert.eval(), losses, wall, config, objective)
+
+
+# ---------------------------------------------------------------------------- saving
+def library_module(expert: Expert) -> nn.Module:
+    """The library model an expert wraps (its only child): what its checkpoints hold."""
+    children = list(expert.children())
+    if len(children) != 1:
+        raise ValueError(
+            f"expert {expert.spec.name!r} has {len(children)} child modules; expected one "
+            "library model whose state dict is the checkpoint"
+        )
+    return children[0]
+
+
+FINGERPRINT_SEED = 20261130
+"""Seed of the fixed scenes the card's output fingerprint is computed on."""
+
+
+def fingerprint_inputs(n: int = 4) -> list[Scene]:
+    """The fixed scenes (one per kind, cycling) a card's fingerprint is measured on."""
+    return [make_scenes(FINGERPRINT_SEED, i, 2, (KINDS[i % len(KINDS)],))[0] for i in range(n)]
+
+
+@torch.no_grad()
+def fingerprint(expert: Expert) -> dict[str, float]:
+    """Mean, std and mean |x| of the expert's map on :func:`fingerprint_inputs`."""
+    expert.eval()
+    feats = expert(expert.preprocess([s.image for s in fingerprint_inputs()])).features
+    return {
+        "mean": float(feats.mean()),
+        "std": float(feats.std()),
+        "abs_mean": float(feats.abs().mean()),
+    }
+
+
+def card(result: PretrainResult, probe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON card of a pretraining run."""
+    cfg = asdict(result.config)
+    k = max(1, len(result.losses) // 20)
+    spec = result.expert.spec
+    return {
+        "name": result.name,
+        "family": spec.family,
+        "architecture": type(result.expert).__name__,
+        "library": spec.library,
+        "parameters": sum(p.numel() for p in result.expert.parameters()),
+        "input_size": list(spec.input_size),
+        "grid": list(spec.grid),
+        "channels": spec.channels,
+        "objective": {
+            "name": result.objective,
+            "description": OBJECTIVES[result.objective].description,
+        },
+        "data": {
+            "generator": "moe_vision.zoo.data.make_scenes",
+            "seed": result.config.seed,
+            "kinds": list(result.config.kinds),
+            "images_seen": result.config.steps * result.config.batch_size,
+        },
+        "config": cfg,
+        "steps": result.config.steps,
+        "wall_time_s": round(result.wall_time_s, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "initial_loss": round(sum(result.losses[:k]) / k, 5),
+        "final_loss": round(sum(result.losses[-k:]) / k, 5),
+        "fingerprint": fingerprint(result.expert),
+        "probe": probe or {},
+        "command": f"moe-vision pretrain {result.name} --steps {result.config.steps} "
+        f"--seed {result.config.seed}",
+    }
+
+
+def save_pretrained(
+    result: PretrainResult, out_dir: str | Path, probe: dict[str, Any] | None = None
+) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.safetensors`` (the library module's state dict) and
+    ``<name>.json`` (the card), each atomically. Returns both paths."""
+    out = Path(out_dir)
+    weights = out / f"{result.name}.safetensors"
+    state = {
+        k: v.detach().contiguous() for k, v in library_module(result.expert).state_dict().items()
+    }
+    meta = {"preset": result.name, "objective": result.objective}
+    atomic_write(weights, lambda p: save_file(state, str(p), metadata=meta))
+    return weights, write_card(result, out, probe)
+
+
+def write_card(result: PretrainResult, out_dir: str | Path, probe: dict[str, Any] | None) -> Path:
+    """(Re)write ``<out_dir>/<name>.json`` atomically, with ``probe`` scores if given."""
+    return write_json(Path(out_dir) / f"{result.name}.json", card(result, probe))
