@@ -2,14 +2,21 @@
 
 Cached and uncached training give the same losses; a warm cache runs no expert at all; an
 expert changed by an earlier stage (Eagle pre-alignment) gets a new key; experts the fusion
-drives itself are never served from the cache.
+drives itself are never served from the cache. Maps are stored as one memory-mapped shard file
+per expert and flush; the ``auto`` policy keeps the cache only where reading a map is cheaper
+than computing it, and a later cache follows the recorded decision.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+import types
+
 import pytest
 import torch
 from accelerate.utils import set_seed
+from torch import nn
 
 from experts import FeatureMap, create_expert
 from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
@@ -32,7 +39,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkPaths:
 
 
 def test_put_get_round_trip_is_exact_and_atomic(tmp_path) -> None:
-    cache = FeatureCache(tmp_path)
+    cache = FeatureCache(tmp_path, policy="always")
     feats = torch.randn(2, 5, 3, 4)
     mask = torch.rand(2, 3, 4) > 0.3
     cache.put("k" * 32, "ab12", FeatureMap(feats, 14, "pix2struct-tiny", mask), index=1)
@@ -40,9 +47,29 @@ def test_put_get_round_trip_is_exact_and_atomic(tmp_path) -> None:
     assert torch.equal(got.features, feats[1:2]) and torch.equal(got.mask, mask[1:2])
     assert (got.stride, got.source) == (14, "pix2struct-tiny")
     assert cache.get("k" * 32, "cd34") is None
+    (shard,) = cache.flush()  # one file for the expert's maps, read back memory-mapped
+    again = FeatureCache(tmp_path).get("k" * 32, "ab12")
+    assert torch.equal(again.features, feats[1:2]) and torch.equal(again.mask, mask[1:2])
+    assert (again.stride, again.source) == (14, "pix2struct-tiny")
+    assert again.features.untyped_storage().nbytes() == shard.stat().st_size  # a view of the map
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     with pytest.raises(ValueError, match="invalid image key"):
         cache.get("k" * 32, "../escape")
+
+
+def test_one_shard_holds_every_map_and_ragged_rows_keep_their_grid(tmp_path) -> None:
+    cache = FeatureCache(tmp_path, policy="always")
+    maps = {f"img{i}": torch.randn(1, 3, 2 + i, 4) for i in range(3)}  # grids 2x4, 3x4, 4x4
+    for key, feats in maps.items():
+        cache.put("e" * 32, key, FeatureMap(feats, 16, "convnext-tiny"))
+    files = cache.flush()
+    assert len(files) == 1 and files[0].parent.name == "e" * 32
+    warm = FeatureCache(tmp_path)
+    for key, feats in maps.items():
+        got = warm.get("e" * 32, key)
+        assert got.grid == feats.shape[-2:] and torch.equal(got.features, feats)
+    stacked = stack_maps([warm.get("e" * 32, k) for k in maps])
+    assert stacked.features.shape == (3, 3, 4, 4) and stacked.mask[0, 2:].sum() == 0
 
 
 def test_stack_pads_ragged_grids_with_a_mask() -> None:
@@ -77,7 +104,7 @@ def test_maps_computes_only_misses(tmp_path) -> None:
     torch.manual_seed(0)
     expert = create_expert("clip-tiny").eval()
     images = expert.preprocess([torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8)] * 3)
-    cache = FeatureCache(tmp_path)
+    cache = FeatureCache(tmp_path, policy="always")
     key = expert_cache_key(expert)
     with torch.no_grad():
         ref = expert(images).features
@@ -112,7 +139,7 @@ def _train(bench, out, cache, hooks=(), seed=0):
 def test_cached_and_uncached_training_give_the_same_loss(bench, tmp_path) -> None:
     plain: list[StepEvent] = []
     _train(bench, tmp_path / "plain", None, hooks=(plain.append,))
-    cache = FeatureCache(tmp_path / "features")
+    cache = FeatureCache(tmp_path / "features", policy="always")
     cached: list[StepEvent] = []
     reports, _ = _train(bench, tmp_path / "cached", cache, hooks=(cached.append,))
     assert reports[0].cached_experts == [0, 1]
@@ -124,7 +151,7 @@ def test_cached_and_uncached_training_give_the_same_loss(bench, tmp_path) -> Non
 
 
 def test_warm_cache_runs_no_expert(bench, tmp_path, monkeypatch) -> None:
-    cache = FeatureCache(tmp_path / "features")
+    cache = FeatureCache(tmp_path / "features", policy="always")
     first: list[StepEvent] = []
     _train(bench, tmp_path / "a", cache, hooks=(first.append,))
 
@@ -134,7 +161,7 @@ def test_warm_cache_runs_no_expert(bench, tmp_path, monkeypatch) -> None:
     from experts.base import Expert
 
     monkeypatch.setattr(Expert, "forward", no_expert)
-    warm = FeatureCache(tmp_path / "features")
+    warm = FeatureCache(tmp_path / "features", policy="always")
     second: list[StepEvent] = []
     _train(bench, tmp_path / "b", warm, hooks=(second.append,))
     assert warm.misses == 0 and warm.hits == 96
@@ -161,3 +188,61 @@ def test_experts_the_fusion_drives_are_never_cached(bench, tmp_path) -> None:
     for p in model.experts[1].parameters():
         p.requires_grad_(True)
     assert trainer._cached_experts(model) == []  # a trained expert is never cached
+
+
+class _TimedExpert(nn.Module):
+    """A stand-in frozen expert whose forward takes ``delay`` seconds (timing-controlled)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.calls: list[int] = []
+        self.spec = types.SimpleNamespace(name="timed-expert")
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> FeatureMap:
+        self.calls.append(inputs["pixel_values"].shape[0])
+        time.sleep(self.delay)
+        return FeatureMap(inputs["pixel_values"][:, :2] * 2, 4, "timed-expert")
+
+
+def _policy_run(tmp_path, expert_s: float, read_s: float, monkeypatch):
+    """Three batches through an ``auto`` cache: two of misses (the expert runs; the first is its
+    warm-up), then one of hits (read back, ``read_s`` per image)."""
+    expert = _TimedExpert(expert_s)
+    images = {"pixel_values": torch.randn(2, 3, 4, 4)}
+    get = FeatureCache.get
+
+    def slow_get(self, *args):
+        time.sleep(read_s)
+        return get(self, *args)
+
+    monkeypatch.setattr(FeatureCache, "get", slow_get)
+    cache = FeatureCache(tmp_path)
+    key = "f" * 32
+    cache.maps(expert, key, images, ["c", "d"])
+    ref = cache.maps(expert, key, images, ["a", "b"])
+    again = cache.maps(expert, key, images, ["a", "b"])
+    torch.testing.assert_close(again.features, ref.features)
+    return cache, expert, key, images, expert.calls
+
+
+def test_auto_policy_keeps_a_cache_that_reads_faster_than_it_computes(tmp_path, monkeypatch):
+    cache, expert, key, images, calls = _policy_run(tmp_path, 0.1, 0.0, monkeypatch)
+    assert calls == [2, 2] and cache.use_cache(expert, key) is True
+    cache.maps(expert, key, images, ["a", "b"])
+    assert calls == [2, 2] and cache.hits == 4 and cache.bypassed == 0
+
+
+def test_auto_policy_drops_a_cache_that_costs_more_than_it_saves(tmp_path, monkeypatch, caplog):
+    with caplog.at_level(logging.INFO, logger="moe_vision.training.cache"):
+        cache, expert, key, images, calls = _policy_run(tmp_path, 0.0, 0.1, monkeypatch)
+    assert cache.use_cache(expert, key) is False
+    said = [r.getMessage() for r in caplog.records if "feature cache OFF" in r.getMessage()]
+    assert len(said) == 1 and "timed-expert" in said[0]
+    cache.maps(expert, key, images, ["a", "b"])  # bypassed: the expert runs, nothing is read
+    assert calls == [2, 2, 2] and cache.bypassed == 2
+    later = FeatureCache(tmp_path)  # a later run follows the recorded decision unmeasured
+    assert later.use_cache(expert, key) is False
+    assert FeatureCache(tmp_path, policy="always").use_cache(expert, key) is True
+    with pytest.raises(ValueError, match="policy"):
+        FeatureCache(tmp_path, policy="sometimes")

@@ -135,8 +135,10 @@ class _Shard:
 
 @dataclass
 class _Costs:
-    """Seconds and rows timed per expert key (compute: forward on misses; read: hits)."""
+    """Seconds and rows timed per expert key (compute: forward on misses, the first batch left
+    out as warm-up; read: batches that were all hits)."""
 
+    warmed_up: bool = False
     compute_s: float = 0.0
     compute_rows: int = 0
     read_s: float = 0.0
@@ -364,9 +366,10 @@ class FeatureCache:
                 computed = expert(_select(inputs, index))
             if computed.thumbnail is not None:  # tiled expert: its thumbnail is not stored
                 return self._never_cache(expert, expert_key, inputs, image_keys, device)
-            if use is None:
+            if use is None and costs.warmed_up:
                 costs.compute_s += time.perf_counter() - t0
                 costs.compute_rows += len(missing)
+            costs.warmed_up = True
             for j, i in enumerate(missing):
                 self.put(expert_key, image_keys[i], computed, j)
                 found[i] = self.get(expert_key, image_keys[i])
