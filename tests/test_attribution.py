@@ -1,0 +1,189 @@
+"""Expert attribution: the ablation context managers leave the normal path untouched, the mean
+maps equal a brute-force average, the ablated evaluation equals one through an independently
+patched expert, the drop table equals hand-computed differences; staged experts; CLI; errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from experts.spec import FeatureMap
+from moe_vision import results
+from moe_vision.analysis.attribution import (
+    ablate_expert,
+    attribute,
+    record_means,
+)
+from moe_vision.cli import main
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.llava import collate_inputs
+from moe_vision.evaluation.evaluate import evaluate
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.training.run import DataConfig, RunConfig
+
+CONFIG = ModelConfig(
+    experts=["clip-tiny", "convnext-tiny"],
+    fusion="channel_concat",
+    fusion_options={"grid": [4, 4], "dim": 48},
+    llm="tiny-qwen2",
+)
+SIZES = BenchmarkSizes(align=6, instruct=6, val=0, test=12)
+
+
+def _seeing(config: ModelConfig) -> MoEVisionModel:
+    """A model whose answers depend on the pixels (LLM and projector matrices at std 0.3)."""
+    torch.manual_seed(0)
+    model = MoEVisionModel.from_config(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in (model.llm, model.projector):
+            for p in module.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.3, generator=gen)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run folder as `moe-vision train` leaves it (config.yaml, model/,
+    predictions.json, metrics.json), with a model that sees."""
+    root = tmp_path_factory.mktemp("attr")
+    bench = generate_benchmark(root / "bench", seed=0, sizes=SIZES)
+    run = root / "run"
+    model = _seeing(CONFIG)
+    model.save_pretrained(run / "model")
+    cfg = RunConfig(
+        model=CONFIG,
+        recipe="llava",
+        data=DataConfig(benchmark_sizes=SIZES.to_dict(), benchmark_dir=str(bench.root)),
+        cache_dir=str(root / "cache"),
+        eval_batch_size=8,
+    )
+    cfg.to_yaml(run / "config.yaml", resolve=True)
+    result = evaluate(model, bench.split("test"), bench.images, batch_size=8)
+    results.write_json(run / results.PREDICTIONS_FILE, result.predictions)
+    results.write_json(run / results.METRICS_FILE, result.to_metrics())
+    return run
+
+
+def _inputs(model: MoEVisionModel, run: Path) -> list[dict]:
+    """Each expert's batched inputs for the run's test images."""
+    bench = run.parent / "bench"
+    records = json.loads((bench / "test.json").read_text())
+    images = [Image.open(bench / "images" / r["image"]) for r in records]
+    return [collate_inputs([pre(im) for im in images]) for pre in model.preprocessors]
+
+
+def test_context_managers_leave_the_normal_path_untouched(run_dir: Path) -> None:
+    model = MoEVisionModel.from_pretrained(run_dir / "model").eval()
+    inputs = _inputs(model, run_dir)
+    with torch.no_grad():
+        before = model.encode_images(inputs)
+        with record_means(model) as means:
+            recorded = model.encode_images(inputs)
+        torch.testing.assert_close(recorded, before, rtol=0, atol=0)  # recording changes nothing
+        # brute-force mean map of expert 1 over the images
+        ref = model.experts[1](inputs[1]).features.double().mean(0)
+        torch.testing.assert_close(means[1].mean(("forward", None, 0)), ref)
+        with ablate_expert(model, 1, "mean", means[1]):
+            fmap = model.experts[1](inputs[1])
+            ablated = model.encode_images(inputs)
+        assert isinstance(fmap, FeatureMap)
+        torch.testing.assert_close(fmap.features, ref.float().expand_as(fmap.features))
+        assert not torch.allclose(ablated, before)
+        with ablate_expert(model, 0, "zero"):
+            assert not model.experts[0](inputs[0]).features.any()
+        after = model.encode_images(inputs)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for expert in model.experts:
+        assert not expert._forward_hooks and "finish" not in expert.__dict__
+    with pytest.raises(ValueError, match="mode must be one of"):
+        with ablate_expert(model, 0, "dropout"):
+            pass
+    with pytest.raises(IndexError, match="out of range"):
+        with ablate_expert(model, 5, "zero"):
+            pass
+    with pytest.raises(ValueError, match="needs the expert's MeanMaps"):
+        with ablate_expert(model, 0, "mean"):
+            pass
+
+
+def test_attribute_against_independent_references(run_dir: Path) -> None:
+    res = attribute(run_dir, n_boot=500)
+    # the intact pass reproduces the run's own evaluation, answer for answer
+    saved = results.read_json(run_dir / results.PREDICTIONS_FILE)
+    assert [p["prediction"] for p in res.intact] == [p["prediction"] for p in saved]
+    # reference for the ablation: patch the expert's forward_map to return the mean map
+    model = MoEVisionModel.from_pretrained(run_dir / "model").eval()
+    inputs = _inputs(model, run_dir)
+    with torch.no_grad():
+        mean = model.experts[1](inputs[1]).features.double().mean(0).float()  # (C, H, W)
+    expert = model.experts[1]
+    original = expert.forward_map
+
+    def mean_map(x):
+        out = original(x)
+        return FeatureMap(mean.expand_as(out.features), out.stride, out.source, out.mask)
+
+    expert.forward_map = mean_map
+    bench = run_dir.parent / "bench"
+    ref = evaluate(model, bench / "test.json", bench / "images", batch_size=8).predictions
+    answers = [p["prediction"] for p in res.ablated["convnext-tiny"]]
+    assert answers == [p["prediction"] for p in ref]
+    assert answers != [p["prediction"] for p in res.intact]  # the expert matters here
+    # the drop table: hand-computed differences of the two answer sets, per category
+    table = res.table.set_index(["expert", "category"])
+    for name, preds in res.ablated.items():
+        for cat in {p["category"] for p in saved} | {"overall"}:
+            pick = [i for i, p in enumerate(saved) if cat == "overall" or p["category"] == cat]
+            intact = np.mean([res.intact[i]["score"] for i in pick])
+            ablated = np.mean([preds[i]["score"] for i in pick])
+            row = table.loc[(name, cat)]
+            assert row["drop"] == pytest.approx(intact - ablated)
+            assert row["n"] == len(pick) and row["lo"] <= row["drop"] <= row["hi"]
+    # written next to the run, and read into a results row like a sweep cell's
+    data = results.read_json(run_dir / results.ATTRIBUTION_FILE)
+    assert data["mode"] == "mean" and data["metrics"] == pytest.approx(res.to_metrics())
+    row = results.cell_row({"cell_id": "run"}, run_dir)
+    assert row["drop/convnext-tiny/overall"] == pytest.approx(
+        table.loc[("convnext-tiny", "overall"), "drop"]
+    )
+    assert row["accuracy/overall/lo"] <= row["accuracy/overall"] <= row["accuracy/overall/hi"]
+
+
+def test_staged_vit_is_ablated_through_finish(run_dir: Path) -> None:
+    config = ModelConfig(
+        experts=["clip-tiny", "convnext-tiny"],
+        fusion="mr_adapter",
+        llm="tiny-qwen2",
+    )
+    model = _seeing(config)
+    assert model.fusion.staged_experts()  # the ViT runs stage by stage: no forward call
+    inputs = _inputs(model, run_dir)
+    with torch.no_grad():
+        before = model.encode_images(inputs)
+        with record_means(model) as means:
+            model.encode_images(inputs)
+        assert ("finish", 0) in means[0].sums
+        with ablate_expert(model, 0, "mean", means[0]):
+            ablated = model.encode_images(inputs)
+        assert not torch.allclose(ablated, before)
+        torch.testing.assert_close(model.encode_images(inputs), before, rtol=0, atol=0)
+
+
+def test_cli_and_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["attribute", "--run", str(run_dir), "--mode", "zero", "--limit", "4", "--n-boot", "200"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "clip-tiny" in out and "convnext-tiny" in out and "drop" in out
+    assert results.read_json(run_dir / results.ATTRIBUTION_FILE)["mode"] == "zero"
+    assert (run_dir / "attribution.csv").exists()
+    with pytest.raises(FileNotFoundError, match="not a finished run folder"):
+        attribute(tmp_path)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        attribute(run_dir, mode="drop")
