@@ -276,3 +276,28 @@ def test_summary_aggregates_seeds_and_marks_best(sweep_dir: Path) -> None:
     assert summary.loc[0, "p_vs_best"] == pytest.approx(overall["p_value"])
     text = results.format_summary(summary)
     assert "best" in text and "worse" in text
+
+
+def test_attribution_long_reshapes_drop_columns() -> None:
+    df = pd.DataFrame(
+        [
+            {
+                "experts": "a+b",
+                "fusion": "f",
+                "seed": 0,
+                "drop/a/color": 0.1,
+                "drop/a/color/lo": 0.0,
+                "drop/a/color/hi": 0.2,
+                "drop/b/overall": 0.3,
+                "drop/b/overall/lo": 0.1,
+                "drop/b/overall/hi": 0.4,
+                "drop/c/color": np.nan,  # another cell's expert
+            }
+        ]
+    )
+    long = results.attribution_long(df)
+    assert long[["expert", "category", "drop", "lo", "hi"]].values.tolist() == [
+        ["a", "color", 0.1, 0.0, 0.2],
+        ["b", "overall", 0.3, 0.1, 0.4],
+    ]
+    assert list(long["experts"]) == ["a+b", "a+b"]

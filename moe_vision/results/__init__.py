@@ -17,7 +17,7 @@ from moe_vision.results.stats import (
     score_interval,
     wilson_interval,
 )
-from moe_vision.results.summary import format_summary, summarize
+from moe_vision.results.summary import attribution_long, format_summary, summarize
 from moe_vision.results.table import (
     ACCURACY_PREFIX,
     ATTRIBUTION_FILE,
@@ -75,6 +75,7 @@ __all__ = [
     "TABLE_PARQUET",
     "accuracy_columns",
     "atomic_write",
+    "attribution_long",
     "cell_row",
     "collect_predictions",
     "collect_rows",

@@ -150,6 +150,26 @@ def _drop_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith(DROP_PREFIX) and not c.endswith(("/lo", "/hi"))]
 
 
+def attribution_long(df: pd.DataFrame) -> pd.DataFrame:
+    """Attribution columns of a table (per cell or per setting) as one row per row x expert x
+    category: the row's ``experts``/``fusion`` (and ``seed`` or ``n_seeds``), ``expert``,
+    ``category``, ``drop`` and, where present, ``lo`` and ``hi`` (accuracy points lost when that
+    expert is mean-ablated, :mod:`moe_vision.analysis.attribution`)."""
+    keys = [c for c in ("experts", "fusion", "seed", "n_seeds") if c in df.columns]
+    out = []
+    for _, row in df.iterrows():
+        for column in _drop_columns(df):
+            if row[column] != row[column]:  # this row's combination lacks that expert
+                continue
+            expert, category = column.removeprefix(DROP_PREFIX).rsplit("/", 1)
+            item = {k: row[k] for k in keys}
+            item.update(expert=expert, category=category, drop=row[column])
+            item["lo"] = row.get(f"{column}/lo", math.nan)
+            item["hi"] = row.get(f"{column}/hi", math.nan)
+            out.append(item)
+    return pd.DataFrame(out, columns=[*keys, "expert", "category", "drop", "lo", "hi"])
+
+
 def _mark_vs_best(
     out: pd.DataFrame, sides: list[list[Path] | None], confidence: float, n_boot: int
 ) -> pd.DataFrame:
