@@ -173,3 +173,25 @@ def test_preprocessor_pickles_and_bad_inputs_raise():
         experts.create_expert("siglip-tiny", tiling={"tiles": 4})
     with pytest.raises(ValueError, match="min_tiles"):
         TilingPolicy(max_tiles=0)
+
+
+def test_feature_cache_round_trip_and_thumbnail_experts_run_live(tmp_path):
+    """Stitched (ragged, masked) maps survive the feature cache; experts with a thumbnail are
+    listed in ``staged_experts`` so the trainer never serves them from it."""
+    import fusion
+    from moe_vision.training.cache import FeatureCache
+
+    _, tiled = pair("clip-tiny", {"max_tiles": 3})
+    inputs = tiled.preprocess(images())
+    cache = FeatureCache(tmp_path)
+    key = expert_cache_key(tiled)
+    first = cache.maps(tiled, key, inputs, ["a0", "b1"])
+    again = cache.maps(tiled, key, inputs, ["a0", "b1"])
+    with torch.no_grad():
+        direct = tiled(inputs)
+    assert cache.hits == 2 and cache.misses == 2
+    for m in (first, again):
+        assert torch.equal(m.features, direct.features) and torch.equal(m.mask, direct.mask)
+    thumb = experts.get_spec("siglip-tiny", tiling={"grid": (1, 2), "thumbnail": True})
+    fuse = fusion.create_fusion("channel_concat", [experts.get_spec("clip-tiny"), thumb])
+    assert fuse.staged_experts() == {1} and len(fuse.specs) == 3
