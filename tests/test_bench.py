@@ -90,9 +90,15 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
         ("throughput", "fraction_of_peak"),
         ("throughput", "peak_memory_mb"),
         ("feature_cache", "cache_speedup_bound"),
+        ("feature_cache", "train_speedup"),
+        ("cells", "cell_wall_s"),
+        ("cells", "share_training_steps"),
+        ("cells", "fraction_of_peak"),
     ]:
         assert needed in metrics
-    assert all(math.isfinite(v) and v > 0 for v in df.value)
+    assert all(math.isfinite(v) and v >= 0 for v in df.value)
+    positive = df[~df.metric.isin(["checkpoint_s", "data_s", "features_s", "eval_s", "other_s"])]
+    assert (positive.value > 0).all(), positive[positive.value <= 0]
     assert df[df.section == "throughput"].config.nunique() == 2  # default + "real" config
     tp = df[df.section == "throughput"].pivot(index="config", columns="metric", values="value")
     np.testing.assert_allclose(
@@ -103,9 +109,34 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
     )
     share = df[df.metric == "frozen_expert_flops_share"].value
     assert ((share > 0) & (share < 1)).all()
+    # the tiny sweep and the (here: tiny) real-size sweep, both cached vs uncached
+    assert (df[df.section == "feature_cache"].metric == "speedup").sum() == 2
+    cells = df[df.section == "cells"].set_index("metric").value
+    assert 0 < cells.share_training_steps < 1
+    parts = ["train_steps_s", "data_s", "features_s", "checkpoint_s", "eval_s", "other_s"]
+    np.testing.assert_allclose(cells[parts].sum(), cells.cell_wall_s, rtol=1e-6)
+    assert 0 < cells.fraction_of_peak < 1.5
+    if not torch.cuda.is_available():
+        gpu = df[df.section == "gpu"]
+        assert list(gpu.metric) == ["skipped"] and "no CUDA" in gpu.note.iloc[0]
     cache_note = df[df.section == "feature_cache"].note.iloc[0]
     hits = int(cache_note.split("cache hits ")[1].split("/")[0])
     assert hits > 0  # the second fusion's cell read the first one's expert maps
     assert quick_config().real_model["experts"] != bench.DEFAULT_MODEL["experts"]
     with pytest.raises(ValueError, match="unknown bench sections"):
         bench.run_bench(quick_config(), tmp_path / "x.csv", sections=["nope"])
+
+
+def test_cell_breakdown_splits_the_wall_time() -> None:
+    from moe_vision.bench.cells import cell_breakdown, default_cell_spec
+    from moe_vision.sweeps.sweep import default_sweep
+
+    row = {"time/step_s": 6.0, "time/data_s": 1.0, "time/features_s": 0.5, "eval_time_s": 0.5}
+    parts = cell_breakdown(10.0, row)
+    assert parts["train_steps_s"] == 6.0 and parts["checkpoint_s"] == 0.0
+    assert parts["other_s"] == pytest.approx(2.0)
+    assert cell_breakdown(5.0, row)["other_s"] == 0.0  # never negative
+    spec = default_cell_spec(bench.BenchConfig())
+    first = default_sweep().expand()[0]
+    assert spec["experts"]["combinations"] == [list(first.experts)] and len(spec["fusions"]) == 1
+    assert spec["executor"] == default_sweep().executor  # the cell runs as the sweep runs it

@@ -1,9 +1,13 @@
 """``moe-vision bench``: speed and memory measured as ratios within one run.
 
-:mod:`.core` holds the harness and the training sections (overhead, feature cache, throughput).
+:mod:`.core` holds the harness and the training sections (overhead, throughput); the other
+sections are one module each (:mod:`.feature_cache`, :mod:`.cells`, :mod:`.gpu`, ...).
 """
 
+from moe_vision.bench import cells as _cells  # noqa: F401 - registers "cells"
 from moe_vision.bench import data as _data  # noqa: F401 - registers "data"
+from moe_vision.bench import feature_cache as _feature_cache  # noqa: F401 - "feature_cache"
+from moe_vision.bench import gpu as _gpu  # noqa: F401 - registers "gpu"
 from moe_vision.bench import lora as _lora  # noqa: F401 - registers "lora" (after core's)
 from moe_vision.bench import tiling as _tiling  # noqa: F401 - registers "tiling"
 from moe_vision.bench.core import BenchConfig, bench_row, list_sections, register_section, run_bench

@@ -94,6 +94,10 @@ class BenchConfig:
         cache_fusions: fusion strategies of the frozen-expert sweep.
         cache_sizes: built-in benchmark sizes of that sweep.
         cache_run: RunConfig options of its cells (stage overrides, ...).
+        cache_real_model / cache_real_fusions / cache_real_sizes / cache_real_run: the same
+            sweep with real-size randomly initialised experts on a few samples (``None``: skip).
+        cell_overrides: sweep-spec fields replacing the default sweep's in the ``cells`` section
+            (``None``: the default sweep's first cell as it is).
         real_model: ModelConfig dict of the real-size configuration (``None``: skip it).
         real_batch_size: its batch size.
         real_steps: its timed steps.
@@ -117,6 +121,25 @@ class BenchConfig:
             "train": {"progress_bar": False, "log_with": []},
         }
     )
+    cache_real_model: dict[str, Any] | None = field(
+        default_factory=lambda: {k: v for k, v in REAL_MODEL.items() if k != "fusion"}
+    )
+    cache_real_fusions: list[str] = field(
+        default_factory=lambda: ["channel_concat", "sequence_append", "deformable"]
+    )
+    cache_real_sizes: dict[str, int] = field(
+        default_factory=lambda: {"align": 2, "instruct": 12, "val": 0, "test": 2}
+    )
+    cache_real_run: dict[str, Any] = field(
+        default_factory=lambda: {
+            # both stages on the instruct split, 2 epochs: each image's maps serve 3 fusions x
+            # 2 stages x 2 epochs = 12 uses; the evaluation (uncached) is cut to 2 questions
+            "overrides": {"*": {"data": "instruct", "batch_size": 4, "lr": 1e-3, "epochs": 2}},
+            "data": {"eval_limit": 2},
+            "train": {"progress_bar": False, "log_with": []},
+        }
+    )
+    cell_overrides: dict[str, Any] | None = None
     real_model: dict[str, Any] | None = field(default_factory=lambda: copy.deepcopy(REAL_MODEL))
     real_batch_size: int = 1
     real_steps: int = 2
@@ -334,52 +357,7 @@ def bench_overhead(cfg: BenchConfig, device: torch.device, data_root: Path) -> l
 
 
 # ---------------------------------------------------------------------------- 2. cache
-@register_section("feature_cache")
-def bench_feature_cache(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
-    """Section 2: a frozen-expert sweep over ``cfg.cache_fusions``, cached vs uncached."""
-    from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-    from moe_vision.sweeps.sweep import SweepSpec, run_sweep
-
-    data_dir = work / "cache-bench-data"
-    generate_benchmark(data_dir, seed=cfg.seed, sizes=BenchmarkSizes(**cfg.cache_sizes))
-    walls, rows_by_mode = {}, {}
-    for mode, use_cache in (("uncached", False), ("cached", True)):
-        run = copy.deepcopy(cfg.cache_run)
-        run.setdefault("train", {})["use_feature_cache"] = use_cache
-        run["cache_dir"] = str(work / f"features-{mode}")  # fresh: the cached sweep fills it
-        spec = SweepSpec.from_dict(
-            {
-                "name": f"cache-{mode}",
-                "experts": [cfg.model["experts"]],
-                "fusions": cfg.cache_fusions,
-                "recipes": ["llava"],  # experts frozen in every stage
-                "seeds": [cfg.seed],
-                "model": {k: v for k, v in cfg.model.items() if k not in ("experts", "fusion")},
-                "data": {"benchmark_dir": str(data_dir), "benchmark_sizes": cfg.cache_sizes},
-                "run": run,
-            }
-        )
-        start = time.perf_counter()
-        df = run_sweep(spec, work / f"sweep-{mode}", progress=False)
-        walls[mode] = time.perf_counter() - start
-        failed = df[df["status"] != results.STATUS_OK]
-        if len(failed):
-            raise RuntimeError(f"feature-cache benchmark: cells failed: {list(failed['error'])}")
-        rows_by_mode[mode] = df
-    cached = rows_by_mode["cached"]
-    hits = int(cached["cache_hits"].sum()) if "cache_hits" in cached else 0
-    misses = int(cached["cache_misses"].sum()) if "cache_misses" in cached else 0
-    name = f"{'+'.join(cfg.model['experts'])} x {len(cfg.cache_fusions)} fusions, llava"
-    note = (
-        f"fusions {cfg.cache_fusions}; sizes {cfg.cache_sizes}; cache hits {hits}/{hits + misses}"
-    )
-    return [
-        bench_row("feature_cache", name, "uncached_sweep_s", walls["uncached"], "s", device, note),
-        bench_row("feature_cache", name, "cached_sweep_s", walls["cached"], "s", device, note),
-        bench_row(
-            "feature_cache", name, "speedup", walls["uncached"] / walls["cached"], "x", device, note
-        ),
-    ]
+# The feature-cache section lives in :mod:`moe_vision.bench.feature_cache`.
 
 
 # ---------------------------------------------------------------------------- 3. throughput

@@ -21,11 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--sections",
         type=_csv,
         default=None,
-        help="comma-separated subset of overhead,feature_cache,throughput (default: all)",
+        help="comma-separated subset of the sections (overhead, throughput, feature_cache, "
+        "cells, gpu, ...; default: all)",
     )
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument(
-        "--no-real", action="store_true", help="skip the real-size throughput configuration"
+        "--no-real",
+        action="store_true",
+        help="skip the real-size configurations (throughput, feature cache)",
     )
     p.add_argument(
         "--quick",
@@ -40,7 +43,7 @@ def quick_config():  # noqa: ANN201 - BenchConfig, imported lazily
     from moe_vision.bench import BenchConfig
     from moe_vision.bench.data import DataBenchConfig
 
-    return BenchConfig(
+    cfg = BenchConfig(
         batch_size=2,
         repeats=2,
         warmup=1,
@@ -53,6 +56,22 @@ def quick_config():  # noqa: ANN201 - BenchConfig, imported lazily
         real_model={"experts": ["siglip-tiny", "sam-tiny"], "fusion": "sequence_append"},
         real_steps=1,
         matmul_size=256,
+        cache_real_model={"experts": ["siglip-tiny", "sam-tiny"]},
+        cache_real_fusions=["channel_concat", "sequence_append"],
+        cache_real_sizes={"align": 2, "instruct": 4, "val": 0, "test": 2},
+        cache_real_run={
+            "overrides": {"*": {"data": "instruct", "batch_size": 2, "epochs": 1, "max_steps": 1}},
+            "data": {"eval_limit": 2},
+            "train": {"progress_bar": False, "log_with": []},
+        },
+        cell_overrides={
+            "data": {"benchmark_sizes": {"align": 8, "instruct": 8, "val": 0, "test": 6}},
+            "run": {
+                "overrides": {"*": {"batch_size": 4, "max_steps": 2}},
+                "train": {"progress_bar": False, "log_with": []},
+            },
+            "executor": {"kind": "inline", "threads": 1},
+        },
     )
     cfg.data = DataBenchConfig(records=[2_000], throughput_batches=4)  # the "data" section's
     return cfg
@@ -65,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = quick_config() if args.quick else BenchConfig()
     if args.no_real:
-        cfg.real_model = None
+        cfg.real_model = cfg.cache_real_model = None
     df = run_bench(cfg, args.out, sections=args.sections or None, device=args.device)
     with pd.option_context("display.max_colwidth", 60, "display.width", 200):
         print(df.drop(columns=["note"]).to_string(index=False))

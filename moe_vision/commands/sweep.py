@@ -190,12 +190,13 @@ def _reporter(total: int, finished: int) -> Callable[[Any, Mapping[str, Any]], N
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_vision import results
     from moe_vision.console import configure_console
-    from moe_vision.sweeps.sweep import run_sweep
 
     verbose = bool(getattr(args, "verbose", False))
     configure_console(verbose, quiet_level=logging.ERROR)  # warnings: once, from the run logs
+    from moe_vision import results
+    from moe_vision.sweeps.sweep import run_sweep
+
     spec = build_spec(args)
     cells = spec.expand()
     if args.dry_run:

@@ -1,0 +1,188 @@
+"""Bench section ``cells``: where a sweep cell's wall time goes, and how close its training step
+comes to this machine's peak.
+
+A sweep cell is what a researcher waits for (the main job runs six of them, more with seeds), so
+its wall time should be training. This section runs one cell of the default sweep
+(:func:`moe_vision.sweeps.sweep.default_sweep`, its first expert pair and fusion) the way the
+sweep runs it (``moe-vision sweep`` in a fresh process, the sweep's executor and threads, a cold
+feature cache), times the whole command, and splits the cell's wall time with the run's own
+timings (``time/*`` of its metrics row, :class:`~moe_vision.training.trainer.StepTimings`):
+
+* ``train_steps_s``: forward, backward and optimiser steps, the part that is training;
+* ``data_s`` (waiting for batches), ``features_s`` (feature-cache reads / frozen experts),
+  ``checkpoint_s`` (mid-unit checkpoints), ``eval_s``;
+* ``other_s``: the rest -- process start-up and imports, model build, benchmark generation,
+  unit-end checkpoints, saving the model, FLOP counting.
+
+``share_training_steps = train_steps_s / cell_wall_s``. Then the tiny configuration's training
+step alone (the cell's model, batch size and threads; experts frozen and their maps given, the
+LLM and projector training as in the cell's longest stage): achieved FLOP/s (forward + backward
+counted with ``FlopCounterMode``) against the fp32 matmul peak measured at the same thread count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_vision.bench.core import (
+    BenchConfig,
+    _median_time,
+    _to,
+    bench_row,
+    benchmark_batch,
+    measure_matmul_peak,
+    register_section,
+)
+
+
+def default_cell_spec(cfg: BenchConfig) -> dict[str, Any]:
+    """The default sweep reduced to its first cell (``cfg.cell_overrides`` applied on top)."""
+    from moe_vision.sweeps.sweep import default_sweep
+
+    spec = default_sweep().to_dict()
+    first = default_sweep().expand()[0]
+    spec["experts"] = {"combinations": [list(first.experts)]}
+    spec["fusions"] = [f for f in spec["fusions"] if _fusion_name(f) == first.fusion][:1]
+    spec["recipes"] = [first.recipe]
+    spec["seeds"] = [first.seed]
+    spec["name"] = "bench-cell"
+    for key, value in (cfg.cell_overrides or {}).items():
+        spec[key] = copy.deepcopy(value)
+    return spec
+
+
+def _fusion_name(entry: Any) -> str:
+    return entry if isinstance(entry, str) else entry.get("label") or entry["name"]
+
+
+def run_cell_command(spec: dict[str, Any], work: Path) -> tuple[float, dict[str, Any]]:
+    """Run ``spec`` (one cell) with ``moe-vision sweep`` in a fresh process and a cold feature
+    cache; returns ``(wall seconds, the cell's metrics row)``."""
+    import yaml
+
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path = work / "cell.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {**os.environ, "MOE_VISION_CACHE": str(work / "cache")}
+    cmd = [sys.executable, "-m", "moe_vision.cli", "sweep", str(spec_path)]
+    cmd += ["--out", str(work / "sweep"), "--results-dir", ""]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    metrics = sorted((work / "sweep").rglob("metrics.json"))
+    if done.returncode != 0 or len(metrics) != 1:
+        tail = (done.stdout + done.stderr)[-2000:]
+        raise RuntimeError(f"bench cell failed (exit {done.returncode}); output ends:\n{tail}")
+    return wall, json.loads(metrics[0].read_text())
+
+
+def cell_breakdown(wall: float, row: dict[str, Any]) -> dict[str, float]:
+    """Split a cell's wall time with its metrics row's timings (seconds; ``other_s`` = rest)."""
+    parts = {
+        "train_steps_s": float(row.get("time/step_s", 0.0)),
+        "data_s": float(row.get("time/data_s", 0.0)),
+        "features_s": float(row.get("time/features_s", 0.0)),
+        "checkpoint_s": float(row.get("time/checkpoint_s", 0.0)),
+        "eval_s": float(row.get("eval_time_s", 0.0)),
+    }
+    parts["other_s"] = max(wall - sum(parts.values()), 0.0)
+    return parts
+
+
+def training_step_fraction_of_peak(
+    model_cfg: dict[str, Any], batch_size: int, threads: int, work: Path, repeats: int = 5
+) -> dict[str, float]:
+    """Achieved FLOP/s of the tiny configuration's frozen-expert training step (LLM + projector
+    train, experts' maps given, AdamW) and the fp32 matmul peak, both at ``threads``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moe_vision.model.mllm import MoEVisionModel
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        cpu = torch.device("cpu")
+        model = MoEVisionModel.from_config(model_cfg).train()
+        batch = _to(benchmark_batch(model, batch_size, work), cpu)
+        for p in model.experts.parameters():
+            p.requires_grad_(False)
+        model.experts.eval()
+        with torch.no_grad():
+            maps = {i: e(batch["images"][i]) for i, e in enumerate(model.experts)}
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def loss() -> torch.Tensor:
+            return model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                images=batch["images"],
+                precomputed=maps,
+            ).loss
+
+        with FlopCounterMode(display=False) as counter:
+            loss().backward()
+        optimizer.zero_grad(set_to_none=True)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss().backward()
+            optimizer.step()
+
+        seconds = _median_time(step, cpu, repeats, 2)
+        peak = measure_matmul_peak(1024, cpu)
+    finally:
+        torch.set_num_threads(before)
+    achieved = counter.get_total_flops() / seconds
+    return {"step_s": seconds, "achieved": achieved, "peak": peak}
+
+
+@register_section("cells")
+def bench_cells(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
+    """The default sweep cell's wall-time breakdown and its training step's fraction of peak."""
+    spec = default_cell_spec(cfg)
+    wall, row = run_cell_command(spec, work / "bench-cell")
+    parts = cell_breakdown(wall, row)
+    cell = f"{'+'.join(spec['experts']['combinations'][0])} {_fusion_name(spec['fusions'][0])} "
+    cell += f"{spec['recipes'][0]} (default sweep cell)"
+    executor = spec.get("executor", {})
+    threads = int(executor.get("threads") or 1)
+    note = (
+        f"moe-vision sweep in a fresh process, cold feature cache, executor {executor}; sizes "
+        f"{spec.get('data', {}).get('benchmark_sizes')}; accuracy {row.get('accuracy/overall')}"
+    )
+    cpu = torch.device("cpu")  # cells run where the sweep puts them; this box's CPU here
+    rows = [bench_row("cells", cell, "cell_wall_s", wall, "s", cpu, note)]
+    rows += [bench_row("cells", cell, k, v, "s", cpu, note) for k, v in parts.items()]
+    share = parts["train_steps_s"] / wall
+    rows.append(bench_row("cells", cell, "share_training_steps", share, "x", cpu, note))
+    model_cfg = {"experts": list(spec["experts"]["combinations"][0])}
+    model_cfg["fusion"] = _fusion_name(spec["fusions"][0])
+    model_cfg.update(spec.get("model") or {})
+    overrides = (spec.get("run") or {}).get("overrides") or {}
+    batch = int(overrides.get("*", {}).get("batch_size", cfg.batch_size))
+    found = training_step_fraction_of_peak(model_cfg, batch, threads, work, cfg.repeats)
+    step_note = (
+        f"frozen-expert training step (LLM + projector train, maps given), batch {batch}, "
+        f"{threads} thread(s); fp32 matmul peak measured at the same thread count"
+    )
+    name = f"{'+'.join(model_cfg['experts'])} {model_cfg['fusion']} b{batch} {threads}t"
+    step = {
+        "step_s": (found["step_s"], "s"),
+        "achieved_flops_per_s": (found["achieved"], "FLOP/s"),
+        "matmul_peak_flops_per_s": (found["peak"], "FLOP/s"),
+        "fraction_of_peak": (found["achieved"] / found["peak"], "x"),
+    }
+    rows += [bench_row("cells", name, k, v, u, cpu, step_note) for k, (v, u) in step.items()]
+    return rows

@@ -1,0 +1,117 @@
+"""Bench section ``feature_cache``: frozen-expert sweeps, cached against uncached, in one run.
+
+Section 2 of ``moe-vision bench`` (see :mod:`moe_vision.bench.core`). A frozen-expert sweep
+(``llava`` recipe: experts frozen in every stage) over several fusion strategies runs twice in this
+process, without and with the feature cache (:mod:`moe_vision.training.cache`, a fresh folder the
+cached sweep fills): ratio = uncached wall time / cached wall time, for the whole sweep and for
+the cells' training time. Twice: with the default tiny experts, where the LLM dominates a step
+and the cache can win little, and with real-size randomly initialised experts (CLIP ViT-L/336 +
+ConvNeXt-L/320 by default) on a few samples, where the experts are >99% of a frozen-expert
+step's FLOPs. The evaluation after each cell runs the experts in both sweeps (it is not served
+from the cache), so the whole-sweep ratio is below the training ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_vision import results
+from moe_vision.bench.core import BenchConfig, bench_row, register_section
+
+logger = logging.getLogger(__name__)
+
+
+def frozen_expert_sweep(
+    model_cfg: dict[str, Any],
+    fusions: Sequence[Any],
+    sizes: dict[str, int],
+    run_options: dict[str, Any],
+    device: torch.device,
+    work: Path,
+    seed: int = 0,
+) -> list[dict]:
+    """One frozen-expert sweep (``llava`` recipe: experts frozen in every stage) over
+    ``fusions``, run uncached then cached (a fresh cache that the cached sweep fills), in this
+    process; rows: both wall times, their ratio, and the ratio of the cells' training times."""
+    from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+    from moe_vision.sweeps.sweep import SweepSpec, run_sweep
+
+    tag = "-".join(model_cfg["experts"])
+    data_dir = work / f"cache-bench-data-{tag}"
+    generate_benchmark(data_dir, seed=seed, sizes=BenchmarkSizes(**sizes))
+    walls, frames = {}, {}
+    for mode, use_cache in (("uncached", False), ("cached", True)):
+        run = copy.deepcopy(run_options)
+        data = {"benchmark_dir": str(data_dir), "benchmark_sizes": sizes, **run.pop("data", {})}
+        run.setdefault("train", {})["use_feature_cache"] = use_cache
+        run["cache_dir"] = str(work / f"features-{tag}-{mode}")  # fresh: the cached sweep fills it
+        spec = SweepSpec.from_dict(
+            {
+                "name": f"cache-{mode}",
+                "experts": [model_cfg["experts"]],
+                "fusions": list(fusions),
+                "recipes": ["llava"],  # experts frozen in every stage
+                "seeds": [seed],
+                "model": {k: v for k, v in model_cfg.items() if k not in ("experts", "fusion")},
+                "data": data,
+                "run": run,
+                "executor": {"kind": "inline"},
+            }
+        )
+        start = time.perf_counter()
+        df = run_sweep(spec, work / f"sweep-{tag}-{mode}", progress=False)
+        walls[mode] = time.perf_counter() - start
+        failed = df[df["status"] != results.STATUS_OK]
+        if len(failed):
+            raise RuntimeError(f"feature-cache benchmark: cells failed: {list(failed['error'])}")
+        frames[mode] = df
+    cached = frames["cached"]
+    hits = int(cached["cache_hits"].sum()) if "cache_hits" in cached else 0
+    misses = int(cached["cache_misses"].sum()) if "cache_misses" in cached else 0
+    train = {m: float(frames[m]["train_time_s"].sum()) for m in frames}
+    name = f"{'+'.join(model_cfg['experts'])} x {len(fusions)} fusions, llava"
+    note = (
+        f"fusions {list(fusions)}; sizes {sizes}; stages {run_options.get('overrides')}; "
+        f"cache hits {hits}/{hits + misses}; evaluation (uncached in both) in the sweep times"
+    )
+
+    def row(metric: str, value: float, unit: str) -> dict:
+        return bench_row("feature_cache", name, metric, value, unit, device, note)
+
+    return [
+        row("uncached_sweep_s", walls["uncached"], "s"),
+        row("cached_sweep_s", walls["cached"], "s"),
+        row("speedup", walls["uncached"] / walls["cached"], "x"),
+        row("uncached_train_s", train["uncached"], "s"),
+        row("cached_train_s", train["cached"], "s"),
+        row("train_speedup", train["uncached"] / max(train["cached"], 1e-9), "x"),
+    ]
+
+
+@register_section("feature_cache")
+def bench_feature_cache(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
+    """Section 2: frozen-expert sweeps, cached vs uncached: the default (tiny) experts over
+    ``cfg.cache_fusions``, and real-size randomly initialised experts
+    (``cfg.cache_real_model``) over ``cfg.cache_real_fusions`` on a few samples."""
+    rows = frozen_expert_sweep(
+        cfg.model, cfg.cache_fusions, cfg.cache_sizes, cfg.cache_run, device, work, cfg.seed
+    )
+    if cfg.cache_real_model is not None:
+        logger.info("bench: real-size feature cache (%s)", cfg.cache_real_model["experts"])
+        rows += frozen_expert_sweep(
+            cfg.cache_real_model,
+            cfg.cache_real_fusions,
+            cfg.cache_real_sizes,
+            cfg.cache_real_run,
+            device,
+            work,
+            cfg.seed,
+        )
+    return rows
