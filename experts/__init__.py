@@ -15,6 +15,7 @@ from experts.base import Expert, ExpertInputs, StageState, collate_inputs
 from experts.images import ImageError, load_image, resize_normalise
 from experts.registry import create_expert, get_spec, list_experts, register_expert
 from experts.spec import ExpertSpec, FeatureMap
+from experts.tiling import TilingPolicy, map_specs
 
 __all__ = [
     "ALIGN_METHODS",
@@ -24,12 +25,14 @@ __all__ = [
     "FeatureMap",
     "ImageError",
     "StageState",
+    "TilingPolicy",
     "align_to_grid",
     "collate_inputs",
     "create_expert",
     "get_spec",
     "list_experts",
     "load_image",
+    "map_specs",
     "register_expert",
     "resize_normalise",
 ]
