@@ -245,6 +245,15 @@ def test_skips_found_in_workers_reach_the_skip_list(bench, tokenizer, preprocess
     assert (skip.index, skip.kind) == (1, "missing_image")
 
 
+def test_errors_in_workers_stay_one_line(bench, tokenizer, preprocessors, tmp_path) -> None:
+    path = _write_bad(tmp_path, bench, {"image": "nowhere.png"})
+    ds = _dataset(path, bench, tokenizer, preprocessors)
+    loader = DataLoader(ds, batch_size=6, num_workers=1, collate_fn=ds.collate)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith(f"{path} record 1 (line") and "\n" not in str(err.value)
+
+
 def test_corrupt_and_truncated_images(bench, tokenizer, preprocessors, tmp_path: Path) -> None:
     records = load_records(bench.split("val"))[:4]
     for r in records:

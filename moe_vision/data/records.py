@@ -46,7 +46,17 @@ BadRecordPolicy = Literal["error", "skip"]
 
 
 class DataError(ValueError):
-    """A data file or record that cannot be used; names the file, the record and the problem."""
+    """A data file or record that cannot be used; names the file, the record and the problem.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process with the worker's
+    traceback as its message; the message is cut back to the original one line here.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        if message.startswith("Caught DataError") and "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
 
 
 class RecordProblem(ValueError):
