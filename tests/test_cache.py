@@ -212,9 +212,9 @@ def _policy_run(tmp_path, expert_s: float, read_s: float, monkeypatch):
     images = {"pixel_values": torch.randn(2, 3, 4, 4)}
     get = FeatureCache.get
 
-    def slow_get(self, *args):
+    def slow_get(self, *args, **kwargs):
         time.sleep(read_s)
-        return get(self, *args)
+        return get(self, *args, **kwargs)
 
     monkeypatch.setattr(FeatureCache, "get", slow_get)
     cache = FeatureCache(tmp_path)

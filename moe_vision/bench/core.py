@@ -95,7 +95,8 @@ class BenchConfig:
         cache_sizes: built-in benchmark sizes of that sweep.
         cache_run: RunConfig options of its cells (stage overrides, ...).
         cache_real_model / cache_real_fusions / cache_real_sizes / cache_real_run: the same
-            sweep with real-size randomly initialised experts on a few samples (``None``: skip).
+            sweep with real-size randomly initialised experts on a few samples (``None``: skip);
+            ``cache_real_sweep=False`` keeps only their per-image forward-vs-read timing.
         cell_overrides: sweep-spec fields replacing the default sweep's in the ``cells`` section
             (``None``: the default sweep's first cell as it is).
         real_model: ModelConfig dict of the real-size configuration (``None``: skip it).
@@ -128,17 +129,19 @@ class BenchConfig:
         default_factory=lambda: ["channel_concat", "sequence_append", "deformable"]
     )
     cache_real_sizes: dict[str, int] = field(
-        default_factory=lambda: {"align": 2, "instruct": 12, "val": 0, "test": 2}
+        default_factory=lambda: {"align": 2, "instruct": 4, "val": 0, "test": 2}
     )
     cache_real_run: dict[str, Any] = field(
         default_factory=lambda: {
             # both stages on the instruct split, 2 epochs: each image's maps serve 3 fusions x
-            # 2 stages x 2 epochs = 12 uses; the evaluation (uncached) is cut to 2 questions
+            # 2 stages x 2 epochs = 12 uses; the evaluation (uncached) is cut to 1 question.
+            # A real-size expert forward is ~0.5 TFLOP per image: keep this small on a CPU.
             "overrides": {"*": {"data": "instruct", "batch_size": 4, "lr": 1e-3, "epochs": 2}},
-            "data": {"eval_limit": 2},
+            "data": {"eval_limit": 1},
             "train": {"progress_bar": False, "log_with": []},
         }
     )
+    cache_real_sweep: bool = True
     cell_overrides: dict[str, Any] | None = None
     real_model: dict[str, Any] | None = field(default_factory=lambda: copy.deepcopy(REAL_MODEL))
     real_batch_size: int = 1

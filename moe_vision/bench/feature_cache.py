@@ -95,16 +95,71 @@ def frozen_expert_sweep(
     ]
 
 
+def read_vs_compute(
+    model_cfg: dict[str, Any], device: torch.device, work: Path, reads: int = 20
+) -> list[dict]:
+    """Per image and expert of ``model_cfg``: the frozen expert's forward against reading its
+    map back from a written, memory-mapped cache shard (``FeatureCache.maps`` on hits).
+
+    The first forward is warm-up; the second is timed. This is the cache's per-use saving; a
+    sweep's ratio follows from how often each map is used (fusions x stages x epochs).
+    """
+    from PIL import Image
+
+    import experts
+    from moe_vision.training.cache import FeatureCache, expert_cache_key
+
+    image = Image.new("RGB", (640, 480), (120, 30, 200))
+    rows = []
+    for name in model_cfg["experts"]:
+        torch.manual_seed(0)
+        options = (model_cfg.get("expert_options") or {}).get(name, {})
+        expert = experts.create_expert(name, **options).to(device).eval()
+        inputs = {k: v.to(device) for k, v in expert.preprocess([image]).items()}
+        key = expert_cache_key(expert)
+        with torch.no_grad():
+            expert(inputs)
+            start = time.perf_counter()
+            fmap = expert(inputs)
+            compute = time.perf_counter() - start
+        writer = FeatureCache(work / f"read-vs-compute-{name}", policy="always")
+        writer.put(key, "image-0", fmap)
+        writer.flush()
+        reader = FeatureCache(work / f"read-vs-compute-{name}", policy="always")
+        reader.maps(expert, key, inputs, ["image-0"], device)  # opens the shard (memory map)
+        start = time.perf_counter()
+        for _ in range(reads):
+            reader.maps(expert, key, inputs, ["image-0"], device)
+        read = (time.perf_counter() - start) / reads
+        note = (
+            f"{name}: one image, grid {tuple(fmap.features.shape[1:])}; forward (second call) vs "
+            f"FeatureCache.maps on a hit from a memory-mapped shard, mean of {reads}"
+        )
+
+        def row(metric: str, value: float, unit: str, note: str = note, name: str = name) -> dict:
+            return bench_row("feature_cache", f"{name} (frozen)", metric, value, unit, device, note)
+
+        rows += [
+            row("expert_forward_s_per_image", compute, "s"),
+            row("cache_read_s_per_image", read, "s"),
+            row("read_speedup", compute / read, "x"),
+        ]
+    return rows
+
+
 @register_section("feature_cache")
 def bench_feature_cache(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
     """Section 2: frozen-expert sweeps, cached vs uncached: the default (tiny) experts over
     ``cfg.cache_fusions``, and real-size randomly initialised experts
-    (``cfg.cache_real_model``) over ``cfg.cache_real_fusions`` on a few samples."""
+    (``cfg.cache_real_model``) over ``cfg.cache_real_fusions`` on a few samples, with their
+    per-image forward against a cache read (:func:`read_vs_compute`)."""
     rows = frozen_expert_sweep(
         cfg.model, cfg.cache_fusions, cfg.cache_sizes, cfg.cache_run, device, work, cfg.seed
     )
     if cfg.cache_real_model is not None:
         logger.info("bench: real-size feature cache (%s)", cfg.cache_real_model["experts"])
+        rows += read_vs_compute(cfg.cache_real_model, device, work)
+    if cfg.cache_real_model is not None and cfg.cache_real_sweep:
         rows += frozen_expert_sweep(
             cfg.cache_real_model,
             cfg.cache_real_fusions,

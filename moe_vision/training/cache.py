@@ -258,15 +258,20 @@ class FeatureCache:
         self._scan(expert_key)
         return image_key in self._index.get(expert_key, {})
 
-    def get(self, expert_key: str, image_key: str) -> FeatureMap | None:
-        """The stored map as a batch of one ``(1, C, H, W)``, or ``None`` when absent."""
+    def get(self, expert_key: str, image_key: str, scan: bool = True) -> FeatureMap | None:
+        """The stored map as a batch of one ``(1, C, H, W)``, or ``None`` when absent.
+
+        ``scan``: look for shards written by other processes when the key is not indexed yet.
+        """
         if not image_key or "/" in image_key:
             raise ValueError(f"feature cache: invalid image key {image_key!r} (expected a hash)")
         pending = self._pending.get(expert_key, {})
         if image_key in pending:
             return pending[image_key]
-        self._scan(expert_key)
         where = self._index.get(expert_key, {}).get(image_key)
+        if where is None and scan:
+            self._scan(expert_key)
+            where = self._index[expert_key].get(image_key)
         if where is None:
             return None
         shard = self._shards[expert_key][where[0]]
@@ -357,7 +362,10 @@ class FeatureCache:
             return out if device is None else _to_device(out, device)
         costs = self._costs.setdefault(expert_key, _Costs())
         start = time.perf_counter()
-        found = [self.get(expert_key, k) for k in image_keys]
+        found = [self.get(expert_key, k, scan=False) for k in image_keys]
+        if any(m is None for m in found):  # one folder scan per batch, not per image
+            self._scan(expert_key)
+            found = [m or self.get(expert_key, k, scan=False) for m, k in zip(found, image_keys)]
         missing = [i for i, m in enumerate(found) if m is None]
         if missing:
             t0 = time.perf_counter()
@@ -372,7 +380,7 @@ class FeatureCache:
             costs.warmed_up = True
             for j, i in enumerate(missing):
                 self.put(expert_key, image_keys[i], computed, j)
-                found[i] = self.get(expert_key, image_keys[i])
+                found[i] = self.get(expert_key, image_keys[i], scan=False)
         out = stack_maps([m for m in found if m is not None], device)
         if use is None and not missing:
             costs.read_s += time.perf_counter() - start
