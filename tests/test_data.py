@@ -148,6 +148,16 @@ def test_index_matches_a_line_split_and_a_json_parse(tmp_path: Path) -> None:
     assert jindex.line[1] == 1 + json.dumps(records, indent=2).split("\n").index("  {", 2)
 
 
+def test_a_rewritten_file_is_read_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "old"}\n')
+    assert index_file(path).read(0) == {"id": "old"}
+    path.unlink()
+    path.write_text('{"id": "new one"}\n{"id": 2}\n')
+    index = index_file(path)
+    assert len(index) == 2 and index.read(0) == {"id": "new one"}
+
+
 def test_building_reads_no_record(bench, tokenizer, preprocessors, tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text("not json\n" * 50)

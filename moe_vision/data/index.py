@@ -19,6 +19,7 @@ process by (path, size, modification time).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,8 +35,8 @@ CHUNK = 1 << 24
 """Bytes read at a time while scanning a JSONL file."""
 
 _WS = re.compile(rb"[ \t\r\n]*")
-_INDEX_CACHE: dict[tuple[str, int, int], RecordIndex] = {}
-_FDS: dict[tuple[int, str], int] = {}
+_INDEX_CACHE: dict[tuple[str, int, int, int], RecordIndex] = {}
+_FDS: dict[tuple[int, str, tuple[int, int, int] | None], int] = {}
 
 
 @dataclass
@@ -50,6 +51,8 @@ class RecordIndex:
         length: ``(N,)`` int64, its length in bytes.
         position: ``(N,)`` int64, its position among its file's records (0-based).
         line: ``(N,)`` int64, the line it starts on (1-based).
+        stamps: per file, ``(inode, size, mtime_ns)`` when indexed: a file replaced since is
+            opened afresh, never read through a stale descriptor.
     """
 
     files: list[str]
@@ -58,6 +61,7 @@ class RecordIndex:
     length: np.ndarray
     position: np.ndarray
     line: np.ndarray
+    stamps: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.offset.shape[0])
@@ -71,10 +75,13 @@ class RecordIndex:
 
     def raw(self, i: int) -> bytes:
         """The record's bytes (``os.pread`` on a per-process file descriptor)."""
-        path = self.file(i)
-        key = (os.getpid(), path)
+        f = int(self.file_id[i])
+        path = self.files[f]
+        key = (os.getpid(), path, self.stamps[f] if self.stamps else None)
         fd = _FDS.get(key)
         if fd is None:
+            for old in [k for k in _FDS if k[:2] == key[:2]]:  # the file was replaced
+                os.close(_FDS.pop(old))
             fd = _FDS[key] = os.open(path, os.O_RDONLY)
         return os.pread(fd, int(self.length[i]), int(self.offset[i]))
 
@@ -114,6 +121,7 @@ class RecordIndex:
             self.length[rows],
             self.position[rows],
             self.line[rows],
+            list(self.stamps),
         )
 
     @staticmethod
@@ -131,6 +139,7 @@ class RecordIndex:
             np.concatenate([p.length for p in parts]),
             np.concatenate([p.position for p in parts]),
             np.concatenate([p.line for p in parts]),
+            [s for p in parts for s in p.stamps],
         )
 
 
@@ -145,7 +154,7 @@ def index_file(path: str | os.PathLike[str]) -> RecordIndex:
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _INDEX_CACHE:
         if len(_INDEX_CACHE) >= 16:
             _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
@@ -161,6 +170,7 @@ def index_file(path: str | os.PathLike[str]) -> RecordIndex:
             lengths,
             np.arange(n, dtype=np.int64),
             lines,
+            [(st.st_ino, st.st_size, st.st_mtime_ns)],
         )
     return _INDEX_CACHE[key]
 
