@@ -166,10 +166,11 @@ class MoEVisionLMM(lmms):
             )
         gen.pop("top_p", None)
         gen.pop("top_k", None)
-        max_new = int(gen.pop("max_new_tokens", self.max_new_tokens))
+        max_new = int(gen.pop("max_new_tokens", None) or self.max_new_tokens)
         extra = {}
-        if int(gen.pop("num_beams", 1) or 1) > 1:
-            extra["num_beams"] = int(gen_kwargs["num_beams"])
+        beams = int(gen.pop("num_beams", 1) or 1)
+        if beams > 1:
+            extra["num_beams"] = beams
         if gen:
             logger.warning("moe_vision ignores generation settings %s", sorted(gen))
         return max_new, until, extra
