@@ -123,3 +123,22 @@ def test_permutation_p_value_matches_full_enumeration() -> None:
     less = np.mean([m <= observed + 1e-12 for m in means])
     greater = np.mean([m >= observed - 1e-12 for m in means])
     assert stats.paired_p_value(a, b) == pytest.approx(min(1.0, 2 * min(less, greater)))
+
+
+def test_detectable_difference_has_the_promised_power() -> None:
+    # unpaired, worst case p = 0.5: the textbook sample size n = (z_a + z_b)^2 * 2pq / d^2
+    d = stats.detectable_difference(400)
+    assert d == pytest.approx((1.959964 + 0.841621) * math.sqrt(0.5 / 400), rel=1e-5)
+    # paired: simulate exact McNemar tests at the detectable difference: about 80% power
+    pd = 0.3
+    d = stats.detectable_difference(400, discordance=pd)
+    assert d < stats.detectable_difference(400)  # pairing helps
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(400):
+        b, c, _ = rng.multinomial(400, [(pd - d) / 2, (pd + d) / 2, 1 - pd])
+        a = np.r_[np.ones(b), np.zeros(c)]
+        hits += stats.mcnemar_exact(a, 1 - a)[0] < 0.05
+    assert 0.7 <= hits / 400 <= 0.9
+    with pytest.raises(ValueError, match="discordance"):
+        stats.detectable_difference(10, discordance=0)

@@ -10,6 +10,7 @@ from moe_vision.results.plots import plot_categories, plot_heatmap, plot_overall
 from moe_vision.results.stats import (
     CONFIDENCE,
     crossed_bootstrap,
+    detectable_difference,
     interval_metrics,
     mcnemar_exact,
     paired_bootstrap,
@@ -81,6 +82,7 @@ __all__ = [
     "collect_rows",
     "compare",
     "crossed_bootstrap",
+    "detectable_difference",
     "format_accuracy",
     "format_compare",
     "format_summary",

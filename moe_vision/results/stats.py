@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 CONFIDENCE = 0.95
 """Default confidence level of every interval."""
@@ -235,3 +235,41 @@ def paired_p_value(a: Sequence[float], b: Sequence[float], seed: int = 0) -> flo
         rng=np.random.default_rng(seed),
     )
     return float(res.pvalue)
+
+
+# ---------------------------------------------------------------------------- planning
+def detectable_difference(
+    n: int,
+    discordance: float | None = None,
+    power: float = 0.8,
+    alpha: float = 0.05,
+    p: float = 0.5,
+) -> float:
+    """Smallest accuracy difference a two-sided test at level ``alpha`` detects with ``power``
+    on ``n`` questions (normal approximation; the sizing rule behind the default test split).
+
+    Args:
+        n: questions per model (per category, for a per-category comparison).
+        discordance: for a *paired* comparison (McNemar, same questions), the fraction of
+            questions the two models answer differently; ``None``: two independent samples.
+        p: accuracy level of the unpaired case (0.5 is the worst case).
+
+    Unpaired: ``d = (z_a + z_b) * sqrt(2 p (1 - p) / n)``. Paired: the root of
+    ``(z_a sqrt(pd) + z_b sqrt(pd - d^2)) / d = sqrt(n)`` (Connor, 1987).
+    """
+    if n < 1:
+        raise ValueError(f"detectable_difference: n must be >= 1, got {n}")
+    z_a, z_b = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
+    if discordance is None:
+        return float((z_a + z_b) * np.sqrt(2 * p * (1 - p) / n))
+    if not 0 < discordance <= 1:
+        raise ValueError(f"discordance must be in (0, 1], got {discordance}")
+    pd = discordance
+
+    def gap(d: float) -> float:
+        return (z_a * np.sqrt(pd) + z_b * np.sqrt(pd - d * d)) / d - np.sqrt(n)
+
+    high = np.sqrt(pd) - 1e-12
+    if gap(high) > 0:  # not even the largest possible difference is detectable
+        return float(high)
+    return float(optimize.brentq(gap, 1e-9, high))
