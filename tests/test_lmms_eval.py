@@ -140,3 +140,17 @@ def test_loglikelihood_matches_the_training_loss(run) -> None:
         assert logprob == pytest.approx(-float(out.loss) * len(target), rel=1e-4, abs=1e-4)
         best = out.logits[0, -len(target) - 1 : -1].argmax(-1).tolist()
         assert greedy == (best == target)
+
+
+def test_generation_settings() -> None:
+    lm = object.__new__(adapter.MoEVisionLMM)  # settings only: no model needed
+    lm.max_new_tokens = 128
+    assert lm._generation({"until": "\n", "max_new_tokens": 5, "temperature": 0}) == (5, ["\n"], {})
+    assert lm._generation({"num_beams": 3, "max_new_tokens": None}) == (128, [], {"num_beams": 3})
+    with pytest.raises(ValueError, match="decodes greedily"):
+        lm._generation({"do_sample": True, "temperature": 0.7})
+    with pytest.raises(ValueError, match="decodes greedily"):
+        lm._generation({"temperature": 0.7})
+    assert lm._cut("red\n\nblue", ["\n\n"]) == "red" and lm._cut("red", []) == "red"
+    with pytest.raises(FileNotFoundError, match="neither a run folder"):
+        adapter.model_dir("/nonexistent/run")
