@@ -333,3 +333,74 @@ def test_qlora_on_cuda(tiny, tmp_path) -> None:
     torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # 4-bit vs dequantised base, bf16
     info = json.loads((tmp_path / "q" / lora.ADAPTERS_CONFIG).read_text())
     assert all(m["quantized"] for m in info["modules"].values())
+
+
+def test_4bit_base_weights_adapters_and_dequantised_save(tiny, tmp_path) -> None:
+    """The QLoRA code path (4-bit base + adapters, dequantised save) on bitsandbytes' CPU
+    backend; the public entry refuses without CUDA (above), this calls its parts directly."""
+    pytest.importorskip("bitsandbytes")
+    model = _fresh(tiny).eval()
+    names = list(_adapted(model, "llm."))
+    try:
+        lora.quantize_4bit(model, names, "nf4", torch.device("cpu"))
+    except (RuntimeError, NotImplementedError) as err:  # a bitsandbytes without a CPU backend
+        pytest.skip(f"bitsandbytes cannot quantise on CPU here: {err}")
+    lora._inject(model, names, r=4, alpha=8, dropout=0.0, seed=0)
+    stage = Stage("sft", "instruct", ["llm.*"], lora=[{**LLM_LORA, "dropout": 0.0}])
+    apply_stage(model, stage)  # 'llm.*' names the 4-bit weights: they stay frozen
+    packed = [p for p in model.parameters() if lora.is_4bit(p)]
+    assert len(packed) == len(names) and not any(p.requires_grad for p in packed)
+    assert lora.count_parameters(model)["total"] == lora.count_parameters(tiny)["total"] + sum(
+        4 * (m.in_features + m.out_features) for m in _adapted(tiny, "llm.").values()
+    )
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    model.save_pretrained(tmp_path / "q")
+    again = MoEVisionModel.from_pretrained(tmp_path / "q").eval()
+    assert not any(lora.is_4bit(p) for p in again.parameters())  # dequantised base
+    with torch.no_grad():
+        a, b = model(**_batch(model)).logits, again(**_batch(again)).logits
+        plain = tiny(**_batch(tiny)).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a, plain, atol=1e-3)  # 4-bit weights and adapters do act
+
+
+def test_bench_counts_optimizer_state_of_exactly_the_trainable_parameters() -> None:
+    from moe_vision.bench import lora as bench_lora
+
+    arch = {
+        "vocab_size": 600,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+    }
+    cfg = {"experts": ["clip-tiny"], "fusion": "channel_concat"}
+    found = {}
+    for scenario, fields in bench_lora.SCENARIOS.items():
+        model = bench_lora.meta_model(cfg, arch)
+        assert next(model.parameters()).is_meta
+        found[scenario] = bench_lora.optimizer_memory(model, Stage("sft", "instruct", **fields))
+    plain = bench_lora.meta_model(cfg, arch)
+    total = sum(p.numel() for p in plain.parameters())
+    proj = sum(p.numel() for p in plain.projector.parameters())
+    linear = {n: m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def lora_params(prefix: str, entry: dict) -> int:
+        return sum(
+            entry["r"] * (m.in_features + m.out_features)
+            for n, m in linear.items()
+            if n.startswith(prefix) and n.rsplit(".", 1)[-1] in entry["modules"]
+        )
+
+    llm = lora_params("llm.", bench_lora.LLM_LORA)
+    experts = lora_params("experts.", bench_lora.EXPERT_LORA)
+    expected = {"full": total, "lora_llm": proj + llm, "lora_llm_experts": proj + llm + experts}
+    for scenario, n in expected.items():
+        m = found[scenario]
+        assert m["params_trainable"] == n, scenario
+        assert m["grad_bytes"] == 4 * n  # fp32 gradients
+        tensors = m["adamw_state_bytes"] - 8 * n  # exp_avg + exp_avg_sq, fp32
+        assert 0 < tensors <= 4 * 1000  # plus one fp32 'step' per parameter tensor

@@ -18,6 +18,7 @@ parameters, the bytes of AdamW's own state after that step (``exp_avg``, ``exp_a
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def optimizer_memory(model: torch.nn.Module, stage: Any) -> dict[str, float]:
     from moe_vision.training.lora import add_stage_adapters
     from moe_vision.training.recipes import apply_stage, param_groups
 
-    add_stage_adapters(model, stage, seed=0)
+    with torch.device("meta"):  # peft builds the adapters on the default device first
+        add_stage_adapters(model, stage, seed=0)
     apply_stage(model, stage)
     groups = param_groups(model, stage)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
@@ -113,10 +115,10 @@ def bench_lora(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]
         logger.info("bench lora: no real-size configuration; skipped")
         return []
     name = f"{'+'.join(cfg.real_model['experts'])} + LLaMA-7B arch (meta)"
-    found = {}
+    base, found = meta_model(cfg.real_model), {}
     for scenario, fields in SCENARIOS.items():
         stage = Stage.from_dict({"name": "sft", "data": "instruct", **fields})
-        found[scenario] = optimizer_memory(meta_model(cfg.real_model), stage)
+        found[scenario] = optimizer_memory(copy.deepcopy(base), stage)  # meta: no data copied
     full = found["full"]["adamw_state_bytes"]
     rows = []
     for scenario, m in found.items():
