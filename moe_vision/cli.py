@@ -41,6 +41,14 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
     return (ImageError, DataError, FusionConfigError, RecipeError, CheckpointError)
 
 
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an exception left open (each ends its line)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def user_error(err: BaseException) -> str | None:
     """The one- or two-line message for an input error; ``None`` for anything else (a bug).
 
@@ -91,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = None if args.verbose else user_error(err)
         if message is None:
             raise
+        _close_progress_bars()  # so the message starts its own line
         print(f"error: {message}", file=sys.stderr)
         print("(moe-vision -v ... shows the traceback)", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -6,6 +6,8 @@ errors are raised where the bad input enters (config loader, expert registry, fu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -64,3 +66,18 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path) -> None:
         monkeypatch.setattr("moe_vision.commands.train.run", fn)
         with pytest.raises(exc, match=match):
             cli.main(["train", "--out", str(tmp_path)])
+
+
+def test_a_bad_record_names_the_file_and_record(capsys, tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    conversation = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]
+    record = {"id": "r1", "image": "missing.png", "conversations": conversation}
+    bad.write_text(json.dumps([record]))
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {progress_bar: false, log_with: []}\n")
+    argv = ["train", "--config", str(config), "--recipe", "llava", "--experts", "clip-tiny"]
+    for split in ("align", "instruct", "test"):
+        argv += ["--data", f"{split}={bad}"]
+    argv += ["--image-root", str(tmp_path), "--out", str(tmp_path / "run")]
+    line = _bad_input(capsys, argv)
+    assert str(bad) in line and "'r1'" in line and f"not found: {tmp_path / 'missing.png'}" in line
