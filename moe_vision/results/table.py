@@ -312,15 +312,17 @@ def pivot_accuracy(
 
 
 def format_table(df: pd.DataFrame) -> str:
-    """A compact text rendering of the table for the terminal: accuracies in %, each as
-    ``point (lo-hi)`` when the table holds its 95% interval."""
+    """A compact text rendering of the table for the terminal: accuracies in %, the overall one
+    as ``point (lo-hi)`` when the table holds its 95% interval (the per-category intervals are in
+    the table and in :func:`moe_vision.results.summary.format_summary`)."""
     if df.empty:
         return "(no finished cells)"
     cols = ["experts", "fusion", "recipe", "seed", "status"]
     cols += [c for c in ("visual_tokens", "params_trainable", "train_time_s") if c in df.columns]
     view = df[cols].copy()
     for c in accuracy_columns(df):
-        view[c.removeprefix(ACCURACY_PREFIX)] = format_accuracy(df, c)
+        short = c.removeprefix(ACCURACY_PREFIX)
+        view[short] = format_accuracy(df, c) if c == OVERALL else (100 * df[c]).round(1)
     if "train_time_s" in view.columns:
         view["train_time_s"] = view["train_time_s"].round(1)
     text = view.to_string(index=False, na_rep="-")
