@@ -20,7 +20,8 @@ Every selected module must be an ``nn.Linear``, an ungrouped ``nn.Conv2d`` or an
   frozen and is served from the feature cache, keyed by :func:`adapter_fingerprint` too).
 * Parameter names: an adapted module ``m`` holds ``m.base_layer.weight`` and
   ``m.lora_A.default.weight`` / ``m.lora_B.default.weight`` (peft's layout); checkpoints store
-  the model as it is, and :func:`replay` rebuilds the adapters before a resume loads them.
+  the model as it is, and the trainer adds the adapters again (same seeds) before a resume
+  loads them.
 * ``save_pretrained`` (:func:`save_weights`) writes the base under the plain model's names plus
   ``adapters.safetensors`` / ``adapters.json`` beside it, or, with ``merge=True``, the merged
   weights ``W + alpha / r * B @ A`` alone; :func:`load_adapters` reads the first form back.
