@@ -6,8 +6,10 @@ or one per expert for a ``per_expert`` stage (Eagle's pre-alignment: each expert
 projector and the shared, frozen LLM; the expert's trained weights stay in the mixture, the
 temporary fusion/projector are dropped).
 
-Per unit: :func:`~.recipes.apply_stage` sets exactly the parameters the stage names
-trainable (and logs which modules train and which are frozen), AdamW gets per-pattern learning
+Per unit: the stage's LoRA adapters are added (:func:`~.lora.add_stage_adapters`; a resume adds
+those of the finished units again before loading), :func:`~.recipes.apply_stage` sets exactly
+the parameters the stage names trainable (and logs which modules train and which are frozen),
+AdamW gets per-pattern learning
 rates, a warm-up + cosine/linear schedule follows, and the loop uses
 ``accelerator.accumulate`` for gradient accumulation, ``accelerator.backward``, clipping on
 synchronised steps, mixed precision (bf16 on CUDA only; fp32 on CPU) and the trackers set up
