@@ -129,8 +129,13 @@ def test_dataloader_workers_preprocess(bench, tokenizer, preprocessors) -> None:
 
 
 # ---------------------------------------------------------------------------- the index
-def test_index_matches_a_line_split_and_a_json_parse(tmp_path: Path) -> None:
-    records = [{"id": i, "text": "é" * i + "\n" * (i % 2)} for i in range(7)]
+@pytest.mark.parametrize("chunk", [1 << 24, 37])  # 37 bytes: records cut by every block
+def test_index_matches_a_line_split_and_a_json_parse(chunk, tmp_path: Path, monkeypatch) -> None:
+    from moe_vision.data import index as index_module
+
+    monkeypatch.setattr(index_module, "CHUNK", chunk)
+    monkeypatch.setattr(index_module, "_INDEX_CACHE", {})
+    records = [{"id": i, "text": "é" * i + "\n" * (i % 2), "n": 10**i} for i in range(7)]
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_bytes(("\n".join(lines[:3]) + "\n\n  \n" + "\r\n".join(lines[3:])).encode())

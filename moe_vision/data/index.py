@@ -208,94 +208,116 @@ def _scan_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _scan_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Offsets, lengths and lines of the elements of a top-level JSON list."""
+    """Offsets, lengths and lines of the elements of a top-level JSON list.
+
+    The file is read in blocks of :data:`CHUNK` bytes; each element is located with the C
+    decoder's ``raw_decode`` inside the decoded block (a block that cuts an element is read
+    again from the element's start, larger if the element is larger than a block).
+    """
     decoder = json.JSONDecoder()
     size = path.stat().st_size
-    offsets, lengths, lines = [], [], []
+    offsets: list[int] = []
+    lengths: list[int] = []
+    lines: list[int] = []
     with open(path, "rb") as f:
         fd = f.fileno()
-        line = 1
-
-        def skip(pos: int) -> int:
-            nonlocal line
-            while pos < size:
-                buf = os.pread(fd, 4096, pos)
-                n = _WS.match(buf).end()
-                line += buf.count(b"\n", 0, n)
-                pos += n
-                if n < len(buf):
-                    break
-            return pos
-
-        def peek(pos: int) -> bytes:
-            return os.pread(fd, 1, pos)
-
-        pos = skip(3 if os.pread(fd, 3, 0) == b"\xef\xbb\xbf" else 0)
-        if peek(pos) != b"[":
-            found = "nothing" if pos >= size else f"{peek(pos)!r}"
+        start = 3 if os.pread(fd, 3, 0) == b"\xef\xbb\xbf" else 0
+        block = _Block(path, fd, start, size, 1, CHUNK)
+        i = block.skip(0)
+        if block.text[i : i + 1] != "[":
+            found = repr(block.text[i : i + 1]) if i < len(block.text) else "nothing"
             raise DataError(f"{path}: expected a JSON list of LLaVA records, found {found} first")
-        pos = skip(pos + 1)
-        if peek(pos) == b"]":
+        i = block.skip(i + 1)
+        if block.text[i : i + 1] == "]":
             return _arrays(offsets, lengths, lines)
-        window = 1 << 12
         while True:
-            text_len, newlines = _element(path, fd, pos, size, line, decoder, window)
-            window = max(1 << 10, 2 * text_len)
-            offsets.append(pos)
-            lengths.append(text_len)
-            lines.append(line)
-            line += newlines
-            pos = skip(pos + text_len)
-            sep = peek(pos)
-            if sep == b"]":
+            block, i, end = block.element(i, decoder)
+            offsets.append(block.byte_at(i))
+            lengths.append(block.byte_at(end) - offsets[-1])
+            lines.append(block.line_at(i))
+            i = block.skip(end)
+            if i >= len(block.text) and not block.final:
+                block = block.refill(i, block.want)
+                i = 0
+            sep = block.text[i : i + 1]
+            if sep == "]":
                 return _arrays(offsets, lengths, lines)
-            if sep != b",":
+            if sep != ",":
                 raise DataError(
-                    f"{path}: malformed JSON at line {line}: expected ',' or ']' after record "
-                    f"{len(offsets) - 1}, found {sep or 'the end of the file'!r}"
+                    f"{path}: malformed JSON at line {block.line_at(i)}: expected ',' or ']' after "
+                    f"record {len(offsets) - 1}, found {sep or 'the end of the file'!r}"
                 )
-            pos = skip(pos + 1)
+            i = block.skip(i + 1)
 
 
-def _element(
-    path: Path,
-    fd: int,
-    pos: int,
-    size: int,
-    line: int,
-    decoder: json.JSONDecoder,
-    window: int,
-) -> tuple[int, int]:
-    """``(byte length, newlines in it)`` of the JSON value starting at byte ``pos``; the
-    window read grows until the value is complete."""
-    while True:
-        data = os.pread(fd, window, pos)
-        final = pos + len(data) >= size
+class _Block:
+    """A decoded block of a JSON file: text, its byte offset and first line, byte positions."""
+
+    def __init__(self, path: Path, fd: int, start: int, size: int, line: int, want: int) -> None:
+        self.path, self.fd, self.start, self.size, self.line, self.want = (
+            path,
+            fd,
+            start,
+            size,
+            line,
+            want,
+        )
+        data = os.pread(fd, want, start)
+        self.final = start + len(data) >= size
         try:
-            text = data.decode("utf-8")
+            self.text = data.decode("utf-8")
         except UnicodeDecodeError as err:
-            if final or err.start < len(data) - 3:
+            if self.final or err.start < len(data) - 3:
                 at = line + data.count(b"\n", 0, err.start)
                 raise DataError(
                     f"{path}: bytes that are not UTF-8 on line {at} "
                     f"({data[err.start : err.end]!r}); expected UTF-8 text"
                 ) from err
-            text = data[: err.start].decode("utf-8")
-        try:
-            _, end = decoder.raw_decode(text)
-        except json.JSONDecodeError as err:
-            if final:
-                raise DataError(
-                    f"{path}: malformed JSON at line {line + err.lineno - 1} column "
-                    f"{err.colno}: {err.msg}"
-                ) from err
-            window *= 4
-            continue
-        if end == len(text) and not final:  # a number or literal may go on past the window
-            window *= 4
-            continue
-        raw = text[:end].encode("utf-8")
-        return len(raw), raw.count(b"\n")
+            self.text = data[: err.start].decode("utf-8")  # a character cut by the block end
+        self.ascii = self.text.isascii()
+        self._mark = (0, start, line)  # (char, byte, line) of the last position asked for
+
+    def byte_at(self, i: int) -> int:
+        c, b, _ = self._mark
+        if self.ascii:
+            return self.start + i
+        if i < c:
+            c, b = 0, self.start
+        return b + len(self.text[c:i].encode("utf-8"))
+
+    def line_at(self, i: int) -> int:
+        c, _, ln = self._mark
+        if i < c:
+            c, ln = 0, self.line
+        ln += self.text.count("\n", c, i)
+        self._mark = (i, self.byte_at(i), ln)
+        return ln
+
+    def skip(self, i: int) -> int:
+        while i < len(self.text) and self.text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def refill(self, i: int, want: int) -> _Block:
+        """A block starting at character ``i`` of this one."""
+        return _Block(self.path, self.fd, self.byte_at(i), self.size, self.line_at(i), want)
+
+    def element(self, i: int, decoder: json.JSONDecoder) -> tuple[_Block, int, int]:
+        """``(block, start, end)`` of the JSON value at character ``i`` (refilled if cut)."""
+        block = self
+        while True:
+            try:
+                _, end = decoder.raw_decode(block.text, i)
+                if end < len(block.text) or block.final:
+                    return block, i, end
+            except json.JSONDecodeError as err:
+                if block.final:
+                    raise DataError(
+                        f"{block.path}: malformed JSON at line {block.line + err.lineno - 1} "
+                        f"column {err.colno}: {err.msg}"
+                    ) from err
+            grow = block.want * (4 if i == 0 else 1)  # the element alone outgrows the block
+            block, i = block.refill(i, grow), 0
 
 
 def _arrays(*cols: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
