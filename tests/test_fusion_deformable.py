@@ -211,6 +211,7 @@ def test_valid_ratios_scale_reference_points() -> None:
         ({"base_expert": 3}, "base_expert=3"),
         ({"num_points": 0}, "num_points=0"),
         ({"offset_init": "xavier"}, "offset_init"),
+        ({"norm": "sandwich"}, "norm='sandwich'"),
         ({"queries": "learned", "align": "avgpool", "dim": 16}, "align only"),
         ({"dim": 10, "num_heads": 4}, "dim 10 must be divisible by num_heads 4"),
         ({"grid": (3, 3), "align": "unshuffle", "dim": 16}, "integer multiple"),
@@ -239,3 +240,26 @@ def test_mismatched_batch_raises() -> None:
     maps[1] = make_maps(3)[1]
     with pytest.raises(ValueError, match="same batch size"):
         fuse(maps)
+
+
+def test_pre_norm_starts_as_identity_then_trains_everything() -> None:
+    """norm="pre": the output at init is the queries themselves (the base expert's tokens,
+    projected, + pos), so the base expert's information reaches the LLM untouched; after three
+    optimiser steps every parameter gets a gradient (the zero-initialised branches open: step 1
+    the output projection, step 2 the offset/weight layers behind it, step 3 the norm before)."""
+    fuse = fusion.create_fusion(
+        "deformable", SPECS, grid=(4, 4), dim=16, num_heads=4, num_points=2, norm="pre"
+    )
+    maps = make_maps()
+    torch.testing.assert_close(fuse(maps), fuse.queries(maps))
+    post = fusion.create_fusion("deformable", SPECS, grid=(4, 4), dim=16, num_heads=4)
+    assert not torch.allclose(post(maps), post.queries(maps))  # post-norm: not the identity
+    target = torch.randn(2, 16, 16)
+    opt = torch.optim.SGD(fuse.parameters(), lr=1e-2)
+    for _ in range(3):
+        (fuse(maps) - target).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    (fuse(maps) - target).square().mean().backward()
+    missing = [n for n, p in fuse.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient reached {missing}"
