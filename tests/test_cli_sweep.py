@@ -22,12 +22,23 @@ TINY_DATA = {"benchmark_sizes": {"align": 8, "instruct": 8, "val": 2, "test": 12
 
 
 def test_default_sweep_definition_and_yaml_copy() -> None:
+    """Eagle's question on the mini zoo: the CLIP base alone and with each specialist, under
+    two fusions or more, three seeds or more, every expert with its shipped weights."""
+    import experts
+
     spec = default_sweep()
     cells = spec.expand()
-    assert len(cells) >= 6
-    assert len({c.fusion for c in cells}) >= 3 and len({c.experts for c in cells}) >= 2
-    assert all(e.endswith("-tiny") for c in cells for e in c.experts)
-    assert spec.data == {} or "splits" not in spec.data  # the built-in benchmark
+    combos = {c.experts for c in cells}
+    base = spec.experts.base
+    assert base is not None and experts.get_spec(base).role == "alignment"
+    assert (base,) in combos  # the baseline every specialist is compared with
+    roles = {experts.get_spec(c[1]).role for c in combos if len(c) == 2}
+    assert {"ocr", "high-resolution"} <= roles, roles
+    assert len({c.fusion for c in cells}) >= 2 and len(spec.seeds) >= 3
+    for c in cells:
+        options = c.config["model"]["expert_options"]
+        assert all(e.endswith("-mini") and options[e] == {"pretrained": True} for e in c.experts)
+    assert "splits" not in spec.data  # the built-in benchmark
     assert SweepSpec.from_yaml(REPO / "sweeps" / "default.yaml") == spec
 
 
