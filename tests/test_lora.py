@@ -408,3 +408,30 @@ def test_bench_counts_optimizer_state_of_exactly_the_trainable_parameters() -> N
         assert m["grad_bytes"] == 4 * n  # fp32 gradients
         tensors = m["adamw_state_bytes"] - 8 * n  # exp_avg + exp_avg_sq, fp32
         assert 0 < tensors <= 4 * 1000  # plus one fp32 'step' per parameter tensor
+
+
+def test_merged_and_adapter_saves_agree_for_linear_and_conv_adapters(tiny, tmp_path) -> None:
+    model = _fresh(tiny).eval()
+    stem = {"targets": ["experts.1.*"], "modules": ["stem.0", "mlp.fc2"], "r": 2, "alpha": 6}
+    lora.add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[LLM_LORA, stem]), seed=1)
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    model.save_pretrained(tmp_path / "adapters")
+    model.save_pretrained(tmp_path / "merged", merge_lora=True)
+    a = MoEVisionModel.from_pretrained(tmp_path / "adapters").eval()
+    b = MoEVisionModel.from_pretrained(tmp_path / "merged").eval()
+    assert len(lora.lora_layers(a)) == len(lora.lora_layers(model)) and not lora.lora_layers(b)
+    conv = "experts.1.model.stem.0"
+    w = model.get_submodule(conv)
+    delta = 3.0 * torch.einsum(  # alpha / r * B @ A for a conv: (out, r) x (r, in, k, k)
+        "or,rikl->oikl",
+        w.lora_B["default"].weight.flatten(1),
+        w.lora_A["default"].weight,
+    )
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    torch.testing.assert_close(merged[f"{conv}.weight"], w.base_layer.weight + delta)
+    with torch.no_grad():
+        ref, la, lb = (m(**_batch(m)).logits for m in (model, a, b))
+    torch.testing.assert_close(la, ref, rtol=0, atol=0)  # adapters beside the base: exact
+    torch.testing.assert_close(lb, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref, tiny(**_batch(tiny)).logits, atol=1e-3)

@@ -183,15 +183,17 @@ def _inject(model: nn.Module, names: list[str], r: int, alpha: float, dropout: f
     if hasattr(model, "peft_config"):
         del model.peft_config  # peft's bookkeeping; the layers carry everything needed
     layers = lora_layers(model)
+    missing = sorted(set(names) - set(layers))
+    if missing:
+        raise RuntimeError(f"peft added no adapter to {missing[:5]}")
+    for name in names:  # new submodules (dropout) start in train mode: follow the wrapped module
+        layers[name].train(layers[name].get_base_layer().training)
     for n, p in model.named_parameters():
         base = n.replace(".base_layer.", ".")
         if n in flags:
             p.requires_grad_(flags[n])
         elif base in flags and not is_adapter_key(n):
             p.requires_grad_(flags[base] and not is_4bit(p))
-    missing = sorted(set(names) - set(layers))
-    if missing:
-        raise RuntimeError(f"peft added no adapter to {missing[:5]}")
 
 
 def add_adapters(model: nn.Module, cfg: LoraConfig, seed: int, where: str = "lora") -> list[str]:
