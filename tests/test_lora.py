@@ -435,3 +435,13 @@ def test_merged_and_adapter_saves_agree_for_linear_and_conv_adapters(tiny, tmp_p
     torch.testing.assert_close(la, ref, rtol=0, atol=0)  # adapters beside the base: exact
     torch.testing.assert_close(lb, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ref, tiny(**_batch(tiny)).logits, atol=1e-3)
+
+
+def test_merging_a_tied_weight_is_refused(tiny, tmp_path) -> None:
+    model = _fresh(tiny)  # the tiny LLM ties lm_head to the input embeddings
+    head = {"targets": ["llm.*"], "modules": ["lm_head"], "r": 2, "alpha": 4}
+    lora.add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[head]), seed=0)
+    with pytest.raises(ValueError, match=r"'llm.lm_head'.* tied to \['llm.model.embed_tokens"):
+        model.save_pretrained(tmp_path / "m", merge_lora=True)
+    model.save_pretrained(tmp_path / "a")  # beside the base it is fine
+    assert lora.has_saved_adapters(tmp_path / "a")

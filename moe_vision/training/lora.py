@@ -379,9 +379,22 @@ def split_state_dict(
             base[f"{name}.weight"] = _dequantized(inner)
         if merge:
             w = base[f"{name}.weight"]
+            tied = [k for k, t in base.items() if t is not w and _same_memory(t, w)]
+            if tied:
+                raise ValueError(
+                    f"cannot merge the adapter of {name!r}: its weight is tied to {tied[:3]}, "
+                    "which merging would untie; save with the adapters beside the base "
+                    "(merge_lora=False)"
+                )
             delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
             base[f"{name}.weight"] = (w.float() + delta.float()).to(w.dtype).detach()
     return base, ({} if merge else adapters)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.device.type == "meta":
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
