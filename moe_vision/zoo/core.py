@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import time
 from abc import ABC, abstractmethod
@@ -34,6 +35,9 @@ from moe_vision.results import atomic_write, write_json
 from moe_vision.zoo.data import KINDS, Scene, make_scenes
 
 logger = logging.getLogger(__name__)
+
+LOG_EVERY = 25
+"""Steps between two progress log lines."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class PretrainResult:
         expert: the trained expert (eval mode).
         losses: the loss of every step.
         wall_time_s: seconds of the loop (data generation included).
+        cpu_time_s: CPU seconds of the process during the loop (all threads).
         config: the config the run used.
         objective: the objective's registry name.
     """
@@ -159,6 +164,7 @@ class PretrainResult:
     wall_time_s: float
     config: PretrainConfig
     objective: str
+    cpu_time_s: float = 0.0
 
 
 def _lr_lambda(config: PretrainConfig) -> Callable[[int], float]:
@@ -200,7 +206,7 @@ def pretrain(
     opt = torch.optim.AdamW(model.trainable(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
     losses: list[float] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(config.steps), desc=f"pretrain {name}", disable=not progress)
     for step in bar:
         scenes = make_scenes(config.seed, step, config.batch_size, config.kinds)
@@ -215,11 +221,21 @@ def pretrain(
         model.after_step(step)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    wall = time.perf_counter() - start
+        if (step + 1) % LOG_EVERY == 0:
+            logger.info(
+                "pretrain %s: step %d/%d loss %.4f (%.0f s, %.0f CPU-s)",
+                name,
+                step + 1,
+                config.steps,
+                losses[-1],
+                time.perf_counter() - start,
+                time.process_time() - cpu_start,
+            )
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     logger.info(
         "pretrain %s: %d steps in %.1f s, final loss %.4f", name, config.steps, wall, losses[-1]
     )
-    return PretrainResult(name, model.expert.eval(), losses, wall, config, objective)
+    return PretrainResult(name, model.expert.eval(), losses, wall, config, objective, cpu)
 
 
 # ---------------------------------------------------------------------------- saving
@@ -282,6 +298,8 @@ def card(result: PretrainResult, probe: dict[str, Any] | None = None) -> dict[st
         "config": cfg,
         "steps": result.config.steps,
         "wall_time_s": round(result.wall_time_s, 1),
+        "cpu_time_s": round(result.cpu_time_s, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "initial_loss": round(sum(result.losses[:k]) / k, 5),
         "final_loss": round(sum(result.losses[-k:]) / k, 5),

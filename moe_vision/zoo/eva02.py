@@ -48,8 +48,8 @@ def block_mask(
 class EVA02MaskedFeatureModelling(Objective):
     """EVA-02's MIM with a CLIP teacher; see the module docstring.
 
-    ``config.options``: ``teacher`` (preset loaded with ``pretrained=True``, default
-    ``"clip-mini"``), ``mask_ratio`` (default 0.4).
+    ``config.options``: ``teacher`` (preset, default ``"clip-mini"``), ``teacher_pretrained``
+    (load its shipped weights, default True; False only for tests), ``mask_ratio`` (default 0.4).
     """
 
     description = (
@@ -61,7 +61,8 @@ class EVA02MaskedFeatureModelling(Objective):
         super().__init__(expert, config)
         self.teacher_name = config.options.get("teacher", "clip-mini")
         self.mask_ratio = float(config.options.get("mask_ratio", 0.4))
-        teacher = experts.create_expert(self.teacher_name, pretrained=True).eval()
+        pretrained = bool(config.options.get("teacher_pretrained", True))
+        teacher = experts.create_expert(self.teacher_name, pretrained=pretrained).eval()
         teacher.requires_grad_(False)
         self.teacher = [teacher]  # a list: not a submodule, so not trained nor saved
         width = expert.spec.channels

@@ -13,22 +13,22 @@ CONTRASTIVE_KINDS = ("object", "objects", "pair", "text", "marker")
 
 DEFAULTS: dict[str, tuple[str, PretrainConfig]] = {
     "clip-mini": ("clip", PretrainConfig(steps=400, batch_size=32, lr=1e-3)),
-    "siglip-mini": ("siglip", PretrainConfig(steps=400, batch_size=32, lr=1e-3)),
-    "convnext-mini": ("convnext-clip", PretrainConfig(steps=250, batch_size=32, lr=2e-3)),
+    "siglip-mini": ("siglip", PretrainConfig(steps=300, batch_size=32, lr=1e-3)),
+    "convnext-mini": ("convnext-clip", PretrainConfig(steps=150, batch_size=32, lr=2e-3)),
     "sam-mini": (
         "sam",
         PretrainConfig(
-            steps=250, batch_size=32, lr=1e-3, kinds=("object", "objects", "pair", "marker")
+            steps=150, batch_size=16, lr=1e-3, kinds=("object", "objects", "pair", "marker")
         ),
     ),
-    "eva02-mini": ("eva02-mim", PretrainConfig(steps=300, batch_size=32, lr=1e-3)),
+    "eva02-mini": ("eva02-mim", PretrainConfig(steps=100, batch_size=32, lr=1e-3)),
     "dinov2-mini": (
         "dino",
-        PretrainConfig(steps=150, batch_size=32, lr=5e-4, options={"local_views": 2}),
+        PretrainConfig(steps=60, batch_size=32, lr=5e-4, options={"local_views": 2}),
     ),
     "pix2struct-mini": (
         "pix2struct",
-        PretrainConfig(steps=400, batch_size=32, lr=1e-3, kinds=("text",)),
+        PretrainConfig(steps=250, batch_size=32, lr=1e-3, kinds=("text",)),
     ),
 }
 """Mini preset -> (objective, config)."""
