@@ -186,7 +186,9 @@ def test_lora_config_yaml_round_trip_and_errors() -> None:
     recipe = Recipe("r", [stage])
     again = Recipe.from_yaml(recipe.to_yaml())
     assert again == recipe and again.stages[0].lora[0].quantize == "nf4"
-    assert stage.replace(lora=[]).lora == []
+    assert stage.replace(lora=[]).lora == [] and stage.replace(lora=None).lora == []
+    with pytest.raises(RecipeError, match="lora must be a mapping, a list of mappings or null"):
+        stage.replace(lora="llm.*")
     with pytest.raises(RecipeError, match=r"lora\[0\]: unknown fields \['rank'\]"):
         Stage("s", "align", ["*"], lora={"targets": ["llm.*"], "modules": QV, "rank": 4})
     with pytest.raises(RecipeError, match="r must be an integer >= 1"):

@@ -225,9 +225,11 @@ class Stage:
             )
         if self.weight_decay < 0:
             raise RecipeError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
-        lora = [self.lora] if isinstance(self.lora, (dict, LoraConfig)) else self.lora
+        lora = [self.lora] if isinstance(self.lora, (dict, LoraConfig)) else self.lora or []
         if not isinstance(lora, list):
-            raise RecipeError(f"{where}: lora must be a mapping or a list of mappings")
+            raise RecipeError(
+                f"{where}: lora must be a mapping, a list of mappings or null, got {lora!r}"
+            )
         self.lora = [LoraConfig.from_dict(x, f"{where} lora[{i}]") for i, x in enumerate(lora)]
 
     def to_dict(self) -> dict[str, Any]:
