@@ -344,9 +344,3 @@ def map_views(spec: ExpertSpec, fmap: FeatureMap) -> list[FeatureMap]:
             "the feature cache)"
         )
     return [fmap, fmap.thumbnail]
-
-
-def tiles_per_image(policy: TilingPolicy, height: int, width: int, tile_size: Grid) -> int:
-    """Encoder passes one image costs: its tiles plus the thumbnail."""
-    rows, cols = policy.select_grid(height, width, tile_size)
-    return rows * cols + int(policy.thumbnail)
