@@ -163,6 +163,27 @@ def test_a_rewritten_file_is_read_afresh(tmp_path: Path) -> None:
     assert len(index) == 2 and index.read(0) == {"id": "new one"}
 
 
+def test_text_side_is_memoised_and_images_are_read_every_time(
+    bench, tokenizer, preprocessors, tmp_path, monkeypatch
+) -> None:
+    records = load_records(bench.split("val"))[:2]
+    for r in records:
+        shutil.copy(bench.images / r["image"], tmp_path / r["image"])
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    ds = LlavaDataset(tmp_path / "d.json", tmp_path, preprocessors, tokenizer, memo_records=1)
+    first = ds[0]
+    ds[1]
+    monkeypatch.setattr(ds.index, "read", lambda i: pytest.fail(f"record {i} parsed again"))
+    again = ds[0]  # from the memo: not parsed or tokenised again
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert torch.equal(first["labels"], again["labels"]) and first["id"] == again["id"]
+    with pytest.raises(pytest.fail.Exception, match="record 1 parsed again"):
+        ds[1]  # beyond memo_records
+    (tmp_path / records[0]["image"]).write_bytes(b"broken now")
+    with pytest.raises(DataError, match="record 0 .*cannot read image"):
+        ds[0]
+
+
 def test_building_reads_no_record(bench, tokenizer, preprocessors, tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text("not json\n" * 50)

@@ -140,6 +140,8 @@ class LlavaDataset(Dataset):
         max_image_pixels: pixel limit of image files (``None``: the platform default).
         skip_log: JSONL file to append skipped records to.
         max_replacements: consecutive bad records tolerated when replacing one.
+        memo_records: records whose tokens are kept in memory after their first visit (per
+            process; about 1 KB each for short conversations; ``messages`` are not kept).
 
     Attributes:
         index: the :class:`~moe_vision.data.index.RecordIndex`.
@@ -163,6 +165,7 @@ class LlavaDataset(Dataset):
         max_image_pixels: int | None = None,
         skip_log: str | os.PathLike[str] | None = None,
         max_replacements: int = 64,
+        memo_records: int = 50_000,
     ) -> None:
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -191,6 +194,8 @@ class LlavaDataset(Dataset):
         self.max_replacements = int(max_replacements)
         self.skipped: list[SkippedRecord] = []
         self._seen: set[int] = set()
+        self.memo_records = int(memo_records)
+        self._memo: dict[int, tuple] = {}
 
     # -------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -202,10 +207,23 @@ class LlavaDataset(Dataset):
         return self.index.length
 
     def sample(self, i: int, decode: bool = True) -> Sample:
-        """Record ``i`` validated (no replacement; raises ``RecordProblem``)."""
+        """Record ``i`` validated (no replacement; raises ``RecordProblem``).
+
+        The text side of a record that passed (tokens, labels, image paths) is memoised in this
+        process for the first ``memo_records`` records seen, so later epochs only decode and
+        preprocess the images; the images are checked every time."""
+        memo = self._memo.get(i)
+        if memo is not None:
+            rid, category, paths, ids, labels = memo
+            images = [self.validator.open(p) for p in paths] if decode else []
+            return Sample(rid, category, [], list(paths), ids.tolist(), labels.tolist(), images)
         record = self.index.read(i)
         root = self.roots[int(self.index.file_id[i])]
-        return self.validator.validate(record, int(self.index.position[i]), root, decode=decode)
+        s = self.validator.validate(record, int(self.index.position[i]), root, decode=decode)
+        if len(self._memo) < self.memo_records:
+            ids, labels = np.asarray(s.input_ids, np.int32), np.asarray(s.labels, np.int32)
+            self._memo[i] = (s.id, s.category, tuple(s.image_paths), ids, labels)
+        return s
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """One sample (record ``i``, or its replacement under ``skip``): ``input_ids`` and
@@ -240,10 +258,13 @@ class LlavaDataset(Dataset):
 
     def _bad(self, j: int, err: RecordProblem) -> None:
         rid = f"#{int(self.index.position[j])}"
-        try:
-            rid = record_id(self.index.read(j), int(self.index.position[j]))
-        except RecordProblem:
-            pass
+        if j in self._memo:
+            rid = self._memo[j][0]
+        else:
+            try:
+                rid = record_id(self.index.read(j), int(self.index.position[j]))
+            except RecordProblem:
+                pass
         message = f"{self.index.where(j)} (id {rid!r}): {err}"
         if self.on_bad_record == "error":
             raise DataError(message) from err
