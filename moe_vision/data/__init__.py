@@ -1,2 +1,4 @@
-"""Data: the built-in procedurally generated benchmark (:mod:`.benchmark`) and LLaVA-format
-conversations with their validation and batching (:mod:`.llava`)."""
+"""Data: the built-in procedurally generated benchmark (:mod:`.benchmark`) and LLaVA-format data
+at scale: record layouts (:mod:`.records`), the byte-offset index (:mod:`.index`), mixtures
+(:mod:`.mixture`), the one validation path of training, evaluation and ``moe-vision data check``
+(:mod:`.validation`, :mod:`.check`), and the dataset with its batching (:mod:`.llava`)."""
