@@ -11,6 +11,7 @@ time, losses, probe scores against the random-init twin, output fingerprint)::
     moe-vision pretrain all                           # the whole mini zoo, in dependency order
     moe-vision pretrain sam-mini --steps 20 --out /tmp/minis --no-probe
     moe-vision pretrain --list                        # presets, objectives, default configs
+    moe-vision pretrain clip-mini --probe-only        # re-probe shipped weights, update the card
 
 The same seed, steps and thread count give the same weights. EVA-02's objective regresses the
 shipped ``clip-mini``'s features, so ``all`` pretrains CLIP first.
@@ -53,6 +54,12 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     out = args.out or MINI_DIR
+    if args.probe_only:
+        from moe_vision.zoo.scores import refresh_card
+
+        for name in names:
+            print(f"{name}: updated {refresh_card(name, out)}")
+        return 0
     for name in names:
         try:
             recipe = get_recipe(name)
@@ -100,6 +107,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: experts/mini/, shipped)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--no-probe", action="store_true", help="skip the card's probe scores")
+    p.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="no training: re-probe the weights in --out and rewrite their card's probe scores",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the presets and their recipes")
     p.set_defaults(func=_run)

@@ -40,3 +40,25 @@ def probe_scores(
     out["config"] = config_dict(config)
     out["twin_seed"] = twin_seed
     return out
+
+
+def refresh_card(name: str, out_dir: str | Path, config: ProbeConfig | None = None) -> Path:
+    """Re-probe the weights ``<out_dir>/<name>.safetensors`` and rewrite the ``probe`` field of
+    their card ``<out_dir>/<name>.json`` (atomically; every other field kept).
+
+    Raises:
+        FileNotFoundError: the weights or the card are missing (names the file).
+    """
+    from moe_vision.results import read_json, write_json
+
+    out = Path(out_dir)
+    weights, card_path = out / f"{name}.safetensors", out / f"{name}.json"
+    for path in (weights, card_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found; write it first with `moe-vision pretrain {name}`"
+            )
+    card = read_json(card_path)
+    card["probe"] = probe_scores(name, weights, config)
+    logger.info("re-probed %s and updated %s", name, card_path)
+    return write_json(card_path, card)
