@@ -103,26 +103,33 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
+def eagle_like_config(llm: str, options: dict[str, int]) -> dict[str, Any]:
+    """:data:`EAGLE_LIKE` with the LLM ``llm`` (a tiny preset) at shape ``options``."""
+    return {**EAGLE_LIKE, "llm": llm, "llm_options": {**options, "max_position_embeddings": 4096}}
+
+
 def train_eagle_like(
-    device: torch.device, work: Path, llm: str, options: dict[str, int], batch_size: int, steps: int
+    device: torch.device, work: Path, model_cfg: dict[str, Any], batch_size: int, steps: int
 ) -> dict[str, float]:
-    """Time ``steps`` bf16 training steps of the Eagle-like model with LLM shape ``options``."""
+    """Time ``steps`` bf16 training steps of ``model_cfg`` (every parameter trains, AdamW,
+    gradient checkpointing in the LLM) on ``device``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from moe_vision.model.mllm import MoEVisionModel
 
     torch.manual_seed(0)
-    cfg = {**EAGLE_LIKE, "llm": llm, "llm_options": {**options, "max_position_embeddings": 4096}}
-    torch.cuda.reset_peak_memory_stats(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     with torch.device(device):
-        model = MoEVisionModel.from_config(cfg)
+        model = MoEVisionModel.from_config(model_cfg)
     model.train()
     model.llm.gradient_checkpointing_enable()
     batch = _to(benchmark_batch(model, batch_size, work), device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
 
     def loss() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             return model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -139,18 +146,20 @@ def train_eagle_like(
         loss().backward()
     flops = counter.get_total_flops()
     step()  # optimiser state allocated; warm-up
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     out = {
         "step_s": seconds,
         "flops_per_step": float(flops),
         "params": float(sum(p.numel() for p in model.parameters())),
         "visual_tokens": float(model.num_visual_tokens),
-        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
     }
     return out  # the model and optimiser go with this frame; the caller frees the cache
 
@@ -169,7 +178,9 @@ def data_pipeline_rate(
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     n = batch_size * batches
     with torch.device("meta"):  # preprocessors and tokenizer only: no weights needed
-        model = MoEVisionModel.from_config({**EAGLE_LIKE, "llm": "tiny-llama"})
+        model = MoEVisionModel.from_config(
+            {**EAGLE_LIKE, "llm": "tiny-llama", "llm_options": {"max_position_embeddings": 4096}}
+        )
     bench = generate_benchmark(
         work / "gpu-data", seed=0, sizes=BenchmarkSizes(align=6, instruct=n, val=6, test=6)
     )
@@ -203,7 +214,8 @@ def bench_gpu(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
     found, chosen, tried = None, None, []
     for name, preset, options in LLM_SHAPES:
         try:
-            found = train_eagle_like(device, work, preset, options, GPU_BATCH, GPU_STEPS)
+            model_cfg = eagle_like_config(preset, options)
+            found = train_eagle_like(device, work, model_cfg, GPU_BATCH, GPU_STEPS)
             chosen = name
             _free()
             break
