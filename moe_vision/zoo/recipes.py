@@ -14,7 +14,7 @@ CONTRASTIVE_KINDS = ("object", "objects", "pair", "text", "marker")
 DEFAULTS: dict[str, tuple[str, PretrainConfig]] = {
     "clip-mini": ("clip", PretrainConfig(steps=400, batch_size=32, lr=1e-3)),
     "siglip-mini": ("siglip", PretrainConfig(steps=300, batch_size=32, lr=1e-3)),
-    "convnext-mini": ("convnext-clip", PretrainConfig(steps=150, batch_size=32, lr=2e-3)),
+    "convnext-mini": ("convnext-clip", PretrainConfig(steps=400, batch_size=32, lr=2e-3)),
     "sam-mini": (
         "sam",
         PretrainConfig(
@@ -28,7 +28,7 @@ DEFAULTS: dict[str, tuple[str, PretrainConfig]] = {
     ),
     "pix2struct-mini": (
         "pix2struct",
-        PretrainConfig(steps=250, batch_size=32, lr=1e-3, kinds=("text",)),
+        PretrainConfig(steps=350, batch_size=32, lr=3e-3, kinds=("text",)),
     ),
 }
 """Mini preset -> (objective, config)."""
