@@ -49,27 +49,25 @@ def console() -> io.StringIO:
 
 
 def _sweep_args(tmp_path: Path, *extra: str) -> list[str]:
+    """A two-cell sweep of :func:`noisy_cell` (its own spec: the default sweep may change)."""
+    import yaml
+
     import experts
 
     a, b = experts.list_experts("*-tiny")[:2]
-    return [
-        *extra,
-        "sweep",
-        "--experts",
-        f"{a},{b}",
-        "--fusions",
-        "channel_concat,sequence_append",
-        "--recipes",
-        "llava",
-        "--executor",
-        "inline",
-        "--set",
-        f"entrypoint={ENTRY}",
-        "--out",
-        str(tmp_path / "sweep"),
-        "--results-dir",
-        "",
-    ]
+    spec = {
+        "name": "console",
+        "experts": {"combinations": [[a, b]]},
+        "fusions": ["channel_concat", "sequence_append"],
+        "recipes": ["llava"],
+        "seeds": [0],
+        "entrypoint": ENTRY,
+        "executor": {"kind": "inline"},
+    }
+    path = tmp_path / "console.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = ["sweep", str(path), "--out", str(tmp_path / "sweep"), "--results-dir", ""]
+    return [*extra, *out]
 
 
 def test_run_log_takes_the_library_logging_and_keeps_the_console_level(tmp_path, console):

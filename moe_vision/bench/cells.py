@@ -55,6 +55,11 @@ def default_cell_spec(cfg: BenchConfig) -> dict[str, Any]:
     spec["recipes"] = [first.recipe]
     spec["seeds"] = [first.seed]
     spec["name"] = "bench-cell"
+    model = spec.get("model") or {}
+    if model.get("expert_options"):  # only the cell's experts (the spec rejects unused ones)
+        model["expert_options"] = {
+            k: v for k, v in model["expert_options"].items() if k in first.experts
+        }
     for key, value in (cfg.cell_overrides or {}).items():
         spec[key] = copy.deepcopy(value)
     return spec
