@@ -24,7 +24,7 @@ DEFAULTS: dict[str, tuple[str, PretrainConfig]] = {
     "eva02-mini": ("eva02-mim", PretrainConfig(steps=100, batch_size=32, lr=1e-3)),
     "dinov2-mini": (
         "dino",
-        PretrainConfig(steps=60, batch_size=32, lr=5e-4, options={"local_views": 2}),
+        PretrainConfig(steps=250, batch_size=32, lr=5e-4, options={"local_views": 2}),
     ),
     "pix2struct-mini": (
         "pix2struct",
