@@ -4,6 +4,8 @@ nothing reaches frozen teachers."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -67,3 +69,23 @@ def test_objective_learns_and_sends_gradients_to_the_expert(objective: str) -> N
         model.after_step(step)
         losses.append(float(loss))
     assert min(losses[-2:]) < losses[0], (objective, losses)
+
+
+def test_pretraining_is_deterministic_and_the_cli_writes_loadable_weights(tmp_path) -> None:
+    import experts
+    from moe_vision.cli import main
+    from moe_vision.zoo import pretrain
+
+    config = PretrainConfig(steps=2, batch_size=2, warmup=1, kinds=("object",))
+    a = pretrain("clip-mini", config, progress=False).expert.state_dict()
+    b = pretrain("clip-mini", config, progress=False).expert.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    argv = ["pretrain", "clip-mini", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path)]
+    assert main([*argv, "--no-probe", "--quiet", "--threads", "1"]) == 0
+    card = json.loads((tmp_path / "clip-mini.json").read_text())
+    assert card["steps"] == 1 and card["objective"]["name"] == "clip"
+    loaded = experts.create_expert("clip-mini", checkpoint=str(tmp_path / "clip-mini.safetensors"))
+    from moe_vision.zoo.core import fingerprint
+
+    assert fingerprint(loaded) == pytest.approx(card["fingerprint"], rel=1e-4)
+    assert main(["pretrain", "no-such-mini", "--out", str(tmp_path)]) == 2
