@@ -74,7 +74,7 @@ def plot_overall(df: pd.DataFrame, ax: Any = None, value: str = OVERALL) -> Any:
     yerr = _yerr(rows, value)
     for i, (_, row) in enumerate(rows.iterrows()):
         ax.errorbar(
-            row["visual_tokens"] * (1 + 0.04 * (i - len(rows) / 2) / max(len(rows), 1)),
+            row["visual_tokens"] * (1 + 0.04 * (i - (len(rows) - 1) / 2) / max(len(rows), 1)),
             row[value],
             yerr=None if yerr is None else yerr[:, i : i + 1],
             fmt=markers[row["experts"]],
@@ -84,6 +84,7 @@ def plot_overall(df: pd.DataFrame, ax: Any = None, value: str = OVERALL) -> Any:
         )
     if not rows.empty and rows["visual_tokens"].max() > 4 * max(rows["visual_tokens"].min(), 1):
         ax.set_xscale("log", base=2)
+    ax.margins(x=0.25)  # room around settings that share a token count
     ax.set_xlabel("visual tokens")
     ax.set_title(value.removeprefix("accuracy/"))
     ax.grid(alpha=0.3)
