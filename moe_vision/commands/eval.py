@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
         allow_outside_root=args.allow_outside_root,
         max_image_pixels=args.max_image_pixels,
     )
-    scores = {f"accuracy/{k}": v for k, v in sorted(result.per_category.items())}
-    scores["accuracy/overall"] = result.overall
+    scores: dict[str, float] = dict(result.to_metrics())  # with 95% intervals and counts
     scores["skipped_records"] = len(result.skipped)
     for s in result.skipped:
         scores[f"skipped_records/{s.kind}"] = scores.get(f"skipped_records/{s.kind}", 0) + 1

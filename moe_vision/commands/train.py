@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -209,5 +210,5 @@ def run(args: argparse.Namespace) -> int:
     metrics = run_experiment(cfg, args.out, resume=args.resume)
     if metrics:
         print(json.dumps(metrics, indent=1))
-    print(f"run folder: {args.out} (log: {args.out / RUN_LOG})")
+    print(f"run folder: {args.out} (log: {args.out / RUN_LOG})", file=sys.stderr)  # stdout: JSON
     return 0

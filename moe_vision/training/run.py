@@ -16,7 +16,8 @@ Run folder layout::
     out_dir/skipped_eval.jsonl   records skipped by the evaluation
     out_dir/logs/              tracker logs (TensorBoard by default)
 
-Metrics row: ``accuracy/<category>`` and ``accuracy/overall`` on the evaluation split,
+Metrics row: ``accuracy/<category>`` and ``accuracy/overall`` on the evaluation split, each with
+its 95% interval (``accuracy/<category>/lo``, ``/hi``) and question count ``n/<category>``,
 ``params_total`` (the mixture model, LoRA adapters included), ``params_adapter`` (its LoRA
 adapters), ``params_trainable`` (the most any unit trained, adapters included and the frozen base
 weights under them not; per unit in ``params_trainable/<unit>``), ``visual_tokens``,
@@ -508,8 +509,7 @@ def run_experiment(
         eval_time = time.perf_counter() - t0
         _atomic_write(out / "predictions.json", json.dumps(result.predictions, indent=1))
         flops_data = recipe.stages[-1].data
-        metrics = {f"accuracy/{k}": float(v) for k, v in sorted(result.per_category.items())}
-        metrics["accuracy/overall"] = float(result.overall)
+        metrics = dict(result.to_metrics())  # accuracies with 95% intervals and counts
         counts = lora.count_parameters(model)  # LoRA adapters counted; 4-bit weights unpacked
         metrics["params_total"] = counts["total"]
         metrics["params_adapter"] = counts["adapter"]
