@@ -53,8 +53,9 @@ SCRIPT = textwrap.dedent(
         def __len__(self):
             return len(self.ds)
         def __getitem__(self, i):
-            self.seen.append(self.ds.samples[i].id)
-            return self.ds[i]
+            item = self.ds[i]  # records are read (and validated) on access
+            self.seen.append(item["id"])
+            return item
         @property
         def collate(self):
             return self.ds.collate
