@@ -221,11 +221,18 @@ def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warm
 def benchmark_batch(model: Any, batch_size: int, data_root: Path, seed: int = 0) -> dict:
     """A training batch of ``batch_size`` instruction samples from the built-in benchmark."""
     from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-    from moe_vision.data.llava import LlavaDataset
 
     n = max(batch_size, 6)
     sizes = BenchmarkSizes(align=n, instruct=n, val=6, test=6)
     bench = generate_benchmark(data_root / f"bench-{seed}-{n}", seed=seed, sizes=sizes)
+    return instruct_batch(model, bench, batch_size)
+
+
+def instruct_batch(model: Any, bench: Any, batch_size: int) -> dict:
+    """The first ``batch_size`` records of ``bench``'s instruct split, read for ``model`` (its
+    preprocessors, tokenizer and length limit) and collated."""
+    from moe_vision.data.llava import LlavaDataset
+
     ds = LlavaDataset(
         bench.split("instruct"),
         bench.images,

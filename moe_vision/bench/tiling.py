@@ -30,7 +30,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_vision.bench.core import BenchConfig, _median_time, _to, bench_row, register_section
+from moe_vision.bench.core import (
+    BenchConfig,
+    _median_time,
+    _to,
+    bench_row,
+    instruct_batch,
+    register_section,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +63,11 @@ def tiling_batch(model: Any, batch_size: int, data_root: Path, seed: int = 0) ->
     """An instruction batch of the opt-in tiling categories (strips and wide canvases)."""
     from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
     from moe_vision.data.benchmark_tiling import TILING_CATEGORIES
-    from moe_vision.data.llava import LlavaDataset
 
     n = max(batch_size, 2)
     sizes = BenchmarkSizes(align=0, instruct=n, val=0, test=0, categories=TILING_CATEGORIES)
     bench = generate_benchmark(data_root / f"tiling-{seed}-{n}", seed=seed, sizes=sizes)
-    ds = LlavaDataset(
-        bench.split("instruct"),
-        bench.images,
-        model.preprocessors,
-        model.tokenizer,
-        image_token=model.config.image_token,
-        max_length=model.max_length,
-        num_visual_tokens=model.num_visual_tokens,
-    )
-    return ds.collate([ds[i] for i in range(batch_size)])
+    return instruct_batch(model, bench, batch_size)
 
 
 def _flops(fn: Any) -> int:
