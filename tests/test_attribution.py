@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import seeing_model
 
 from experts.spec import FeatureMap
 from moe_vision import results
@@ -37,15 +38,7 @@ SIZES = BenchmarkSizes(align=6, instruct=6, val=0, test=12)
 
 def _seeing(config: ModelConfig) -> MoEVisionModel:
     """A model whose answers depend on the pixels (LLM and projector matrices at std 0.3)."""
-    torch.manual_seed(0)
-    model = MoEVisionModel.from_config(config).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in (model.llm, model.projector):
-            for p in module.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.3, generator=gen)
-    return model
+    return seeing_model(config)
 
 
 @pytest.fixture(scope="module")

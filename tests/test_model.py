@@ -8,6 +8,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
+import synthetic
 import torch
 import torch.nn.functional as F
 
@@ -157,17 +158,8 @@ def test_precomputed_maps_skip_the_experts(model, batch) -> None:
 
 @pytest.fixture(scope="module")
 def seeing_model() -> MoEVisionModel:
-    """A model whose greedy answers depend on the pixels: the LLM's and projector's matrices are
-    redrawn with std 0.3 (at the default 0.02 init the tiny LLM answers "\\n" to everything)."""
-    torch.manual_seed(0)
-    model = MoEVisionModel.from_config(CONFIG).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in (model.llm, model.projector):
-            for p in module.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.3, generator=gen)
-    return model
+    """A model whose greedy answers depend on the pixels (:func:`synthetic.seeing_model`)."""
+    return synthetic.seeing_model(CONFIG)
 
 
 def _generated_ids(model, images, prompts, max_new_tokens: int = 4) -> list[list[int]]:
