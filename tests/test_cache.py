@@ -23,10 +23,12 @@ from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_b
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 from moe_vision.training.cache import (
     FeatureCache,
+    FeatureCacheError,
     expert_cache_key,
     stack_maps,
     weights_fingerprint,
 )
+from moe_vision.training.precompute import precompute_maps
 from moe_vision.training.recipes import Recipe, Stage
 from moe_vision.training.run import DatasetCache, RunConfig
 from moe_vision.training.trainer import StepEvent, Trainer, TrainOptions, make_accelerator
@@ -143,8 +145,8 @@ def test_cached_and_uncached_training_give_the_same_loss(bench, tmp_path) -> Non
     cached: list[StepEvent] = []
     reports, _ = _train(bench, tmp_path / "cached", cache, hooks=(cached.append,))
     assert reports[0].cached_experts == [0, 1]
-    # epoch 0 fills the cache (24 images x 2 experts), epoch 1 reads it back
-    assert (cache.misses, cache.hits) == (48, 48)
+    # the maps are stored before training (24 images x 2 experts); both epochs read them back
+    assert (cache.misses, cache.hits) == (48, 96)
     assert len(plain) == len(cached) == 6
     for a, b in zip(plain, cached):
         assert a.loss == pytest.approx(b.loss, rel=1e-6, abs=1e-7)
@@ -246,3 +248,70 @@ def test_auto_policy_drops_a_cache_that_costs_more_than_it_saves(tmp_path, monke
     assert FeatureCache(tmp_path, policy="always").use_cache(expert, key) is True
     with pytest.raises(ValueError, match="policy"):
         FeatureCache(tmp_path, policy="sometimes")
+
+
+def test_images_served_from_the_cache_are_not_decoded(bench, tmp_path, monkeypatch) -> None:
+    cache = FeatureCache(tmp_path / "features", policy="always")
+    _train(bench, tmp_path / "a", cache)  # stores every map
+
+    from moe_vision.data.validation import RecordValidator
+
+    opened: list[str] = []
+    real_open = RecordValidator.open
+    monkeypatch.setattr(
+        RecordValidator, "open", lambda self, p: opened.append(p) or real_open(self, p)
+    )
+    _train(bench, tmp_path / "b", FeatureCache(tmp_path / "features", policy="always"))
+    assert opened == []  # 2 epochs x 24 records, no image decoded
+
+    cold: list[str] = []
+    monkeypatch.setattr(
+        RecordValidator, "open", lambda self, p: cold.append(p) or real_open(self, p)
+    )
+    _train(bench, tmp_path / "c", FeatureCache(tmp_path / "cold", policy="always"))
+    assert len(cold) == 24  # decoded once, by the walk that stores the maps
+
+
+def test_an_image_without_a_stored_map_gets_its_inputs(bench, tmp_path) -> None:
+    """A dataset told that only some images are stored gives inputs for the others only, and
+    the cache computes exactly those: the batch's maps equal the expert's own forward."""
+    torch.manual_seed(0)
+    model = MoEVisionModel.from_config(ModelConfig(experts=["clip-tiny"])).eval()
+    expert = model.experts[0]
+    ds = DatasetCache(RunConfig(), {"align": bench.split("align")}, bench.images)("align", model)
+    items = [ds[i] for i in range(6)]
+    keys = [k for it in items for k in it["image_keys"]]
+    cache = FeatureCache(tmp_path, policy="always")
+    key = expert_cache_key(expert)
+    full = ds.collate(items)
+    with torch.no_grad():
+        ref = expert(full["images"][0]).features
+    some = {k: v[[0, 2]] for k, v in full["images"][0].items()}
+    assert cache.store(expert, key, some, [keys[0], keys[2]]) == 2
+    ds.cached_keys = {0: cache.known_keys(key)}
+    batch = ds.collate([ds[i] for i in range(6)])
+    assert batch["input_rows"] == [[1, 3, 4, 5]]
+    assert batch["images"][0]["pixel_values"].shape[0] == 4
+    got = cache.maps(expert, key, batch["images"][0], keys, rows=batch["input_rows"][0])
+    assert (cache.misses, cache.hits) == (6, 2)  # 2 stored first, 4 computed now
+    torch.testing.assert_close(got.features, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FeatureCacheError, match="no inputs"):
+        cache.maps(expert, "another-key", {}, keys, rows=[])
+
+
+def test_an_expert_not_worth_caching_keeps_its_inputs(bench, tmp_path) -> None:
+    cache = FeatureCache(tmp_path / "features")  # policy auto
+    set_seed(0)
+    model = MoEVisionModel.from_config(ModelConfig(experts=["clip-tiny", "convnext-tiny"]))
+    key = expert_cache_key(model.experts[1])
+    decision = cache.decision_path(key, "cpu")
+    decision.parent.mkdir(parents=True)
+    decision.write_text('{"use_cache": false, "compute_ms": 0.1, "read_ms": 1.0}')
+    ds = DatasetCache(RunConfig(), {"align": bench.split("align")}, bench.images)("align", model)
+    experts = {i: (e.eval(), expert_cache_key(e)) for i, e in enumerate(model.experts)}
+    served = precompute_maps(cache, ds, experts, "cpu")
+    assert sorted(served) == [0]
+    assert len(served[0]) == 24
+    batch = ds.collate([ds[i] for i in range(4)])
+    assert batch["images"][0] == {} and batch["input_rows"][0] == []
+    assert batch["input_rows"][1] is None and batch["images"][1]["pixel_values"].shape[0] == 4

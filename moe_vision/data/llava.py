@@ -5,7 +5,10 @@ length per record) over one ``.json``/``.jsonl`` file or a mixture YAML
 (:mod:`moe_vision.data.mixture`), plus a policy. Building it reads no record and opens no
 image; ``__getitem__`` (so the DataLoader workers) parses the record, validates it with the
 shared :class:`~moe_vision.data.validation.RecordValidator`, tokenises it with label masking,
-decodes its images and runs every expert's preprocessing on every image.
+decodes its images and runs every expert's preprocessing on every image -- except for experts
+served from the feature cache (:attr:`LlavaDataset.cached_keys`, set by the trainer once it has
+stored every image's map): a record whose images all have a stored map skips their decoding and
+preprocessing for those experts (a stored map proves the same bytes decoded before).
 
 A bad record (malformed JSON, non-UTF-8, bad conversation, placeholders that do not match the
 images, missing/corrupt/oversized image, path outside the image root, over-long sequence):
@@ -20,7 +23,8 @@ images, missing/corrupt/oversized image, path outside the image root, over-long 
 Record layouts: see :mod:`moe_vision.data.records` (text-only, single- and multi-image,
 ``<image>`` anywhere in a human turn, multi-turn). :func:`collate` flattens a batch's images in
 row order: ``images`` holds ``M = sum(image_counts)`` rows per expert (``None`` when the batch
-has no image), and the model splices image ``m`` at the ``m``-th placeholder.
+has no image; ``{}`` for an expert served from the cache, or only the rows listed in
+``input_rows``), and the model splices image ``m`` at the ``m``-th placeholder.
 """
 
 from __future__ import annotations
@@ -148,6 +152,9 @@ class LlavaDataset(Dataset):
         roots: image root of each file of the index.
         source_counts: per-source counts of a mixture (one entry for a plain file).
         skipped: records skipped in this process.
+        cached_keys: expert index -> image keys whose map that expert's feature cache holds. For
+            these experts an image with a stored map is neither decoded nor preprocessed (its
+            inputs are ``None`` in the item). Empty by default: every expert gets its inputs.
     """
 
     def __init__(
@@ -196,6 +203,7 @@ class LlavaDataset(Dataset):
         self._seen: set[int] = set()
         self.memo_records = int(memo_records)
         self._memo: dict[int, tuple] = {}
+        self.cached_keys: dict[int, frozenset[str]] = {}
 
     # -------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -211,7 +219,7 @@ class LlavaDataset(Dataset):
 
         The text side of a record that passed (tokens, labels, image paths) is memoised in this
         process for the first ``memo_records`` records seen, so later epochs only decode and
-        preprocess the images; the images are checked every time."""
+        preprocess the images (every time, unless the feature cache serves them)."""
         memo = self._memo.get(i)
         if memo is not None:
             rid, category, paths, ids, labels = memo
@@ -228,7 +236,9 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         """One sample (record ``i``, or its replacement under ``skip``): ``input_ids`` and
         ``labels`` ``(T,)``, ``expert_inputs`` (per expert, a list of per-image inputs without
-        batch dim), ``image_keys`` (one content hash per image), ``id``, ``category``."""
+        batch dim, or ``None`` when the feature cache serves that expert's maps of these images),
+        ``image_keys`` (one content hash per image), ``id``, ``category``, ``index`` (the record
+        used)."""
         n = len(self)
         for attempt in range(self.max_replacements + 1):
             j = (int(i) + attempt) % n
@@ -242,19 +252,37 @@ class LlavaDataset(Dataset):
         )
 
     def _item(self, j: int) -> dict[str, Any]:
-        s = self.sample(j)
+        s = self.sample(j, decode=False)
+        keys = [self._content_key(p) for p in s.image_paths]
+        needs = [
+            e not in self.cached_keys or not self.cached_keys[e].issuperset(keys)
+            for e in range(len(self.preprocessors))
+        ]
+        images = [self.validator.open(p) for p in s.image_paths] if any(needs) else []
         try:
-            inputs = [[p(im) for im in s.images] for p in self.preprocessors]
+            inputs = [
+                [p(im) for im in images] if need else None
+                for p, need in zip(self.preprocessors, needs)
+            ]
         except ImageError as err:
             raise RecordProblem("corrupt_image", str(err)) from err
         return {
             "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
             "labels": torch.tensor(s.labels, dtype=torch.long),
             "expert_inputs": inputs,
-            "image_keys": [image_content_key(p) for p in s.image_paths],
+            "image_keys": keys,
             "id": s.id,
             "category": s.category,
+            "index": j,
         }
+
+    def _content_key(self, path: Path) -> str:
+        """The image's cache key; an unreadable file is the validator's problem to name."""
+        try:
+            return image_content_key(path)
+        except OSError as err:
+            self.validator.open(path)  # raises RecordProblem (missing_image, ...)
+            raise RecordProblem("corrupt_image", f"cannot read {path}: {err}") from err
 
     def _bad(self, j: int, err: RecordProblem) -> None:
         rid = f"#{int(self.index.position[j])}"
@@ -310,7 +338,9 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str,
         ``input_ids`` ``(B, T)``, ``attention_mask`` ``(B, T)``, ``labels`` ``(B, T)`` (-100 on
         padding), ``images`` (one batched :data:`ExpertInputs` per expert with ``M`` rows: the
         batch's images in row order; ``None`` when ``M = 0``), ``image_counts`` (``B`` ints),
-        ``image_keys`` (``M`` hashes), ``ids``, ``categories``.
+        ``input_rows`` (per expert, the image rows its inputs hold, ``None`` for all; ``None``
+        when ``M = 0``), ``image_keys`` (``M`` hashes), ``ids``, ``categories``, ``indices``
+        (dataset positions the samples came from).
     """
     if not batch:
         raise ValueError("collate needs at least one sample")
@@ -325,19 +355,37 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str,
         attention[r, :n] = 1
     counts = [len(b["image_keys"]) for b in batch]
     n_experts = len(batch[0]["expert_inputs"])
-    images = None
+    images = input_rows = None
     if sum(counts):
-        images = [
-            collate_inputs([x for b in batch for x in b["expert_inputs"][e]])
-            for e in range(n_experts)
-        ]
+        per_expert = [_expert_rows(batch, e) for e in range(n_experts)]
+        images = [x for x, _ in per_expert]
+        input_rows = [rows for _, rows in per_expert]
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
         "labels": labels,
         "images": images,
+        "input_rows": input_rows,
         "image_counts": counts,
         "image_keys": [k for b in batch for k in b["image_keys"]],
         "ids": [b["id"] for b in batch],
         "categories": [b["category"] for b in batch],
+        "indices": [b.get("index", -1) for b in batch],
     }
+
+
+def _expert_rows(batch: Sequence[dict[str, Any]], e: int) -> tuple[ExpertInputs, list[int] | None]:
+    """Expert ``e``'s batched inputs and the image rows they are (``None``: all ``M`` rows; an
+    item whose inputs are ``None`` is served from the feature cache)."""
+    rows: list[int] = []
+    xs: list[ExpertInputs] = []
+    start = 0
+    for b in batch:
+        n, inputs = len(b["image_keys"]), b["expert_inputs"][e]
+        if inputs is not None:
+            xs.extend(inputs)
+            rows.extend(range(start, start + n))
+        start += n
+    if len(rows) == start:
+        return collate_inputs(xs), None
+    return (collate_inputs(xs) if xs else {}), rows

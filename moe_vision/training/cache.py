@@ -176,6 +176,7 @@ class FeatureCache:
         self._shards: dict[str, list[_Shard]] = {}
         self._seen_files: dict[str, set[str]] = {}
         self._pending: dict[str, dict[str, FeatureMap]] = {}  # computed, not written yet
+        self._pending_bytes: dict[str, int] = {}
         self._costs: dict[str, _Costs] = {}
 
     # -------------------------------------------------------------- storage
@@ -223,7 +224,7 @@ class FeatureCache:
         for expert_key, maps in self._pending.items():
             if maps:
                 written.append(self._write_shard(expert_key, maps))
-        self._pending = {}
+        self._pending, self._pending_bytes = {}, {}
         return written
 
     def _write_shard(self, expert_key: str, maps: dict[str, FeatureMap]) -> Path:
@@ -286,12 +287,91 @@ class FeatureCache:
             fmap.features[index : index + 1].detach().cpu(), fmap.stride, fmap.source, valid
         )
         pending = self._pending.setdefault(expert_key, {})
+        if image_key not in pending:
+            size = row.features.numel() * row.features.element_size()
+            self._pending_bytes[expert_key] = self._pending_bytes.get(expert_key, 0) + size
         pending[image_key] = row
-        if sum(m.features.numel() * m.features.element_size() for m in pending.values()) >= (
-            self.shard_bytes
-        ):
+        if self._pending_bytes[expert_key] >= self.shard_bytes:
             self._write_shard(expert_key, pending)
-            self._pending[expert_key] = {}
+            self._pending[expert_key], self._pending_bytes[expert_key] = {}, 0
+
+    def known_keys(self, expert_key: str) -> frozenset[str]:
+        """The image keys whose map is stored for ``expert_key`` (written by any process, or
+        pending here)."""
+        self._scan(expert_key)
+        return frozenset(self._index.get(expert_key, {})) | frozenset(
+            self._pending.get(expert_key, {})
+        )
+
+    def store(
+        self,
+        expert: Expert,
+        expert_key: str,
+        inputs: ExpertInputs,
+        image_keys: Sequence[str],
+        rows: Sequence[int] | None = None,
+    ) -> int:
+        """Compute and keep the maps of ``image_keys`` not stored yet (nothing is read back);
+        returns how many were computed. ``inputs`` holds the rows ``rows`` of ``image_keys``
+        (``None``: all); a missing map must have its row there."""
+        rows = list(range(len(image_keys))) if rows is None else list(rows)
+        position = {r: p for p, r in enumerate(rows)}
+        self._scan(expert_key)  # once per batch
+        index, pending = self._index.get(expert_key, {}), self._pending.get(expert_key, {})
+        first = {}  # image key -> its first row: an image twice in a batch is computed once
+        for r, k in enumerate(image_keys):
+            if k not in index and k not in pending:
+                first.setdefault(k, r)
+        missing = list(first.values())
+        if not missing:
+            return 0
+        absent = [image_keys[r] for r in missing if r not in position]
+        if absent:
+            raise FeatureCacheError(
+                f"feature cache: no inputs for {len(absent)} image(s) without a stored map of "
+                f"{expert.spec.name} (first: {absent[0]})"
+            )
+        costs = self._costs.setdefault(expert_key, _Costs())
+        t0 = time.perf_counter()
+        select = torch.tensor([position[r] for r in missing], dtype=torch.long)
+        with torch.no_grad():
+            computed = expert(_select(inputs, select))
+        if costs.warmed_up:
+            costs.compute_s += time.perf_counter() - t0
+            costs.compute_rows += len(missing)
+        costs.warmed_up = True
+        for j, r in enumerate(missing):
+            self.put(expert_key, image_keys[r], computed, j)
+        self.misses += len(missing)
+        return len(missing)
+
+    def decide(
+        self,
+        expert: Expert,
+        expert_key: str,
+        image_keys: Sequence[str],
+        device=None,  # noqa: ANN001
+    ) -> bool:
+        """Settle the read-vs-compute decision for ``expert_key`` once its maps are stored:
+        time reading ``image_keys`` back against the compute time :meth:`store` measured.
+        With no compute measured (every map was stored by an earlier run), the cache is used."""
+        decided = self.use_cache(expert, expert_key, device)
+        if decided is not None:
+            return decided
+        costs = self._costs.setdefault(expert_key, _Costs())
+        if not costs.compute_rows:
+            costs.decided = True
+            logger.info(
+                "feature cache on for %s: every map was stored before (cost not measured)",
+                expert.spec.name,
+            )
+            return True
+        start = time.perf_counter()
+        stack_maps([self.get(expert_key, k) for k in image_keys], device)  # type: ignore[misc]
+        costs.read_s += time.perf_counter() - start
+        costs.read_rows += len(image_keys)
+        self._decide(expert, expert_key, device)
+        return bool(costs.decided)
 
     # -------------------------------------------------------------- policy
     def decision_path(self, expert_key: str, device: torch.device | str | None) -> Path:
@@ -344,6 +424,7 @@ class FeatureCache:
         inputs: ExpertInputs,
         image_keys: Sequence[str],
         device: torch.device | str | None = None,
+        rows: Sequence[int] | None = None,
     ) -> FeatureMap:
         """The batch's maps: cached rows read back, missing rows computed by ``expert`` and
         kept. Returns ``features (B, C, H, W)`` on ``device`` (ragged grids padded, masked).
@@ -351,9 +432,14 @@ class FeatureCache:
         Args:
             expert: the frozen expert (run only on misses or when bypassed, under ``no_grad``).
             expert_key: :func:`expert_cache_key` of ``expert``.
-            inputs: the batch's inputs of this expert, ``B`` rows.
-            image_keys: ``B`` image content hashes, aligned with the rows of ``inputs``.
+            inputs: the batch's inputs of this expert: ``B`` rows, or the rows ``rows`` of the
+                batch (images served from the cache have none; see
+                :attr:`moe_vision.data.llava.LlavaDataset.cached_keys`).
+            image_keys: ``B`` image content hashes.
+            rows: which of the ``B`` images ``inputs`` holds (``None``: all, in order).
         """
+        if rows is not None:
+            return self._partial(expert, expert_key, inputs, image_keys, rows, device)
         use = self.use_cache(expert, expert_key, device)
         if use is False:
             with torch.no_grad():
@@ -390,6 +476,21 @@ class FeatureCache:
         self.misses += len(missing)
         return out
 
+    def _partial(
+        self,
+        expert: Expert,
+        expert_key: str,
+        inputs: ExpertInputs,
+        image_keys: Sequence[str],
+        rows: Sequence[int],
+        device: torch.device | str | None,
+    ) -> FeatureMap:
+        """:meth:`maps` when ``inputs`` holds only ``rows``: store what is missing, read all."""
+        computed = self.store(expert, expert_key, inputs, image_keys, rows)
+        found = [self.get(expert_key, k) for k in image_keys]
+        self.hits += len(image_keys) - computed
+        return stack_maps(found, device)  # type: ignore[arg-type]
+
     def _never_cache(
         self,
         expert: Expert,
@@ -405,6 +506,10 @@ class FeatureCache:
             out = expert(inputs)
         self.bypassed += len(image_keys)
         return out if device is None else _to_device(out, device)
+
+
+class FeatureCacheError(RuntimeError):
+    """The cache cannot give a map it was asked for (no stored map and no inputs to compute it)."""
 
 
 def _to_device(fmap: FeatureMap, device: torch.device | str) -> FeatureMap:

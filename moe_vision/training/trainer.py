@@ -51,9 +51,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from moe_vision.data.llava import LlavaDataset
 from moe_vision.training import checkpoint as ckpt
 from moe_vision.training.cache import FeatureCache, expert_cache_key
 from moe_vision.training.lora import add_stage_adapters
+from moe_vision.training.precompute import precompute_maps
 from moe_vision.training.recipes import Recipe, Stage, apply_stage, param_groups
 
 logger = logging.getLogger(__name__)
@@ -269,10 +271,12 @@ class StepEvent:
 
 @dataclass
 class StepTimings:
-    """Where this process's training loop spent its wall time (seconds, all units): waiting
-    for batches, frozen experts' maps (cache reads or forwards), training steps (forward,
-    backward, optimiser) and mid-unit checkpoints."""
+    """Where this process's training loop spent its wall time (seconds, all units): storing the
+    frozen experts' maps before each unit (:mod:`~.precompute`), waiting for batches, frozen
+    experts' maps (cache reads or forwards), training steps (forward, backward, optimiser) and
+    mid-unit checkpoints."""
 
+    precompute_s: float = 0.0
     data_s: float = 0.0
     features_s: float = 0.0
     step_s: float = 0.0
@@ -334,11 +338,14 @@ def batch_loss(
 ) -> torch.Tensor:
     """The training loss of ``batch`` (a ``collate`` output) through ``module`` (the model or its
     accelerate wrapper); ``precomputed`` holds cached expert maps by expert index."""
+    images = batch["images"]
+    if images is not None and precomputed:  # served experts' inputs may hold only some rows
+        images = [{} if i in precomputed else x for i, x in enumerate(images)]
     out = module(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         labels=batch["labels"],
-        images=batch["images"],
+        images=images,
         precomputed=precomputed or None,
     )
     return out.loss
@@ -565,6 +572,33 @@ class Trainer:
                     out.append(i)
         return out
 
+    def _precompute(
+        self, model: nn.Module, dataset: Any, cached: list[int], keys: dict[int, str]
+    ) -> None:
+        """Store the frozen experts' maps of every training image before the unit trains
+        (:mod:`~.precompute`), so the data path decodes no image the cache serves."""
+        if self.cache is None or not cached:
+            return
+        acc = self.accelerator
+        for i in cached:
+            if acc.is_main_process:
+                self.cache.describe(model.experts[i], keys[i])
+        if not isinstance(dataset, LlavaDataset):
+            return
+        mark = time.perf_counter()
+        precompute_maps(
+            self.cache,
+            dataset,
+            {i: (model.experts[i], keys[i]) for i in cached},
+            acc.device,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            barrier=acc.wait_for_everyone,
+            num_workers=self.options.num_workers,
+            progress=self.options.progress_bar and acc.is_local_main_process,
+        )
+        self.timings.add("precompute_s", mark)
+
     def _train_unit(self, unit: TrainUnit, mid: Path | None) -> None:
         """Train one unit and write its ``unit_end`` checkpoint."""
         acc, stage = self.accelerator, unit.stage
@@ -579,9 +613,7 @@ class Trainer:
             _freeze_unreached(model, dataset, acc.device, unit.name)
         cached = self._cached_experts(model)
         keys = {i: expert_cache_key(model.experts[i]) for i in cached}
-        for i in cached:
-            if acc.is_main_process and self.cache is not None:
-                self.cache.describe(model.experts[i], keys[i])
+        self._precompute(model, dataset, cached, keys)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         logger.info(
@@ -663,6 +695,7 @@ class Trainer:
                             batch["images"][i],
                             batch["image_keys"],
                             acc.device,
+                            rows=batch["input_rows"][i] if "input_rows" in batch else None,
                         )
                         for i in (cached if batch["images"] is not None else ())  # text-only batch
                     }
@@ -744,6 +777,8 @@ class Trainer:
         self.state.epoch = self.state.batches_done = self.state.optimizer_steps = 0
         if self.cache is not None and cached:
             self.cache.flush()  # this unit's maps, for later units and runs
+        if isinstance(dataset, LlavaDataset):
+            dataset.cached_keys = {}  # the next unit's experts may differ
         self._save_checkpoint("unit_end", None, prepared if unit.expert is None else self.model)
         acc.free_memory()
         for p in model.parameters():
