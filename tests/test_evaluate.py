@@ -153,3 +153,36 @@ def test_real_model_end_to_end(bench) -> None:
         assert p["score"] == float(
             normalize_answer(p["prediction"]) == normalize_answer(p["answers"][0])
         )
+
+
+def test_evaluation_through_the_feature_cache_gives_the_same_answers(
+    bench, tmp_path: Path, monkeypatch
+) -> None:
+    """The first cached evaluation computes and stores the test images' maps, the second reads
+    them back without decoding an image or running an expert; both answer exactly as the
+    uncached evaluation (a model whose answers depend on the pixels)."""
+    from synthetic import seeing_model
+
+    from experts.base import Expert
+    from moe_vision.data.validation import RecordValidator
+    from moe_vision.training.cache import FeatureCache
+
+    model = seeing_model(ModelConfig(experts=["clip-tiny", "convnext-tiny"]))
+    plain = evaluate(model, bench.split("test"), bench.images, batch_size=5)
+    assert len({p["prediction"] for p in plain.predictions}) > 1
+    cache = FeatureCache(tmp_path, policy="always")
+    first = evaluate(model, bench.split("test"), bench.images, batch_size=5, cache=cache)
+    assert cache.misses == 2 * 12
+    answers = [p["prediction"] for p in plain.predictions]
+    assert [p["prediction"] for p in first.predictions] == answers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ran although every map is stored")
+
+    monkeypatch.setattr(Expert, "forward", refuse)
+    monkeypatch.setattr(RecordValidator, "open", refuse)
+    monkeypatch.setattr("moe_vision.model.mllm.load_image", refuse)
+    warm = FeatureCache(tmp_path, policy="always")
+    second = evaluate(model, bench.split("test"), bench.images, batch_size=5, cache=warm)
+    assert (warm.misses, warm.hits) == (0, 2 * 12)
+    assert [p["prediction"] for p in second.predictions] == answers

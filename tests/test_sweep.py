@@ -174,8 +174,11 @@ def test_spec_bad_input_errors(tmp_path: Path, names: tuple[str, str, str]) -> N
         SweepSpec.from_dict({**base, "fusions": [{"options": {}}]})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SweepSpec.from_yaml(tmp_path / "missing.yaml")
-    with pytest.raises(ValueError, match=r"expert_options names experts \['nope'\]"):
+    with pytest.raises(ValueError, match=r"expert_options names unknown experts \['nope'\]"):
         SweepSpec.from_dict({**base, "model": {"expert_options": {"nope": {}}}}).expand()
+    # options for a known expert the grid does not use: the default spec narrowed by --experts
+    unused = {**base, "model": {"expert_options": {"sam-mini": {"pretrained": True}}}}
+    assert SweepSpec.from_dict(unused).expand()
     spec = SweepSpec.from_dict(base).with_overrides({"model.llm": "tiny-llama", "seeds": [3]})
     assert spec.model == {"llm": "tiny-llama"} and spec.seeds == [3]
 

@@ -21,7 +21,7 @@ import collections
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from moe_vision.data.records import (
     record_id,
 )
 from moe_vision.data.validation import RecordValidator, Sample
+from moe_vision.evaluation.cached_maps import CachedMaps, generate_kwargs
+from moe_vision.training.cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ def load_eval_items(
     on_bad_record: BadRecordPolicy = "error",
     limit: int | None = None,
     seed: int = 0,
+    stored: Callable[[Path], bool] | None = None,
 ) -> tuple[list[EvalItem], list[SkippedRecord]]:
     """The questions of a LLaVA file or mixture, validated by the same
     :class:`~moe_vision.data.validation.RecordValidator` as training data (images fully decoded,
@@ -158,6 +161,8 @@ def load_eval_items(
 
     Args:
         limit: stop after this many good questions (``None``: all).
+        stored: an image for which this is true is not decoded here (the feature cache holds
+            every map of it, which proves the same bytes decoded before).
 
     Raises:
         DataError: under ``on_bad_record="error"``, the first bad record (file, record, problem).
@@ -175,7 +180,10 @@ def load_eval_items(
         try:
             record = index.read(i)
             rid = record_id(record, position)
-            sample = validator.validate(record, position, roots[int(index.file_id[i])])
+            sample = validator.validate(record, position, roots[int(index.file_id[i])], False)
+            for path in sample.image_paths:  # decoded last, as validate(decode=True) does
+                if stored is None or not _stored(stored, path):
+                    validator.open(path)
             items.append(_eval_item(sample, validator.image_token))
         except RecordProblem as err:
             message = f"{index.where(i)} (id {rid!r}): {err}"
@@ -186,6 +194,13 @@ def load_eval_items(
     if skipped:
         logger.warning("%s: skipped %d records", json_path, len(skipped))
     return items, skipped
+
+
+def _stored(stored: Callable[[Path], bool], path: Path) -> bool:
+    try:
+        return stored(path)
+    except OSError:  # unreadable: the validator names the problem
+        return False
 
 
 def _eval_item(sample: Sample, image_token: str) -> EvalItem:
@@ -234,6 +249,7 @@ def evaluate(
     progress: bool = False,
     allow_outside_root: bool = False,
     max_image_pixels: int | None = None,
+    cache: FeatureCache | None = None,
 ) -> EvalResult:
     """Greedy answers of ``model`` to every question of ``json_path``, scored per category.
 
@@ -250,6 +266,8 @@ def evaluate(
         progress: show a progress bar.
         allow_outside_root: accept absolute and ``..`` image paths.
         max_image_pixels: pixel limit of image files (``None``: the platform default).
+        cache: serve the frozen experts' maps from this feature cache
+            (:mod:`~moe_vision.evaluation.cached_maps`; needs a ``MoEVisionModel``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -261,7 +279,11 @@ def evaluate(
         max_image_pixels=max_image_pixels,
         allow_outside_root=allow_outside_root,
     )
-    items, skipped = load_eval_items(json_path, image_root, validator, on_bad_record, limit)
+    server = CachedMaps(model, cache) if cache is not None else None
+    stored = server.is_stored if server is not None and server.serves_every_expert else None
+    items, skipped = load_eval_items(
+        json_path, image_root, validator, on_bad_record, limit, stored=stored
+    )
     if not items:
         raise DataError(f"{json_path}: no questions to evaluate")
     if max_new_tokens is None:
@@ -279,6 +301,7 @@ def evaluate(
             [it.generate_images() for it in batch],
             [it.prompt for it in batch],
             max_new_tokens=max_new_tokens,
+            **generate_kwargs(server, [p for it in batch for p in it.images]),
         )
         for it, pred in zip(batch, answers):
             predictions.append(
@@ -292,6 +315,8 @@ def evaluate(
                     "correct": value == 1.0,
                 }
             )
+    if server is not None:
+        server.flush()
     return summarize(predictions, skipped)
 
 

@@ -472,6 +472,7 @@ class MoEVisionModel(nn.Module):
         images: Sequence[ImageLike | Sequence[ImageLike] | None],
         prompts: Sequence[str],
         max_new_tokens: int = 16,
+        precomputed: Mapping[int, FeatureMap] | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """Greedy answers to a batch of prompts (left padding).
@@ -481,6 +482,9 @@ class MoEVisionModel(nn.Module):
                 placeholder, in order), or ``None`` for a text-only prompt.
             prompts: user turns, each with one image placeholder per image.
             max_new_tokens: generation budget per answer.
+            precomputed: expert index -> its map ``(M, C, H, W)`` of the ``M`` images in
+                prompt order (the feature cache); those experts are not run and, when every
+                expert is given, no image is loaded.
             **generate_kwargs: passed to the LLM's ``generate``.
         """
         if len(images) != len(prompts):
@@ -493,19 +497,20 @@ class MoEVisionModel(nn.Module):
         pad = int(self.tokenizer.pad_token_id)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        pil = [load_image(im) for ims in per_prompt for im in ims]
-        inputs = (
-            [
-                {k: v.to(self.device) for k, v in collate_inputs([pre(im) for im in pil]).items()}
-                for pre in self.preprocessors
-            ]
-            if pil
-            else None
-        )
+        flat = [im for ims in per_prompt for im in ims]
+        precomputed = dict(precomputed or {})
+        run = [i for i in range(len(self.experts)) if i not in precomputed]
+        pil = [load_image(im) for im in flat] if run else []
+        inputs = [
+            {k: v.to(self.device) for k, v in collate_inputs([pre(im) for im in pil]).items()}
+            if i in run
+            else {}
+            for i, pre in enumerate(self.preprocessors)
+        ]
         was_training = self.training
         self.eval()
         try:
-            visual = self.encode_images(inputs) if pil else None
+            visual = self.encode_images(inputs if run else None, precomputed) if flat else None
             embeds, mask, _ = self.splice(
                 input_ids.to(self.device), visual, attention.to(self.device), pad_left=True
             )

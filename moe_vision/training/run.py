@@ -501,6 +501,7 @@ def run_experiment(
             limit=cfg.data.eval_limit,
             allow_outside_root=cfg.data.allow_outside_root,
             max_image_pixels=cfg.data.max_image_pixels,
+            cache=cache,
         )
         _atomic_write(
             out / "skipped_eval.jsonl",
