@@ -101,6 +101,34 @@ def test_loss_is_cross_entropy_on_answer_tokens_only(model, batch) -> None:
     assert model.image_token_id not in trained and model.tokenizer.pad_token_id not in trained
 
 
+def test_loss_at_label_positions_equals_the_full_loss_and_gradients(model, batch) -> None:
+    """``logits="labels"`` (training) runs the LM head only where a label is predicted: same
+    loss and same gradients as the LLM's own loss over every position."""
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"])
+    model.train()
+    grads = {}
+    for mode in ("all", "labels"):
+        model.zero_grad()
+        out = model(*args, logits=mode)
+        out.loss.backward()
+        named = model.named_parameters()
+        grads[mode] = (
+            out.loss.detach(),
+            {n: p.grad.clone() for n, p in named if p.grad is not None},
+        )
+    model.eval()
+    model.zero_grad()
+    torch.testing.assert_close(grads["labels"][0], grads["all"][0], rtol=1e-6, atol=1e-7)
+    assert grads["labels"][1].keys() == grads["all"][1].keys()
+    for name, g in grads["all"][1].items():
+        torch.testing.assert_close(grads["labels"][1][name], g, rtol=1e-4, atol=1e-7, msg=name)
+    answer_rows = (batch["labels"] != IGNORE_INDEX).sum()
+    assert out.logits.shape[1] < batch["input_ids"].shape[1]  # far fewer positions than tokens
+    assert out.logits.shape[1] >= int(answer_rows > 0)
+    with pytest.raises(ValueError, match="logits must be"):
+        model(*args, logits="some")
+
+
 def test_gradients_reach_every_module(model, batch) -> None:
     model.zero_grad()
     model.train()

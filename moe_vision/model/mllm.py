@@ -151,6 +151,43 @@ def _rows(
     return None
 
 
+def _keeps_logits(llm: nn.Module) -> bool:
+    """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    import inspect
+
+    forward = llm.get_base_model().forward if hasattr(llm, "get_base_model") else llm.forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def loss_at_labels(
+    llm: nn.Module,
+    embeds: torch.Tensor,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    **llm_kwargs: Any,
+) -> CausalLMOutputWithPast:
+    """The causal-LM loss from the logits of the positions that predict a label only.
+
+    Position ``t`` predicts token ``t + 1``; the kept positions are those where any row has a
+    label at ``t + 1`` (``K`` of ``L``). The loss is the mean cross-entropy over label tokens,
+    as transformers' own causal-LM loss, in fp32.
+
+    Args:
+        embeds: ``(B, L, D)``; mask: ``(B, L)``; labels: ``(B, L)`` (``-100`` where not trained).
+
+    Returns:
+        The LLM's output with ``logits (B, K, V)`` and ``loss``.
+    """
+    target = labels[:, 1:]
+    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,)
+    out = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep, **llm_kwargs)
+    kept = out.logits.float()  # (B, K, V)
+    out.loss = nn.functional.cross_entropy(
+        kept.flatten(0, 1), target[:, keep].flatten(), ignore_index=IGNORE_INDEX
+    )
+    return out
+
+
 def _without_weights(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in ("pretrained", "checkpoint", "device")}
 
@@ -421,6 +458,7 @@ class MoEVisionModel(nn.Module):
         labels: torch.Tensor | None = None,
         images: Sequence[ExpertInputs] | None = None,
         precomputed: Mapping[int, FeatureMap] | None = None,
+        logits: str = "all",
         **llm_kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Language-model output for a batch with any number of images per row.
@@ -432,12 +470,18 @@ class MoEVisionModel(nn.Module):
             images: one batched input dict per expert with ``M`` rows, the batch's images in
                 row order (``collate`` output ``images``); ``None`` when ``M = 0``.
             precomputed: expert index -> cached :class:`FeatureMap` ``(M, C, H, W)``.
+            logits: ``"all"``, or ``"labels"`` (training): with ``labels``, only the positions
+                that predict a label token go through the LM head (``logits (B, K, V)``); the
+                loss is the same mean cross-entropy, without the head and softmax over every
+                visual and prompt position (:func:`loss_at_labels`).
             **llm_kwargs: passed to the LLM's forward.
 
         Returns:
             ``CausalLMOutputWithPast`` with ``logits (B, L, V)`` (``L = T - 1 + N`` for one image
             per row) and ``loss`` when ``labels`` is given.
         """
+        if logits not in ("all", "labels"):
+            raise ValueError(f"logits must be 'all' or 'labels', got {logits!r}")
         counts = self.image_counts(input_ids)  # fail on a bad prompt before the experts run
         m, given = sum(counts), _rows(images, precomputed)
         if given is not None and given != m:
@@ -448,6 +492,8 @@ class MoEVisionModel(nn.Module):
             )
         visual = self.encode_images(images, precomputed) if m else None
         embeds, mask, labels = self.splice(input_ids, visual, attention_mask, labels)
+        if labels is not None and logits == "labels" and _keeps_logits(self.llm):
+            return loss_at_labels(self.llm, embeds, mask, labels, **llm_kwargs)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
 
     # ------------------------------------------------------------------ generation

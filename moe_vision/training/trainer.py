@@ -347,6 +347,7 @@ def batch_loss(
         labels=batch["labels"],
         images=images,
         precomputed=precomputed or None,
+        logits="labels",  # the LM head only where a label is predicted
     )
     return out.loss
 
