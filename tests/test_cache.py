@@ -315,3 +315,36 @@ def test_an_expert_not_worth_caching_keeps_its_inputs(bench, tmp_path) -> None:
     batch = ds.collate([ds[i] for i in range(4)])
     assert batch["images"][0] == {} and batch["input_rows"][0] == []
     assert batch["input_rows"][1] is None and batch["images"][1]["pixel_values"].shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    "names", [["clip-tiny", "convnext-tiny"], ["clip-tiny", "pix2struct-tiny"]]
+)
+def test_flops_per_sample_never_runs_the_cached_experts(bench, names, monkeypatch) -> None:
+    """The FLOP metric counts the experts on meta-device twins: the same count as running the
+    whole model for real (attention through the math backend, which the counter can count),
+    and no expert computes anything."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from experts.base import Expert
+    from moe_vision.training.run import flops_per_sample
+
+    set_seed(0)
+    model = MoEVisionModel.from_config(ModelConfig(experts=names)).eval()
+    ds = DatasetCache(RunConfig(), {"align": bench.split("align")}, bench.images)("align", model)
+    batch = ds.collate([ds[i] for i in range(2)])
+    math = sdpa_kernel(SDPBackend.MATH)
+    with torch.no_grad(), math, FlopCounterMode(display=False) as counter:
+        model(batch["input_ids"], batch["attention_mask"], images=batch["images"])
+    real = counter.get_total_flops() / 2
+    assert counter.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0) > 0  # attention
+
+    forward = Expert.__call__
+
+    def meta_only(self, inputs, *args, **kwargs):
+        assert all(v.is_meta for v in inputs.values()), f"{self.spec.name} ran for real"
+        return forward(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Expert, "__call__", meta_only)
+    assert flops_per_sample(model, ds, n=2) == pytest.approx(real, rel=1e-9)

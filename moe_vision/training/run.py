@@ -56,6 +56,7 @@ import torch
 import yaml
 from torch import nn
 
+from experts import FeatureMap
 from moe_vision.console import logs_to_run_folder
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.llava import LlavaDataset, read_skips
@@ -386,25 +387,67 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def flops_per_sample(model: MoEVisionModel, dataset: LlavaDataset, n: int = 2) -> float | None:
-    """Forward FLOPs of one sample (``torch.utils.flop_counter`` over ``n`` samples)."""
+    """Forward FLOPs of one sample (``torch.utils.flop_counter`` over ``n`` samples).
+
+    The experts the fusion does not drive are counted on ``meta``-device twins (same spec, no
+    weights, nothing computed), and the rest of the model reads zero maps of their shapes: a
+    run whose experts are served from the feature cache never runs them for this metric.
+    Attention is counted through PyTorch's math backend (the counter has no formula for the
+    fused CPU kernel, so it would leave attention out)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
         batch = dataset.collate([dataset[i] for i in range(min(n, len(dataset)))])
         dev = model.device
         images = batch["images"]
-        if images is not None:
-            images = [{k: v.to(dev) for k, v in x.items()} for x in images]
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        math = sdpa_kernel(SDPBackend.MATH)
+        with torch.no_grad(), math, FlopCounterMode(display=False) as counter:
+            precomputed = _meta_expert_maps(model, images, dev) if images is not None else None
+            if images is not None:
+                images = [
+                    {} if i in precomputed else {k: v.to(dev) for k, v in x.items()}
+                    for i, x in enumerate(images)
+                ]
             model(
                 input_ids=batch["input_ids"].to(dev),
                 attention_mask=batch["attention_mask"].to(dev),
                 images=images,
+                precomputed=precomputed or None,
             )
         return counter.get_total_flops() / len(batch["ids"])
     except Exception as err:  # noqa: BLE001 - a metric must not fail a finished run
         logger.warning("could not count FLOPs: %s", err)
         return None
+
+
+def _meta_expert_maps(
+    model: MoEVisionModel, images: list[dict[str, torch.Tensor]], device: torch.device
+) -> dict[int, FeatureMap]:
+    """Expert index -> zero map of the shape its ``meta`` twin outputs (FLOPs counted by the
+    enclosing counter), for the experts the fusion does not drive."""
+    staged = set(model.fusion.staged_experts())
+    out = {}
+    for i, expert in enumerate(model.experts):
+        if i in staged:
+            continue
+        try:
+            with torch.device("meta"):
+                twin = type(expert)(expert.spec.replace(checkpoint=None))
+            fmap = twin({k: v.to("meta") for k, v in images[i].items()})
+        except (NotImplementedError, RuntimeError) as err:  # an op without a meta kernel
+            logger.debug("FLOPs of %s counted on the expert itself: %s", expert.spec.name, err)
+            continue
+        if fmap.thumbnail is not None:  # tiled with a thumbnail: counted on the real expert
+            continue
+        mask = None if fmap.mask is None else torch.ones(fmap.mask.shape, dtype=torch.bool)
+        out[i] = FeatureMap(
+            torch.zeros(fmap.features.shape, device=device),
+            fmap.stride,
+            fmap.source,
+            None if mask is None else mask.to(device),
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------ the run
