@@ -26,6 +26,7 @@ from moe_vision.sweeps.sweep import (
     config_hash,
     execute_cell,
     run_sweep,
+    weights_identity,
 )
 
 TESTS_DIR = Path(__file__).parent
@@ -153,6 +154,23 @@ def test_cell_id_is_a_hash_of_the_resolved_config(names: tuple[str, str, str]) -
     quiet = {**cfg, "train": {"progress_bar": False, "lr": 1}}
     assert config_hash(quiet) == config_hash({**cfg, "train": {"lr": 1}})
     assert config_hash(quiet) != config_hash({**cfg, "train": {"lr": 2}})
+
+
+def test_new_local_weights_are_a_new_cell(tmp_path: Path) -> None:
+    """Same config, regenerated checkpoint: a different cell id (no stale finished cell)."""
+    ckpt = tmp_path / "clip.safetensors"
+    ckpt.write_bytes(b"weights one")
+    options = {"clip-tiny": {"checkpoint": str(ckpt)}}
+    cfg = {"model": {"experts": ["clip-tiny"], "expert_options": options}, "seed": 0}
+    first = config_hash(cfg)
+    assert config_hash(cfg) == first
+    ckpt.write_bytes(b"weights two")
+    assert config_hash(cfg) != first
+    shipped = {"model": {"experts": ["clip-mini"], "expert_options": {}}, "seed": 0}
+    with_weights = {"clip-mini": {"pretrained": True}}
+    weighted = {"model": {**shipped["model"], "expert_options": with_weights}, "seed": 0}
+    assert "clip-mini" in weights_identity(weighted)
+    assert weights_identity(shipped) == {}  # random init: the config alone is the identity
 
 
 def test_spec_bad_input_errors(tmp_path: Path, names: tuple[str, str, str]) -> None:

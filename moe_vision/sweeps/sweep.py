@@ -421,8 +421,43 @@ def config_hash(config: Mapping[str, Any]) -> str:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(last, None)
+    weights = weights_identity(identity)
+    if weights:  # cells on local weights: new weights are a new cell, not a stale result
+        identity["_weights"] = weights
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+HASHED_CHECKPOINT_BYTES = 256 * 2**20
+"""Local checkpoint files up to this size are identified by content, larger ones by size and
+modification time."""
+
+
+def weights_identity(config: Mapping[str, Any]) -> dict[str, str]:
+    """Expert name -> identity of the local weights it loads (content hash of a checkpoint file,
+    size and time of a large one or of a folder's files); experts at random init or loading a
+    hub id are left out. Part of the cell id, so that regenerated weights (``moe-vision
+    pretrain``) give new cells."""
+    import experts
+
+    model = config.get("model") or {}
+    options = model.get("expert_options") or {}
+    out = {}
+    for name in model.get("experts") or []:
+        opts = options.get(name) or {}
+        path = opts.get("checkpoint")
+        if path is None and opts.get("pretrained"):
+            path = experts.get_spec(name).checkpoint
+        if path is not None and Path(path).exists():
+            out[name] = _file_identity(Path(path))
+    return out
+
+
+def _file_identity(path: Path) -> str:
+    if path.is_file() and path.stat().st_size <= HASHED_CHECKPOINT_BYTES:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 @dataclass(frozen=True)
