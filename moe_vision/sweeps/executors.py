@@ -6,9 +6,12 @@ the exception that stopped it (a worker process that died, a cluster job that wa
 timed out). The sweep runner (:mod:`moe_vision.sweeps.sweep`) turns exceptions into failed rows.
 
 * ``inline``: one after the other in this process (debugging, notebooks).
-* ``process``: each item in its own fresh ``spawn``-ed process, up to ``workers`` at a time
-  (``concurrent.futures.ProcessPoolExecutor`` with one worker per item, so a crash — even a
-  segfault or the OOM killer — is attributed to exactly that item and the others go on).
+* ``process``: ``workers`` ``spawn``-ed processes, each running items one after another
+  (one single-process ``concurrent.futures.ProcessPoolExecutor`` per worker, so a crash — even
+  a segfault or the OOM killer — is attributed to exactly that item, the others go on, and the
+  dead worker is replaced). Process start-up and imports (~7 s for torch, transformers, timm
+  and open_clip on a laptop CPU) are paid once per worker, not once per cell;
+  ``reuse=False`` starts a fresh process for every item.
   Workers die with the sweep: each leads its own process group and runs a watchdog thread
   that kills the group (the worker and anything it started) as soon as its parent is gone,
   even after ``kill -9`` of the sweep (:func:`_watch_parent`).
@@ -33,6 +36,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -154,39 +158,41 @@ def _init_worker(threads: int, log_level: int, parent_pid: int | None = None) ->
 
 @register_executor("process")
 class ProcessExecutor(Executor):
-    """Each item in its own fresh ``spawn``-ed Python process, ``workers`` at a time.
+    """``workers`` ``spawn``-ed Python processes running the items (module docstring).
 
     Args:
         workers: items run concurrently (default: 1).
         threads: torch intra-op threads per worker (default: cores // workers, at least 1).
+        reuse: a worker runs the next item when one finishes (default); ``False``: a fresh
+            process per item.
     """
 
-    def __init__(self, workers: int = 1, threads: int | None = None) -> None:
+    def __init__(self, workers: int = 1, threads: int | None = None, reuse: bool = True) -> None:
         if int(workers) < 1:
             raise ValueError(f"process executor: workers must be >= 1, got {workers}")
         self.workers = int(workers)
         self.threads = int(threads) if threads else max(1, (os.cpu_count() or 1) // self.workers)
+        self.reuse = bool(reuse)
+
+    def _new_worker(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.threads, logging.getLogger().getEffectiveLevel(), os.getpid()),
+        )
 
     def map_unordered(
         self, fn: Callable[[T], Any], items: Sequence[T]
     ) -> Iterator[tuple[T, Outcome]]:
-        context = multiprocessing.get_context("spawn")
         queue = list(items)
         running: dict[cf.Future[Any], tuple[T, cf.ProcessPoolExecutor]] = {}
+        idle: list[cf.ProcessPoolExecutor] = []
         try:
             while queue or running:
                 while queue and len(running) < self.workers:
+                    pool = idle.pop() if idle else self._new_worker()
                     item = queue.pop(0)
-                    pool = cf.ProcessPoolExecutor(
-                        max_workers=1,
-                        mp_context=context,
-                        initializer=_init_worker,
-                        initargs=(
-                            self.threads,
-                            logging.getLogger().getEffectiveLevel(),
-                            os.getpid(),
-                        ),
-                    )
                     running[pool.submit(fn, item)] = (item, pool)
                 done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
                 for future in done:
@@ -195,11 +201,16 @@ class ProcessExecutor(Executor):
                         outcome = future.result()
                     except Exception as e:  # noqa: BLE001 - a worker that died, or fn raised
                         outcome = e
-                    pool.shutdown(wait=True)
+                    if self.reuse and not isinstance(outcome, BrokenProcessPool):
+                        idle.append(pool)
+                    else:
+                        pool.shutdown(wait=True)
                     yield item, outcome
         finally:
             for _, pool in running.values():
                 pool.shutdown(wait=False, cancel_futures=True)
+            for pool in idle:
+                pool.shutdown(wait=True)
 
 
 @register_executor("submitit")
