@@ -7,8 +7,10 @@ cached sweep fills): ratio = uncached wall time / cached wall time, for the whol
 the cells' training time. Twice: with the default tiny experts, where the LLM dominates a step
 and the cache can win little, and with real-size randomly initialised experts (CLIP ViT-L/336 +
 ConvNeXt-L/320 by default) on a few samples, where the experts are >99% of a frozen-expert
-step's FLOPs. The evaluation after each cell runs the experts in both sweeps (it is not served
-from the cache), so the whole-sweep ratio is below the training ratio.
+step's FLOPs. With the cache, every image's maps are computed once (before the first stage
+that needs them, :mod:`moe_vision.training.precompute`; the test images' at the first
+evaluation, :mod:`moe_vision.evaluation.cached_maps`) and read back by every later stage, epoch,
+fusion and evaluation; without it, every step and every evaluation runs the experts.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def frozen_expert_sweep(
     name = f"{'+'.join(model_cfg['experts'])} x {len(fusions)} fusions, llava"
     note = (
         f"fusions {list(fusions)}; sizes {sizes}; stages {run_options.get('overrides')}; "
-        f"cache hits {hits}/{hits + misses}; evaluation (uncached in both) in the sweep times"
+        f"cache hits {hits}/{hits + misses}; evaluation included (cached in the cached sweep)"
     )
 
     def row(metric: str, value: float, unit: str) -> dict:
