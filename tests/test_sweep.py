@@ -368,3 +368,28 @@ def test_submitit_multi_task_cell_keeps_books_on_rank_zero(
     df = run_sweep(spec, tmp_path / "sweep", executor=executor, progress=False)
     assert list(df.status) == ["ok"]
     assert _calls(tmp_path) == [df.cell_id.iloc[0]] * 2  # both ranks ran it
+
+
+def test_exclude_leaves_cells_out_and_refuses_entries_that_match_nothing(
+    names: tuple[str, str, str],
+) -> None:
+    A, B, C = names
+    base = {
+        "experts": {"base": A, "pool": [B, C], "k": [1, 2]},
+        "fusions": ["channel_concat", "sequence_append"],
+        "seeds": [0, 1],
+    }
+    assert len(SweepSpec.from_dict(base).expand()) == 12
+    alone = {"experts": [A], "fusion": "sequence_append"}
+    cells = SweepSpec.from_dict({**base, "exclude": [alone]}).expand()
+    assert len(cells) == 10
+    assert not [c for c in cells if c.experts == (A,) and c.fusion == "sequence_append"]
+    assert len([c for c in cells if c.experts == (A,)]) == 2  # channel_concat, seeds 0 and 1
+    one_seed = SweepSpec.from_dict({**base, "exclude": [{"seed": 1}]}).expand()
+    assert {c.seed for c in one_seed} == {0} and len(one_seed) == 6
+    with pytest.raises(ValueError, match="match no cell"):
+        SweepSpec.from_dict({**base, "exclude": [{"fusion": "seq_append"}]}).expand()
+    with pytest.raises(ValueError, match="unknown keys"):
+        SweepSpec.from_dict({**base, "exclude": [{"fusions": "sequence_append"}]})
+    spec = SweepSpec.from_dict({**base, "exclude": [alone]})
+    assert SweepSpec.from_dict(spec.to_dict()).exclude == spec.exclude

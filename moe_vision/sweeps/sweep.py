@@ -214,6 +214,10 @@ class SweepSpec:
         attribute: after each cell, evaluate it again with each expert ablated
             (:func:`moe_vision.analysis.attribution.attribute`) and add the accuracy drops
             ``drop/<expert>/<category>`` (with ``/lo``, ``/hi``) to its row.
+        exclude: cells left out of the grid: each entry gives some of ``experts`` (a
+            combination), ``fusion`` (a column label), ``recipe`` and ``seed``, and a cell
+            matching every key of an entry is not run (e.g. one expert alone under only one of
+            the fusions: ``{experts: [clip-mini], fusion: sequence_append}``).
     """
 
     name: str = "sweep"
@@ -228,6 +232,7 @@ class SweepSpec:
     entrypoint: str = DEFAULT_ENTRYPOINT
     output: str | None = None
     attribute: bool = False
+    exclude: list[dict[str, Any]] = field(default_factory=list)
 
     # -------------------------------------------------------------- (de)serialisation
     @classmethod
@@ -266,6 +271,7 @@ class SweepSpec:
             entrypoint=str(data.get("entrypoint", DEFAULT_ENTRYPOINT)),
             output=data.get("output"),
             attribute=bool(data.get("attribute", False)),
+            exclude=[_exclusion(e) for e in _as_list(data.get("exclude"), "exclude")],
         )
         if "kind" not in spec.executor:
             raise ValueError(f"sweep spec: executor {spec.executor} needs a 'kind'")
@@ -354,6 +360,13 @@ class SweepSpec:
         if not self.seeds:
             raise ValueError("sweep spec: no seeds; give 'seeds'")
 
+    def _excluded(self, cell: dict[str, Any], used: set[int]) -> bool:
+        """Whether ``cell`` (experts, fusion, recipe, seed) matches an ``exclude`` entry; the
+        indices of the entries that match go into ``used``."""
+        hits = {i for i, e in enumerate(self.exclude) if all(cell[k] == v for k, v in e.items())}
+        used |= hits
+        return bool(hits)
+
     def expand(self) -> list[Cell]:
         """The sweep's cells, in order experts x fusions x recipes x seeds.
 
@@ -366,9 +379,18 @@ class SweepSpec:
         self.validate()
         resolve = getattr(resolve_entrypoint(self.entrypoint), "resolve_config", None)
         cells = []
+        used: set[int] = set()
         for combo, choice, recipe, seed in itertools.product(
             self.experts.expand(), self.fusions, self.recipes, self.seeds
         ):
+            where = {
+                "experts": list(combo),
+                "fusion": choice.column,
+                "recipe": recipe,
+                "seed": seed,
+            }
+            if self._excluded(where, used):
+                continue
             fusion_options = {**(self.model.get("fusion_options") or {}), **choice.options}
             model = copy.deepcopy(self.model)
             if "expert_options" in model:  # shared per-expert options: those of this cell's
@@ -399,11 +421,28 @@ class SweepSpec:
                     config=config,
                 )
             )
+        unused = [e for i, e in enumerate(self.exclude) if i not in used]
+        if unused:
+            raise ValueError(f"sweep spec: exclude entries {unused} match no cell of the grid")
         ids = [c.cell_id for c in cells]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"sweep spec: cells {dup} appear more than once")
         return cells
+
+
+def _exclusion(entry: Any) -> dict[str, Any]:
+    """An ``exclude`` entry, checked: a mapping of some of experts, fusion, recipe, seed."""
+    if not isinstance(entry, Mapping) or not entry:
+        raise ValueError(f"sweep spec: an exclude entry must be a non-empty mapping, got {entry!r}")
+    _check_keys(entry, list(EXCLUDE_KEYS), "an exclude entry")
+    out = dict(entry)
+    if "experts" in out:
+        out["experts"] = [str(e) for e in _as_list(out["experts"], "exclude.experts")]
+    return out
+
+
+EXCLUDE_KEYS = ("experts", "fusion", "recipe", "seed")
 
 
 def _slug(text: str, limit: int = 80) -> str:
