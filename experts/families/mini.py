@@ -117,7 +117,7 @@ MINI_SPECS: tuple[tuple[type, ExpertSpec], ...] = (
             "clip_laion2b_soup",
             depths=(1, 1, 2, 1),
             dims=(24, 48, 96, 192),
-            input_px=128,
+            input_px=256,
             checkpoint=_ckpt("convnext-mini"),
         ),
     ),
