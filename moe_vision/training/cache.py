@@ -354,7 +354,8 @@ class FeatureCache:
     ) -> bool:
         """Settle the read-vs-compute decision for ``expert_key`` once its maps are stored:
         time reading ``image_keys`` back against the compute time :meth:`store` measured.
-        With no compute measured (every map was stored by an earlier run), the cache is used."""
+        With no compute measured (every map was stored by an earlier run, or only one batch was
+        computed: the first is warm-up), the cache is used."""
         decided = self.use_cache(expert, expert_key, device)
         if decided is not None:
             return decided
@@ -362,7 +363,8 @@ class FeatureCache:
         if not costs.compute_rows:
             costs.decided = True
             logger.info(
-                "feature cache on for %s: every map was stored before (cost not measured)",
+                "feature cache on for %s (compute cost not measured: maps stored earlier, or one "
+                "batch computed)",
                 expert.spec.name,
             )
             return True
