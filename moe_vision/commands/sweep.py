@@ -12,8 +12,10 @@ and :mod:`moe_vision.sweeps.sweep`) and flags override the default; flags win ov
     moe-vision sweep --set model.llm=tiny-llama --set train.max_steps=20
 
 The console shows one progress bar, one line per finished cell (name, status, overall
-accuracy, wall time), each distinct warning once, and the table. Each cell's library logging is
-in ``<sweep>/cells/<cell>/train.log``; ``-v`` shows it on the console as well.
+accuracy, wall time), each distinct warning once, and the per-setting table (mean over seeds
+with 95% intervals; the per-cell table too for sweeps of up to 8 cells, or with ``-v``). Each
+cell's library logging is in ``<sweep>/cells/<cell>/train.log``; ``-v`` shows it on the console
+as well.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from typing import Any
 import yaml
 
 logger = logging.getLogger(__name__)
+
+CELL_TABLE_ROWS = 8
+"""Sweeps of at most this many cells print their per-cell table as well as the per-setting
+summary; longer ones print the summary (the per-cell table is in the CSV; ``-v`` prints it)."""
 
 
 def _csv(text: str) -> list[str]:
@@ -211,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name}: {len(cells)} cells ({finished} finished before), folder {folder}")
     report = _reporter(len(cells), finished)
     df = run_sweep(spec, retry_failed=not args.no_retry_failed, on_result=report)
-    print(results.format_table(df))
+    if len(df) <= CELL_TABLE_ROWS or verbose:  # a long sweep: its cells were one line each above
+        print(results.format_table(df))
     sweep_dir = spec.output_dir()
     summary = results.summarize(df, sweep_dir)
     print(
@@ -223,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     if args.results_dir:
         out = Path(args.results_dir)
         csv = results.save(df, out / f"{spec.name}.csv")
-        print(f"table: {csv}")
+        print(f"table: {csv} (one row per cell)")
         if not summary.empty:
             print(f"summary: {results.save(summary, out / f'{spec.name}_summary.csv')}")
         answers = results.collect_predictions(sweep_dir)
