@@ -99,9 +99,13 @@ class ExpertSpec:
 
     def cache_key(self) -> dict[str, Any]:
         """What identifies this expert's output for a given image: used by the feature cache
-        (the tiling policy included when set, so tiled and untiled maps never mix)."""
+        (the tiling policy included when set, so tiled and untiled maps never mix). The
+        checkpoint's location is left out: the cache adds a hash of the weights themselves, so
+        the same weights in two checkouts share their maps and new weights at the same path
+        do not."""
         d = self.to_dict()
         d.pop("role", None)
+        d.pop("checkpoint", None)
         return d
 
 

@@ -102,6 +102,24 @@ def test_key_follows_spec_and_weights() -> None:
     assert expert_cache_key(e2) != expert_cache_key(e1)
 
 
+def test_key_follows_the_weights_not_the_checkpoint_location(tmp_path) -> None:
+    """The same shipped weights in another checkout share their maps."""
+    import shutil
+
+    from experts.families.mini import mini_checkpoint
+
+    shipped = mini_checkpoint("clip-mini")
+    moved = tmp_path / "elsewhere" / "clip-mini.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(shipped, moved)
+    here = create_expert("clip-mini", pretrained=True)
+    there = create_expert("clip-mini", checkpoint=str(moved))
+    assert here.spec.checkpoint != there.spec.checkpoint
+    assert expert_cache_key(here) == expert_cache_key(there)
+    torch.manual_seed(0)
+    assert expert_cache_key(create_expert("clip-mini")) != expert_cache_key(here)  # random init
+
+
 def test_maps_computes_only_misses(tmp_path) -> None:
     torch.manual_seed(0)
     expert = create_expert("clip-tiny").eval()
