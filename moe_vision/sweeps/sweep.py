@@ -851,7 +851,7 @@ DEFAULT_SWEEP: dict[str, Any] = {
     "run": {
         "overrides": {
             "*": {"batch_size": 16, "lr": 0.002},
-            "instruct": {"epochs": 6},
+            "instruct": {"epochs": 5},
         },
         "train": {"progress_bar": False},
     },
