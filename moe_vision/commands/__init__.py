@@ -1,1 +1,15 @@
-"""Subcommands of ``moe-vision``; each module exposes ``register(subparsers)``."""
+"""Subcommands of ``moe-vision``; each module exposes ``register(subparsers)``.
+
+Shared argument types live here (this package module is not a subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def comma_list(text: str) -> list[str]:
+    """``argparse`` type: ``"a, b,c"`` -> ``["a", "b", "c"]``; an empty list is an error."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+from moe_vision.commands import comma_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="results/bench.csv", help="CSV path (default: %(default)s)")
     p.add_argument(
         "--sections",
-        type=_csv,
+        type=comma_list,
         default=None,
         help="comma-separated subset of the sections (overhead, throughput, feature_cache, "
         "cells, gpu, ...; default: all)",

@@ -21,14 +21,9 @@ import argparse
 import logging
 import time
 
+from moe_vision.commands import comma_list
+
 logger = logging.getLogger(__name__)
-
-
-def _csv(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -41,7 +36,7 @@ def _grid(text: str) -> tuple[int, int]:
 
 def _sizes(text: str) -> dict[str, int]:
     out = {}
-    for item in _csv(text):
+    for item in comma_list(text):
         key, sep, value = item.partition("=")
         if not sep or not value.isdigit():
             raise argparse.ArgumentTypeError(
@@ -106,7 +101,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion", help="probe this untrained fusion of the experts (both weights)")
     p.add_argument("--pooling", default="mean", choices=("mean", "flatten"))
     p.add_argument("--grid", type=_grid, default=(2, 2), help="flatten pooling grid (default 2x2)")
-    p.add_argument("--categories", type=_csv, help="comma-separated categories (default: all)")
+    p.add_argument(
+        "--categories", type=comma_list, help="comma-separated categories (default: all)"
+    )
     p.add_argument("--sizes", type=_sizes, help="benchmark sizes, e.g. instruct=1200,test=2400")
     p.add_argument("--benchmark-seed", type=int, default=0)
     p.add_argument("--benchmark-dir", help="benchmark folder (default: the runs' shared cache)")

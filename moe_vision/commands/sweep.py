@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from moe_vision.commands import comma_list
+
 logger = logging.getLogger(__name__)
 
 CELL_TABLE_ROWS = 8
@@ -35,16 +37,9 @@ CELL_TABLE_ROWS = 8
 summary; longer ones print the summary (the per-cell table is in the CSV; ``-v`` prints it)."""
 
 
-def _csv(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
-
-
 def _ints(text: str) -> list[int]:
     try:
-        return [int(t) for t in _csv(text)]
+        return [int(t) for t in comma_list(text)]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
@@ -76,16 +71,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("grid (override the spec)")
     g.add_argument(
         "--experts",
-        type=_csv,
+        type=comma_list,
         action="append",
         metavar="A,B",
         help="an explicit expert combination (repeat the flag for several)",
     )
-    g.add_argument("--pool", type=_csv, metavar="A,B,C", help="experts to draw k-subsets from")
+    g.add_argument(
+        "--pool", type=comma_list, metavar="A,B,C", help="experts to draw k-subsets from"
+    )
     g.add_argument("--k", type=_ints, metavar="K,...", help="experts per combination (with --pool)")
     g.add_argument("--base", help="expert included (first) in every combination")
-    g.add_argument("--fusions", type=_csv, metavar="F,...", help="fusion strategies")
-    g.add_argument("--recipes", type=_csv, metavar="R,...", help="recipe presets or YAML paths")
+    g.add_argument("--fusions", type=comma_list, metavar="F,...", help="fusion strategies")
+    g.add_argument(
+        "--recipes", type=comma_list, metavar="R,...", help="recipe presets or YAML paths"
+    )
     g.add_argument("--seeds", type=_ints, metavar="S,...", help="random seeds")
     g.add_argument(
         "--set",

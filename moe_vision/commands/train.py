@@ -32,14 +32,9 @@ from typing import Any
 
 import yaml
 
+from moe_vision.commands import comma_list
+
 logger = logging.getLogger(__name__)
-
-
-def _csv(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
 
 
 def _override(text: str) -> tuple[str, str, Any]:
@@ -66,7 +61,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that build a :class:`~moe_vision.training.run.RunConfig` (shared by commands)."""
     p.add_argument("--config", type=Path, help="RunConfig YAML (flags override it)")
     m = p.add_argument_group("model")
-    m.add_argument("--experts", type=_csv, metavar="A,B", help="expert presets, in fusion order")
+    m.add_argument(
+        "--experts", type=comma_list, metavar="A,B", help="expert presets, in fusion order"
+    )
     m.add_argument("--fusion", help="fusion strategy (see `moe-vision experts` / fusion registry)")
     m.add_argument("--projector", help="projector (linear, mlp2x_gelu, ...)")
     m.add_argument("--llm", help="LLM preset, hub id or local folder")
@@ -87,7 +84,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--num-workers", type=int, help="data-loader workers")
     t.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
-    t.add_argument("--log-with", type=_csv, metavar="T,...", help="trackers (tensorboard, wandb)")
+    t.add_argument(
+        "--log-with", type=comma_list, metavar="T,...", help="trackers (tensorboard, wandb)"
+    )
     d = p.add_argument_group("data (default: the built-in benchmark)")
     d.add_argument(
         "--data",
