@@ -121,7 +121,7 @@ def measure(data: Path, images: Path, cfg: DataBenchConfig) -> dict[str, float]:
     import experts
     from moe_vision.data.llava import LlavaDataset
     from moe_vision.model.llm import build_tokenizer
-    from moe_vision.training.trainer import EpochBatchSampler
+    from moe_vision.training.samplers import EpochBatchSampler
 
     tokenizer = build_tokenizer()
     pre = [experts.create_expert(name).preprocessor for name in cfg.experts]

@@ -85,6 +85,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--num-workers", type=int, help="data-loader workers")
     t.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
     t.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batches of records of similar length (less padding; LLaVA's group_by_length)",
+    )
+    t.add_argument(
         "--log-with", type=comma_list, metavar="T,...", help="trackers (tensorboard, wandb)"
     )
     d = p.add_argument_group("data (default: the built-in benchmark)")
@@ -149,6 +154,8 @@ def build_config(args: argparse.Namespace) -> Any:
         train["num_workers"] = args.num_workers
     if args.checkpoint_every is not None:
         train["checkpoint_every"] = args.checkpoint_every
+    if args.group_by_length:
+        train["group_by_length"] = True
     if args.log_with:
         train["log_with"] = args.log_with
     d = data["data"]

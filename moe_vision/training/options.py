@@ -48,6 +48,9 @@ class TrainOptions:
         max_nonfinite: NaN/inf losses tolerated (skipped, counted) before raising.
         use_feature_cache: serve frozen experts from the feature cache.
         progress_bar: show a tqdm bar on the main process.
+        group_by_length: batches of records of similar length
+            (:class:`~moe_vision.training.samplers.LengthGroupedBatchSampler`): less padding on
+            data whose conversations vary in length (LLaVA's ``group_by_modality_length``).
         find_unused_parameters: DDP's per-step detection of parameters without gradient.
             Off by default: in data-parallel runs the trainer instead freezes, once per stage,
             the trainable parameters the loss never reaches (:func:`_freeze_unreached`).
@@ -65,6 +68,7 @@ class TrainOptions:
     use_feature_cache: bool = True
     progress_bar: bool = True
     find_unused_parameters: bool = False
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):

@@ -17,7 +17,7 @@ with ``accelerator.init_trackers`` (TensorBoard by default). Distributed setting
 DeepSpeed) come from ``accelerate launch`` / ``accelerate config``; nothing here special-cases
 them.
 
-Data order is a pure function of ``(seed, unit, epoch)`` (:class:`EpochBatchSampler`), sharded
+Data order is a pure function of ``(seed, unit, epoch)`` (:mod:`~.samplers`), sharded
 across processes by accelerate; checkpoints (:mod:`moe_vision.training.checkpoint`) record the batch
 position, so ``resume`` continues a killed run at the same unit, epoch, batch, optimiser,
 scheduler and RNG state, ending with the same weights as an uninterrupted run.
@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,39 +63,13 @@ from moe_vision.training.options import (  # noqa: F401 - re-exported: the train
 )
 from moe_vision.training.precompute import precompute_maps
 from moe_vision.training.recipes import Recipe, Stage, apply_stage, param_groups
+from moe_vision.training.samplers import batch_sampler
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf more often than ``TrainOptions.max_nonfinite`` allows."""
-
-
-class EpochBatchSampler:
-    """Batches of a permutation that depends only on ``(seed, epoch)``.
-
-    Yields *global* batches of ``batch_size`` indices; ``accelerator.prepare`` hands batch
-    ``k`` to process ``k % num_processes``. Set :attr:`epoch` before iterating (it is not
-    named ``set_epoch`` on purpose: accelerate's loader would overwrite it with its own
-    iteration counter, which a resumed run does not share).
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
-        if num_samples < 1:
-            raise ValueError("EpochBatchSampler needs at least one sample")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        for i in range(0, self.num_samples, self.batch_size):
-            yield order[i : i + self.batch_size]
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
 
 
 # ------------------------------------------------------------------------------ units
@@ -490,7 +464,10 @@ class Trainer:
             cached or "none",
         )
 
-        sampler = EpochBatchSampler(len(dataset), stage.batch_size, _unit_seed(self.seed, unit))
+        lengths = getattr(dataset, "lengths", None) if self.options.group_by_length else None
+        sampler = batch_sampler(
+            len(dataset), stage.batch_size, _unit_seed(self.seed, unit), lengths
+        )
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
