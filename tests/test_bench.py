@@ -132,9 +132,10 @@ def test_cell_breakdown_splits_the_wall_time() -> None:
     from moe_vision.sweeps.sweep import default_sweep
 
     row = {"time/step_s": 6.0, "time/data_s": 1.0, "time/features_s": 0.5, "eval_time_s": 0.5}
+    row["time/precompute_s"] = 1.5
     parts = cell_breakdown(10.0, row)
     assert parts["train_steps_s"] == 6.0 and parts["checkpoint_s"] == 0.0
-    assert parts["other_s"] == pytest.approx(2.0)
+    assert parts["precompute_s"] == 1.5 and parts["other_s"] == pytest.approx(0.5)
     assert cell_breakdown(5.0, row)["other_s"] == 0.0  # never negative
     spec = default_cell_spec(bench.BenchConfig())
     first = default_sweep().expand()[0]

@@ -9,7 +9,8 @@ feature cache), times the whole command, and splits the cell's wall time with th
 timings (``time/*`` of its metrics row, :class:`~moe_vision.training.trainer.StepTimings`):
 
 * ``train_steps_s``: forward, backward and optimiser steps, the part that is training;
-* ``data_s`` (waiting for batches), ``features_s`` (feature-cache reads / frozen experts),
+* ``precompute_s`` (storing the frozen experts' maps before each stage: a cold cache computes
+  them here), ``data_s`` (waiting for batches), ``features_s`` (feature-cache reads),
   ``checkpoint_s`` (mid-unit checkpoints), ``eval_s``;
 * ``other_s``: the rest -- process start-up and imports, model build, benchmark generation,
   unit-end checkpoints, saving the model, FLOP counting.
@@ -94,6 +95,7 @@ def cell_breakdown(wall: float, row: dict[str, Any]) -> dict[str, float]:
     """Split a cell's wall time with its metrics row's timings (seconds; ``other_s`` = rest)."""
     parts = {
         "train_steps_s": float(row.get("time/step_s", 0.0)),
+        "precompute_s": float(row.get("time/precompute_s", 0.0)),
         "data_s": float(row.get("time/data_s", 0.0)),
         "features_s": float(row.get("time/features_s", 0.0)),
         "checkpoint_s": float(row.get("time/checkpoint_s", 0.0)),
