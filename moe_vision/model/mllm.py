@@ -24,13 +24,11 @@ nothing here depends on which experts or LLM are used. Parameter names start wit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,85 +43,15 @@ from experts import ExpertInputs, FeatureMap, collate_inputs, create_expert, get
 from fusion import create_fusion, create_projector
 from fusion.projectors.compressors import create_compressor
 from moe_vision.data.llava import IGNORE_INDEX
+from moe_vision.model.config import ModelConfig
 from moe_vision.model.llm import create_llm, llm_from_saved, max_positions
+from moe_vision.model.loss import keeps_logits, loss_at_labels  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LLM_CONFIG_DIR = "llm"
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to build a :class:`MoEVisionModel` (JSON/YAML friendly).
-
-    Attributes:
-        experts: expert preset names (``experts.list_experts()``), in fusion order.
-        expert_options: per-expert ``create_expert`` keyword arguments, keyed by preset name
-            (``input_size``, ``checkpoint``, ``pretrained``, ...).
-        fusion: fusion strategy (``fusion.list_fusions()``).
-        fusion_options: the strategy's config fields (``grid``, ``dim``, ...).
-        projector: projector (``fusion.list_projectors()``).
-        projector_options: the projector's extra keyword arguments.
-        compressor: token compressor between fusion and projector
-            (:func:`fusion.projectors.compressors.list_compressors`: ``"none"``,
-            ``"pixel_shuffle"``, ``"avg_pool"``); the C-Abstractor is ``projector: cabstractor``.
-        compressor_options: its options (``factor``).
-        llm: tiny preset (``moe_vision.model.llm.list_llms()``), hub id or local folder.
-        llm_options: config overrides for tiny LLM presets (``hidden_size``, ...).
-        image_token: the image placeholder in prompts.
-        max_length: longest sequence (text + visual tokens); ``None``: the LLM's own limit.
-    """
-
-    experts: list[str] = field(default_factory=lambda: ["clip-tiny"])
-    expert_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    fusion: str = "channel_concat"
-    fusion_options: dict[str, Any] = field(default_factory=dict)
-    projector: str = "mlp2x_gelu"
-    projector_options: dict[str, Any] = field(default_factory=dict)
-    compressor: str = "none"
-    compressor_options: dict[str, Any] = field(default_factory=dict)
-    llm: str = "tiny-qwen2"
-    llm_options: dict[str, Any] = field(default_factory=dict)
-    image_token: str = "<image>"
-    max_length: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.experts, str):
-            self.experts = [self.experts]
-        self.experts = list(self.experts)
-        if not self.experts:
-            raise ValueError("ModelConfig.experts must name at least one expert")
-        unknown = sorted(set(self.expert_options) - set(self.experts))
-        if unknown:
-            raise ValueError(
-                f"ModelConfig.expert_options names experts {unknown} that are not in "
-                f"experts={self.experts}"
-            )
-        if self.max_length is not None and (
-            not isinstance(self.max_length, int) or self.max_length < 1
-        ):
-            raise ValueError(
-                f"ModelConfig.max_length must be a positive int or None, got {self.max_length!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of JSON types (tuples become lists). The compressor fields appear only
-        when set, so configs (and sweep cell ids) without one are unchanged."""
-        data = json.loads(json.dumps(dataclasses.asdict(self)))
-        if data["compressor"] == "none" and not data["compressor_options"]:
-            del data["compressor"], data["compressor_options"]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise with the valid ones listed."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(data) - valid)
-        if bad:
-            raise ValueError(f"unknown ModelConfig keys {bad}; valid keys are {sorted(valid)}")
-        return cls(**dict(data))
 
 
 ImageLike = Image.Image | str | os.PathLike
@@ -149,43 +77,6 @@ def _rows(
     for fmap in (precomputed or {}).values():
         return int(fmap.features.shape[0])
     return None
-
-
-def _keeps_logits(llm: nn.Module) -> bool:
-    """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
-    import inspect
-
-    forward = llm.get_base_model().forward if hasattr(llm, "get_base_model") else llm.forward
-    return "logits_to_keep" in inspect.signature(forward).parameters
-
-
-def loss_at_labels(
-    llm: nn.Module,
-    embeds: torch.Tensor,
-    mask: torch.Tensor | None,
-    labels: torch.Tensor,
-    **llm_kwargs: Any,
-) -> CausalLMOutputWithPast:
-    """The causal-LM loss from the logits of the positions that predict a label only.
-
-    Position ``t`` predicts token ``t + 1``; the kept positions are those where any row has a
-    label at ``t + 1`` (``K`` of ``L``). The loss is the mean cross-entropy over label tokens,
-    as transformers' own causal-LM loss, in fp32.
-
-    Args:
-        embeds: ``(B, L, D)``; mask: ``(B, L)``; labels: ``(B, L)`` (``-100`` where not trained).
-
-    Returns:
-        The LLM's output with ``logits (B, K, V)`` and ``loss``.
-    """
-    target = labels[:, 1:]
-    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,)
-    out = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep, **llm_kwargs)
-    kept = out.logits.float()  # (B, K, V)
-    out.loss = nn.functional.cross_entropy(
-        kept.flatten(0, 1), target[:, keep].flatten(), ignore_index=IGNORE_INDEX
-    )
-    return out
 
 
 def _without_weights(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -492,7 +383,7 @@ class MoEVisionModel(nn.Module):
             )
         visual = self.encode_images(images, precomputed) if m else None
         embeds, mask, labels = self.splice(input_ids, visual, attention_mask, labels)
-        if labels is not None and logits == "labels" and _keeps_logits(self.llm):
+        if labels is not None and logits == "labels" and keeps_logits(self.llm):
             return loss_at_labels(self.llm, embeds, mask, labels, **llm_kwargs)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
 
