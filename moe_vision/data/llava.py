@@ -237,8 +237,7 @@ class LlavaDataset(Dataset):
         """One sample (record ``i``, or its replacement under ``skip``): ``input_ids`` and
         ``labels`` ``(T,)``, ``expert_inputs`` (per expert, a list of per-image inputs without
         batch dim, or ``None`` when the feature cache serves that expert's maps of these images),
-        ``image_keys`` (one content hash per image), ``id``, ``category``, ``index`` (the record
-        used)."""
+        ``image_keys`` (one content hash per image), ``id``, ``category``."""
         n = len(self)
         for attempt in range(self.max_replacements + 1):
             j = (int(i) + attempt) % n
@@ -273,7 +272,6 @@ class LlavaDataset(Dataset):
             "image_keys": keys,
             "id": s.id,
             "category": s.category,
-            "index": j,
         }
 
     def _content_key(self, path: Path) -> str:
@@ -339,8 +337,7 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str,
         padding), ``images`` (one batched :data:`ExpertInputs` per expert with ``M`` rows: the
         batch's images in row order; ``None`` when ``M = 0``), ``image_counts`` (``B`` ints),
         ``input_rows`` (per expert, the image rows its inputs hold, ``None`` for all; ``None``
-        when ``M = 0``), ``image_keys`` (``M`` hashes), ``ids``, ``categories``, ``indices``
-        (dataset positions the samples came from).
+        when ``M = 0``), ``image_keys`` (``M`` hashes), ``ids``, ``categories``.
     """
     if not batch:
         raise ValueError("collate needs at least one sample")
@@ -370,7 +367,6 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str,
         "image_keys": [k for b in batch for k in b["image_keys"]],
         "ids": [b["id"] for b in batch],
         "categories": [b["category"] for b in batch],
-        "indices": [b.get("index", -1) for b in batch],
     }
 
 

@@ -21,7 +21,7 @@ import torch
 
 from experts import FeatureMap, collate_inputs, load_image
 from moe_vision.data.llava import image_content_key
-from moe_vision.training.cache import FeatureCache, expert_cache_key, stack_maps
+from moe_vision.training.cache import FeatureCache, expert_cache_key
 
 
 class CachedMaps:
@@ -46,6 +46,7 @@ class CachedMaps:
             if cache.use_cache(expert, key, model.device) is not False:
                 self.served[i] = (expert, key)
         self._keys: dict[Path, str] = {}
+        self._stored = [cache.known_keys(ek) for _, ek in self.served.values()]  # before eval
 
     def key(self, path: Path) -> str:
         """The image's content key (hashed once per evaluation)."""
@@ -58,9 +59,9 @@ class CachedMaps:
         return len(self.served) == len(self.model.experts)
 
     def is_stored(self, path: Path) -> bool:
-        """Whether every served expert's map of ``path`` is stored."""
+        """Whether every served expert's map of ``path`` was stored when the evaluation began."""
         key = self.key(path)
-        return all(self.cache.contains(ek, key) for _, ek in self.served.values())
+        return all(key in keys for keys in self._stored)
 
     def maps(self, paths: Sequence[Path]) -> dict[int, FeatureMap]:
         """Expert index -> ``FeatureMap (M, C, H, W)`` of ``paths`` on the model's device,
@@ -69,21 +70,19 @@ class CachedMaps:
         out = {}
         for i, (expert, ek) in self.served.items():
             missing = [j for j, k in enumerate(keys) if not self.cache.contains(ek, k)]
-            if missing:
-                pre = self.model.preprocessors[i]
-                inputs = collate_inputs([pre(load_image(paths[j])) for j in missing])
-                was_training = expert.training
-                expert.eval()
-                self.cache.store(
-                    expert,
-                    ek,
-                    {k: v.to(self.model.device) for k, v in inputs.items()},
-                    [keys[j] for j in missing],
-                )
-                expert.train(was_training)
-            found = [self.cache.get(ek, k) for k in keys]
-            out[i] = stack_maps(found, self.model.device)  # type: ignore[arg-type]
-            self.cache.hits += len(keys) - len(missing)
+            pre = self.model.preprocessors[i]
+            inputs = collate_inputs([pre(load_image(paths[j])) for j in missing]) if missing else {}
+            was_training = expert.training
+            expert.eval()
+            out[i] = self.cache.maps(  # stores what is missing, reads every row back
+                expert,
+                ek,
+                {k: v.to(self.model.device) for k, v in inputs.items()},
+                keys,
+                self.model.device,
+                rows=missing,
+            )
+            expert.train(was_training)
         return out
 
     def flush(self) -> None:

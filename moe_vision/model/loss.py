@@ -3,6 +3,7 @@ predict a label only (visual and prompt positions never go through the LM head).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -14,9 +15,15 @@ from moe_vision.data.records import IGNORE_INDEX
 
 
 def keeps_logits(llm: nn.Module) -> bool:
-    """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
-    forward = llm.get_base_model().forward if hasattr(llm, "get_base_model") else llm.forward
-    return "logits_to_keep" in inspect.signature(forward).parameters
+    """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs do); asked
+    once per LLM class, not at every step."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return _takes_logits_to_keep(type(base))
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def loss_at_labels(

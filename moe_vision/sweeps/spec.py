@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import itertools
@@ -519,9 +520,10 @@ class Cell:
         recipe = Path(self.recipe).stem if self.recipe.endswith((".yaml", ".yml")) else self.recipe
         return f"{'+'.join(self.experts)}__{self.fusion}__{recipe}__s{self.seed}"
 
-    @property
+    @functools.cached_property
     def cell_id(self) -> str:
-        """``<slug of name>-<10 hex digits of the config hash>``: stable and unique."""
+        """``<slug of name>-<10 hex digits of the config hash>``: stable and unique (computed
+        once per cell: the hash reads the local checkpoints' bytes)."""
         return f"{_slug(self.name)}-{config_hash(self.config)[:10]}"
 
     def settings(self) -> dict[str, Any]:

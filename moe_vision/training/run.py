@@ -440,12 +440,11 @@ def _meta_expert_maps(
             continue
         if fmap.thumbnail is not None:  # tiled with a thumbnail: counted on the real expert
             continue
-        mask = None if fmap.mask is None else torch.ones(fmap.mask.shape, dtype=torch.bool)
         out[i] = FeatureMap(
             torch.zeros(fmap.features.shape, device=device),
             fmap.stride,
             fmap.source,
-            None if mask is None else mask.to(device),
+            None if fmap.mask is None else torch.ones_like(fmap.mask, device=device),
         )
     return out
 
