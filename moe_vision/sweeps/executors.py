@@ -9,7 +9,7 @@ timed out). The sweep runner (:mod:`moe_vision.sweeps.sweep`) turns exceptions i
 * ``process``: ``workers`` ``spawn``-ed processes, each running items one after another
   (one single-process ``concurrent.futures.ProcessPoolExecutor`` per worker, so a crash — even
   a segfault or the OOM killer — is attributed to exactly that item, the others go on, and the
-  dead worker is replaced). Process start-up and imports (~7 s for torch, transformers, timm
+  dead worker is replaced). Process start-up and imports (seconds: torch, transformers, timm
   and open_clip on a laptop CPU) are paid once per worker, not once per cell;
   ``reuse=False`` starts a fresh process for every item.
   Workers die with the sweep: each leads its own process group and runs a watchdog thread
