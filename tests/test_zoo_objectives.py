@@ -89,3 +89,26 @@ def test_pretraining_is_deterministic_and_the_cli_writes_loadable_weights(tmp_pa
 
     assert fingerprint(loaded) == pytest.approx(card["fingerprint"], rel=1e-4)
     assert main(["pretrain", "no-such-mini", "--out", str(tmp_path)]) == 2
+
+
+def test_refreshing_one_category_keeps_the_cards_other_scores(tmp_path) -> None:
+    """``pretrain --probe-only --categories detail``: only ``detail`` is re-probed."""
+    from moe_vision.analysis.probe import ProbeConfig
+    from moe_vision.zoo import pretrain, save_pretrained
+    from moe_vision.zoo.scores import refresh_card
+
+    config = PretrainConfig(steps=1, batch_size=2, warmup=1, kinds=("object",))
+    weights, card_path = save_pretrained(pretrain("clip-mini", config, progress=False), tmp_path)
+    card = json.loads(card_path.read_text())
+    kept = {"accuracy": 0.5, "lo": 0.4, "hi": 0.6, "n_test": 10}
+    card["probe"] = {"pretrained": {"color": kept}, "random": {"color": kept}, "config": {}}
+    card_path.write_text(json.dumps(card))
+    sizes = {"align": 0, "instruct": 24, "val": 0, "test": 12}
+    probe_config = ProbeConfig(
+        categories=["detail"], benchmark_sizes=sizes, benchmark_dir=str(tmp_path / "bench")
+    )
+    refresh_card("clip-mini", tmp_path, probe_config)
+    probe = json.loads(card_path.read_text())["probe"]
+    for weights_kind in ("pretrained", "random"):
+        assert probe[weights_kind]["color"] == kept
+        assert probe[weights_kind]["detail"]["n_test"] == 2

@@ -12,6 +12,7 @@ time, losses, probe scores against the random-init twin, output fingerprint)::
     moe-vision pretrain sam-mini --steps 20 --out /tmp/minis --no-probe
     moe-vision pretrain --list                        # presets, objectives, default configs
     moe-vision pretrain clip-mini --probe-only        # re-probe shipped weights, update the card
+    moe-vision pretrain all --probe-only --categories detail   # only after `detail` changed
 
 The same seed, steps and thread count give the same weights. EVA-02's objective regresses the
 shipped ``clip-mini``'s features, so ``all`` pretrains CLIP first.
@@ -27,6 +28,8 @@ import argparse
 import dataclasses
 import logging
 import sys
+
+from moe_vision.commands import comma_list
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +55,18 @@ def _run(args: argparse.Namespace) -> int:
             "moe-vision pretrain: name a mini preset (or 'all'; --list shows them)", file=sys.stderr
         )
         return 2
+    if args.categories and not args.probe_only:
+        print("moe-vision pretrain: --categories goes with --probe-only", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     out = args.out or MINI_DIR
     if args.probe_only:
+        from moe_vision.analysis.probe import ProbeConfig
         from moe_vision.zoo.scores import refresh_card
 
+        config = ProbeConfig(categories=args.categories)
         for name in names:
-            print(f"{name}: updated {refresh_card(name, out)}")
+            print(f"{name}: updated {refresh_card(name, out, config)}")
         return 0
     for name in names:
         try:
@@ -111,6 +119,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--probe-only",
         action="store_true",
         help="no training: re-probe the weights in --out and rewrite their card's probe scores",
+    )
+    p.add_argument(
+        "--categories",
+        type=comma_list,
+        default=None,
+        help="with --probe-only: re-probe only these categories (comma-separated); the "
+        "card keeps the others' scores",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the presets and their recipes")

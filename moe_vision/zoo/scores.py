@@ -44,7 +44,9 @@ def probe_scores(
 
 def refresh_card(name: str, out_dir: str | Path, config: ProbeConfig | None = None) -> Path:
     """Re-probe the weights ``<out_dir>/<name>.safetensors`` and rewrite the ``probe`` field of
-    their card ``<out_dir>/<name>.json`` (atomically; every other field kept).
+    their card ``<out_dir>/<name>.json`` (atomically; every other field kept). With
+    ``config.categories`` set, only those categories' scores are replaced (after a benchmark
+    category changes, the others need not be re-probed).
 
     Raises:
         FileNotFoundError: the weights or the card are missing (names the file).
@@ -59,6 +61,11 @@ def refresh_card(name: str, out_dir: str | Path, config: ProbeConfig | None = No
                 f"{path} not found; write it first with `moe-vision pretrain {name}`"
             )
     card = read_json(card_path)
-    card["probe"] = probe_scores(name, weights, config)
+    fresh = probe_scores(name, weights, config)
+    if config is not None and config.categories and "probe" in card:
+        for weights_kind in ("pretrained", "random"):
+            card["probe"][weights_kind] |= fresh[weights_kind]
+    else:
+        card["probe"] = fresh
     logger.info("re-probed %s and updated %s", name, card_path)
     return write_json(card_path, card)
