@@ -10,14 +10,12 @@ shape       one large shape                                         5 shapes
 count       1-5 small identical shapes                              ``"1"`` .. ``"5"``
 spatial     two shapes, clearly apart                               left / right / above / below
 ocr         1-3 characters or a short word (PIL's default font)     16 strings
-detail      grey clutter, a small checkered marker, 3 flat squares     4 colours
+detail      a large canvas of grey clutter and one small marker     4 colours
 ==========  ======================================================  ==========================
 
-Images are small (``IMAGE_SIZE``; ``DETAIL_SIZE`` for *detail*, whose checkered marker sits
-among flat squares of the same size and mean colour in the three other colours, so that only an
-expert that resolves its 2-px checker cells can say which colour is the marker's). Questions
-come from templates and the answers from a finite set per category, so chance accuracy is
-defined (:data:`CHANCE`).
+Images are small (``IMAGE_SIZE``; ``DETAIL_SIZE`` for *detail*, whose marker is a few pixels
+wide so that only high-resolution experts see it well). Questions come from templates and the
+answers from a finite set per category, so chance accuracy is defined (:data:`CHANCE`).
 
 :func:`generate_benchmark` writes LLaVA-format JSON files (``align.json``: captions;
 ``instruct.json``: questions; ``val.json`` and ``test.json``: held-out questions) and an
@@ -46,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
 
-BENCHMARK_VERSION = 3
+BENCHMARK_VERSION = 2
 """Bumped whenever the generator's output changes; part of the manifest."""
 
 IMAGE_SIZE = 64
@@ -115,8 +113,8 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
         "Read the text in the image.",
     ),
     "detail": (
-        "What color is the small checkered marker?",
-        "Which color is the checkered square?",
+        "What color is the small marker?",
+        "Which color is the tiny square among the gray shapes?",
     ),
 }
 """Question templates per category; fields come from the scene."""
@@ -132,7 +130,7 @@ CAPTIONS: dict[str, str] = {
     "count": "{count} {color} {shape}s.",
     "spatial": "A {color} {shape} {relation_phrase} a {color2} {shape2}.",
     "ocr": 'The text "{word}".',
-    "detail": "Gray shapes and a small {marker} checkered marker.",
+    "detail": "Gray shapes and a small {marker} marker.",
 }
 RELATION_PHRASES: dict[str, str] = {
     "left": "left of",
@@ -340,81 +338,19 @@ def _scene_ocr(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
     return img, {"word": word}
 
 
-MARKER_DECOYS = 3
-"""Flat squares drawn next to the *detail* marker: one in each other marker colour."""
-CHECKER_CELL = 2
-"""Side in pixels of the marker's checker cells on the 192-px canvas."""
-
-
-def marker_side(u: float) -> int:
-    """A marker side of 8 or 12 px from a draw ``u`` in [0, 1): whole checker periods, so the
-    checkered marker holds as many coloured cells as background cells."""
-    return 4 * CHECKER_CELL * (1 + int(u >= 0.5))
-
-
-def draw_marker_squares(
-    img: Image.Image,
-    squares: list[tuple[float, float, tuple[int, ...]]],
-    side: int,
-    tone: tuple[int, ...],
-) -> None:
-    """Squares of ``side`` px centred at ``(cx, cy)``; the **first** is checkered in its colour
-    and the background ``tone`` (cells of :data:`CHECKER_CELL` px), the others are flat in the
-    half-way mix of their colour and ``tone``, i.e. the same mean colour as a checkered one.
-
-    At a low-resolution expert's input the checker cells fall below one pixel and every square
-    becomes the same tinted patch; only an expert that resolves the cells can tell which colour
-    the checkered marker has.
-    """
-    draw = ImageDraw.Draw(img)
-    for i, (cx, cy, fill) in enumerate(squares):
-        x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
-        if i > 0:
-            flat = tuple((c + t) // 2 for c, t in zip(fill, tone))
-            draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=flat)
-            continue
-        for row in range(0, side, CHECKER_CELL):
-            for col in range(0, side, CHECKER_CELL):
-                cell = [
-                    x0 + col,
-                    y0 + row,
-                    x0 + col + CHECKER_CELL - 1,
-                    y0 + row + CHECKER_CELL - 1,
-                ]
-                on = (row + col) // CHECKER_CELL % 2 == 0
-                draw.rectangle(cell, fill=fill if on else tone)
-
-
 def _scene_detail(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
-    """Grey clutter, one small checkered marker and :data:`MARKER_DECOYS` flat squares of the
-    same size and mean colour in the other marker colours: every image holds all four colours,
-    so only the marker's 2-px checker cells (below a pixel at a 64-px expert's input) tell the
-    answer.
-
-    The main generator makes the same draws as version 2 of the benchmark (the decoys' colours
-    and jitter come from a generator keyed by the marker's position), so the images of every
-    other category are unchanged.
-    """
     marker = _pick(rng, MARKER_COLORS)
     img = _background(DETAIL_SIZE, rng)
-    tone = img.getpixel((0, 0))
     draw = ImageDraw.Draw(img)
     n_clutter = int(rng.integers(6, 11))
     r_clutter = DETAIL_SIZE * 0.06
     centres = _place(rng, n_clutter + 1, r_clutter, DETAIL_SIZE)
-    clutter = [(int(rng.integers(90, 170)), _pick(rng, SHAPES)) for _ in centres[:-1]]
-    for (cx, cy), (grey, shape) in list(zip(centres, clutter))[:-MARKER_DECOYS]:
-        _draw_shape(draw, shape, cx, cy, r_clutter, (grey, grey, grey))
+    for cx, cy in centres[:-1]:
+        grey = int(rng.integers(90, 170))
+        _draw_shape(draw, _pick(rng, SHAPES), cx, cy, r_clutter, (grey, grey, grey))
     cx, cy = centres[-1]
-    side = marker_side(float(rng.uniform(0, 1)))
-    fill = _jitter(COLORS[marker], rng, 10)
-    sub = np.random.default_rng([int(cx * 1000), int(cy * 1000), side])
-    others = [str(c) for c in sub.permutation([c for c in MARKER_COLORS if c != marker])]
-    decoys = [
-        (dx, dy, _jitter(COLORS[c], sub, 10))
-        for (dx, dy), c in zip(centres[-1 - MARKER_DECOYS : -1], others)
-    ]
-    draw_marker_squares(img, [(cx, cy, fill), *decoys], side, tone)
+    s = DETAIL_SIZE * float(rng.uniform(0.02, 0.03))
+    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=_jitter(COLORS[marker], rng, 10))
     return img, {"marker": marker}
 
 
