@@ -27,22 +27,20 @@ encoder-combination study):
 :meth:`SweepSpec.expand` turns a spec into :class:`Cell` objects whose id is a readable name
 plus a hash of the cell's resolved run config (and of the local weights its experts load), so
 the same cell always lands in the same folder ``<sweep>/cells/<cell_id>/``. Running them is
-:mod:`moe_vision.sweeps.sweep`.
+:mod:`moe_vision.sweeps.sweep`. The grid's axes (expert combinations, fusion choices, ``exclude``
+entries) are read in :mod:`moe_vision.sweeps.grid_axes`; a cell and its id are
+:mod:`moe_vision.sweeps.cells`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import hashlib
 import importlib
 import itertools
-import json
 import logging
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,141 +48,31 @@ from typing import Any
 import yaml
 
 from moe_vision import results
+from moe_vision.sweeps.cells import (  # noqa: F401 - re-exported: a cell and its id
+    HASHED_CHECKPOINT_BYTES,
+    RUNTIME_KEYS,
+    Cell,
+    config_hash,
+    weights_identity,
+)
+from moe_vision.sweeps.grid_axes import (  # noqa: F401 - re-exported: the grid's axes
+    EXCLUDE_KEYS,
+    ExpertCombos,
+    FusionChoice,
+    _as_list,
+    _check_keys,
+    _exclusion,
+)
 
 logger = logging.getLogger(__name__)
 
 
 DEFAULT_ENTRYPOINT = "moe_vision.sweeps.sweep:run_cell"
-RUNTIME_KEYS: frozenset[str] = frozenset(
-    {
-        "cache_dir",
-        "train.progress_bar",
-        "train.num_workers",
-        "train.log_with",
-        "train.log_every",
-        "train.keep_checkpoints",
-        "train.checkpoint_every",
-        "train.checkpoint_interval_s",
-    }
-)
-"""Dotted run-config keys that say *where* or *how visibly* a cell runs, not *what* it
-computes: they are left out of the cell id's hash (moving the feature cache or turning off
-progress bars does not make a finished cell stale)."""
-
 Entrypoint = Callable[[dict[str, Any], Path], Mapping[str, Any]]
 """``(run_config_dict, cell_dir) -> metrics row``: what a sweep runs for each cell."""
 
 
 # ---------------------------------------------------------------------------- spec
-def _as_list(value: Any, what: str) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (str, int)):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise TypeError(f"sweep spec: {what} must be a value or a list, got {type(value).__name__}")
-
-
-def _check_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
-    if not isinstance(data, Mapping):
-        raise TypeError(f"sweep spec: {where} must be a mapping, got {type(data).__name__}")
-    bad = sorted(set(data) - set(valid))
-    if bad:
-        raise ValueError(f"sweep spec: unknown keys {bad} in {where}; valid keys are {list(valid)}")
-
-
-@dataclass
-class ExpertCombos:
-    """Which expert combinations a sweep covers.
-
-    Attributes:
-        combinations: explicit combinations, e.g. ``[["clip-tiny"], ["clip-tiny", "sam-tiny"]]``.
-        pool: experts to draw subsets from.
-        k: subset sizes: every ``k``-subset of ``pool`` for each ``k`` (counting the base
-            expert when one is set). Empty with a pool: every size from 1 to ``len(pool)``.
-        base: an expert every combination includes, in first position (Eagle's CLIP base);
-            its grid is the fusion strategies' default target grid.
-    """
-
-    combinations: list[list[str]] = field(default_factory=list)
-    pool: list[str] = field(default_factory=list)
-    k: list[int] = field(default_factory=list)
-    base: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | Sequence[Any]) -> ExpertCombos:
-        """From YAML: a mapping with the fields above, or a plain list of combinations."""
-        if isinstance(data, (list, tuple)):
-            data = {"combinations": data}
-        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "experts")
-        combos = [_as_list(c, "experts.combinations[i]") for c in data.get("combinations") or []]
-        return cls(
-            combinations=[[str(e) for e in c] for c in combos],
-            pool=[str(e) for e in _as_list(data.get("pool"), "experts.pool")],
-            k=[int(k) for k in _as_list(data.get("k"), "experts.k")],
-            base=data.get("base"),
-        )
-
-    def expand(self) -> list[tuple[str, ...]]:
-        """All combinations, explicit ones first, base first in each, duplicates removed."""
-        combos: list[tuple[str, ...]] = [tuple(c) for c in self.combinations]
-        pool = [e for e in self.pool if e != self.base]
-        offset = 1 if self.base else 0
-        if self.k:
-            sizes = self.k
-        else:  # every size, from the base alone (or one expert) to the whole pool
-            sizes = list(range(1, len(pool) + offset + 1)) if self.pool else []
-        for size in sizes:
-            if size - offset < 0 or size - offset > len(pool):
-                raise ValueError(
-                    f"sweep spec: experts.k={size} is impossible with pool {self.pool}"
-                    + (f" and base {self.base!r}" if self.base else "")
-                    + f"; expected {offset}..{len(pool) + offset}"
-                )
-            combos += list(itertools.combinations(pool, size - offset))
-        if self.base:
-            combos = [(self.base, *[e for e in c if e != self.base]) for c in combos]
-        out = list(dict.fromkeys(c for c in combos if c))
-        for c in out:
-            if len(set(c)) != len(c):
-                raise ValueError(f"sweep spec: expert combination {list(c)} repeats an expert")
-        if not out:
-            raise ValueError(
-                "sweep spec: no expert combinations; give experts.combinations or experts.pool"
-            )
-        return out
-
-
-@dataclass
-class FusionChoice:
-    """One fusion strategy of the sweep with its options.
-
-    Attributes:
-        name: registered fusion strategy (``fusion.list_fusions()``).
-        options: the strategy's config options (merged over ``model.fusion_options``).
-        label: column name in the tables (default: ``name``); lets one strategy appear twice
-            with different options.
-    """
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-    label: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: str | Mapping[str, Any]) -> FusionChoice:
-        if isinstance(data, str):
-            return cls(name=data)
-        _check_keys(data, ["name", "options", "label"], "fusions[i]")
-        if "name" not in data:
-            raise ValueError(f"sweep spec: fusion entry {dict(data)} has no 'name'")
-        return cls(str(data["name"]), dict(data.get("options") or {}), data.get("label"))
-
-    @property
-    def column(self) -> str:
-        return self.label or self.name
-
-
 @dataclass
 class SweepSpec:
     """A sweep: expert combinations x fusions x recipes x seeds, plus shared options.
@@ -361,6 +249,45 @@ class SweepSpec:
         used |= hits
         return bool(hits)
 
+    def _cell(
+        self,
+        combo: tuple[str, ...],
+        choice: FusionChoice,
+        recipe: str,
+        seed: int,
+        resolve: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    ) -> Cell:
+        """One grid point as a :class:`Cell`: the shared options with the point's experts,
+        fusion, recipe and seed set (resolved with ``resolve`` when the entrypoint has one)."""
+        fusion_options = {**(self.model.get("fusion_options") or {}), **choice.options}
+        model = copy.deepcopy(self.model)
+        if "expert_options" in model:  # shared per-expert options: those of this cell's
+            model["expert_options"] = {
+                k: v for k, v in model["expert_options"].items() if k in combo
+            }
+        config = {
+            **copy.deepcopy(self.run),
+            "model": {
+                **model,
+                "experts": list(combo),
+                "fusion": choice.name,
+                "fusion_options": fusion_options,
+            },
+            "recipe": recipe,
+            "data": copy.deepcopy(self.data),
+            "seed": seed,
+        }
+        if resolve is not None:
+            config = resolve(config)
+        return Cell(
+            experts=combo,
+            fusion=choice.column,
+            fusion_options=fusion_options,
+            recipe=recipe,
+            seed=seed,
+            config=config,
+        )
+
     def expand(self) -> list[Cell]:
         """The sweep's cells, in order experts x fusions x recipes x seeds.
 
@@ -385,36 +312,7 @@ class SweepSpec:
             }
             if self._excluded(where, used):
                 continue
-            fusion_options = {**(self.model.get("fusion_options") or {}), **choice.options}
-            model = copy.deepcopy(self.model)
-            if "expert_options" in model:  # shared per-expert options: those of this cell's
-                model["expert_options"] = {
-                    k: v for k, v in model["expert_options"].items() if k in combo
-                }
-            config = {
-                **copy.deepcopy(self.run),
-                "model": {
-                    **model,
-                    "experts": list(combo),
-                    "fusion": choice.name,
-                    "fusion_options": fusion_options,
-                },
-                "recipe": recipe,
-                "data": copy.deepcopy(self.data),
-                "seed": seed,
-            }
-            if resolve is not None:
-                config = resolve(config)
-            cells.append(
-                Cell(
-                    experts=combo,
-                    fusion=choice.column,
-                    fusion_options=fusion_options,
-                    recipe=recipe,
-                    seed=seed,
-                    config=config,
-                )
-            )
+            cells.append(self._cell(combo, choice, recipe, seed, resolve))
         unused = [e for i, e in enumerate(self.exclude) if i not in used]
         if unused:  # a typo, or a grid narrowed by flags: say so, do not stop
             logger.warning("sweep spec: exclude entries %s match no cell of the grid", unused)
@@ -423,120 +321,6 @@ class SweepSpec:
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"sweep spec: cells {dup} appear more than once")
         return cells
-
-
-def _exclusion(entry: Any) -> dict[str, Any]:
-    """An ``exclude`` entry, checked: a mapping of some of experts, fusion, recipe, seed."""
-    if not isinstance(entry, Mapping) or not entry:
-        raise ValueError(f"sweep spec: an exclude entry must be a non-empty mapping, got {entry!r}")
-    _check_keys(entry, list(EXCLUDE_KEYS), "an exclude entry")
-    out = dict(entry)
-    if "experts" in out:
-        out["experts"] = [str(e) for e in _as_list(out["experts"], "exclude.experts")]
-    return out
-
-
-EXCLUDE_KEYS = ("experts", "fusion", "recipe", "seed")
-
-
-def _slug(text: str, limit: int = 80) -> str:
-    slug = re.sub(r"[^A-Za-z0-9.+_-]+", "_", text).strip("_")
-    return slug[:limit]
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """Stable hash of a run config (canonical JSON, sorted keys, ``RUNTIME_KEYS`` left out)."""
-    identity = copy.deepcopy(dict(config))
-    for dotted in RUNTIME_KEYS:
-        *parents, last = dotted.split(".")
-        node: Any = identity
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    weights = weights_identity(identity)
-    if weights:  # cells on local weights: new weights are a new cell, not a stale result
-        identity["_weights"] = weights
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-HASHED_CHECKPOINT_BYTES = 256 * 2**20
-"""Local checkpoint files up to this size are identified by content, larger ones by size and
-modification time."""
-
-
-def weights_identity(config: Mapping[str, Any]) -> dict[str, str]:
-    """Expert name -> identity of the local weights it loads (content hash of a checkpoint file,
-    size and time of a large one or of a folder's files); experts at random init or loading a
-    hub id are left out. Part of the cell id, so that regenerated weights (``moe-vision
-    pretrain``) give new cells."""
-    import experts
-
-    model = config.get("model") or {}
-    options = model.get("expert_options") or {}
-    out = {}
-    for name in model.get("experts") or []:
-        opts = options.get(name) or {}
-        path = opts.get("checkpoint")
-        if path is None and opts.get("pretrained"):
-            path = experts.get_spec(name).checkpoint
-        if path is not None and Path(path).exists():
-            out[name] = _file_identity(Path(path))
-    return out
-
-
-def _file_identity(path: Path) -> str:
-    if path.is_file() and path.stat().st_size <= HASHED_CHECKPOINT_BYTES:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of a sweep.
-
-    Attributes:
-        experts: the expert combination, in order.
-        fusion: the fusion column label (the strategy's name unless labelled).
-        fusion_options: the strategy's resolved options.
-        recipe: recipe preset name or YAML path.
-        seed: random seed.
-        config: the run config handed to the entrypoint (``moe_vision.training.run.RunConfig`` as a
-            dict); its hash is the id's suffix.
-    """
-
-    experts: tuple[str, ...]
-    fusion: str
-    fusion_options: dict[str, Any]
-    recipe: str
-    seed: int
-    config: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        """Readable name: ``experts__fusion__recipe__s<seed>``."""
-        recipe = Path(self.recipe).stem if self.recipe.endswith((".yaml", ".yml")) else self.recipe
-        return f"{'+'.join(self.experts)}__{self.fusion}__{recipe}__s{self.seed}"
-
-    @functools.cached_property
-    def cell_id(self) -> str:
-        """``<slug of name>-<10 hex digits of the config hash>``: stable and unique (computed
-        once per cell: the hash reads the local checkpoints' bytes)."""
-        return f"{_slug(self.name)}-{config_hash(self.config)[:10]}"
-
-    def settings(self) -> dict[str, Any]:
-        """The manifest entry (the settings columns of the results row)."""
-        return {
-            "cell_id": self.cell_id,
-            "name": self.name,
-            "experts": list(self.experts),
-            "fusion": self.fusion,
-            "fusion_options": self.fusion_options,
-            "recipe": self.recipe,
-            "seed": self.seed,
-        }
 
 
 def resolve_entrypoint(entrypoint: str | Entrypoint) -> Entrypoint:
