@@ -20,6 +20,9 @@ nothing here depends on which experts or LLM are used. Parameter names start wit
 ``save_pretrained`` writes ``config.json`` (the :class:`ModelConfig`), ``model.safetensors``
 (every weight), ``llm/config.json`` (the LLM's architecture) and the tokenizer files, so that
 ``from_pretrained`` rebuilds the model offline and exactly.
+
+Helpers live beside it: placeholder counting and splicing in :mod:`.image_tokens`, greedy
+generation in :mod:`.generation`, activation checkpointing in :mod:`.activation_checkpointing`.
 """
 
 from __future__ import annotations
@@ -34,16 +37,17 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from experts import ExpertInputs, FeatureMap, collate_inputs, create_expert, get_spec, load_image
+from experts import ExpertInputs, FeatureMap, create_expert, get_spec, load_image
 from fusion import create_fusion, create_projector
 from fusion.projectors.compressors import create_compressor
-from moe_vision.data.llava import IGNORE_INDEX
+from moe_vision.model import image_tokens
+from moe_vision.model.activation_checkpointing import llm_is_checkpointing, switch_checkpointing
 from moe_vision.model.config import ModelConfig
+from moe_vision.model.generation import ImageLike, greedy_answers
 from moe_vision.model.llm import create_llm, llm_from_saved, max_positions
 from moe_vision.model.loss import keeps_logits, loss_at_labels  # noqa: F401 - re-exported
 
@@ -54,47 +58,8 @@ WEIGHTS_NAME = "model.safetensors"
 LLM_CONFIG_DIR = "llm"
 
 
-ImageLike = Image.Image | str | os.PathLike
-"""One image for :meth:`MoEVisionModel.generate`: a PIL image or a path."""
-
-
-def _image_list(images: Any) -> list:
-    """A prompt's images as a list (``None``: none; a path or PIL image: one)."""
-    if images is None:
-        return []
-    if isinstance(images, (str, os.PathLike, Image.Image, torch.Tensor)):
-        return [images]
-    return list(images)
-
-
-def _rows(
-    images: Sequence[ExpertInputs] | None, precomputed: Mapping[int, FeatureMap] | None
-) -> int | None:
-    """Images in a batch of expert inputs or cached maps (``None``: nothing given)."""
-    for inputs in images or []:
-        for value in inputs.values():
-            return int(value.shape[0])
-    for fmap in (precomputed or {}).values():
-        return int(fmap.features.shape[0])
-    return None
-
-
 def _without_weights(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in ("pretrained", "checkpoint", "device")}
-
-
-def _hf_checkpointing(module: PreTrainedModel, enable: bool) -> None:
-    """Switch a transformers model's activation checkpointing (v5 name, else the v4 one)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(module, "activation_checkpointing_enable"):
-        if enable:
-            module.activation_checkpointing_enable(kwargs)
-        else:
-            module.activation_checkpointing_disable()
-    elif enable:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        module.gradient_checkpointing_disable()
 
 
 class MoEVisionModel(nn.Module):
@@ -250,23 +215,11 @@ class MoEVisionModel(nn.Module):
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index ``(B,)`` of the single ``<image>`` token in each row of ``input_ids (B, T)``."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        is_image = input_ids == self.image_token_id
-        counts = is_image.sum(1)
-        bad = [(r, int(c)) for r, c in enumerate(counts.tolist()) if c != 1]
-        if bad:
-            raise ValueError(
-                f"every row needs exactly one {self.config.image_token!r} token "
-                f"(id {self.image_token_id}); (row, count) pairs that do not: {bad[:8]}"
-            )
-        return is_image.int().argmax(1)
+        return image_tokens.image_positions(input_ids, self.image_token_id, self.config.image_token)
 
     def image_counts(self, input_ids: torch.Tensor) -> list[int]:
         """``<image>`` tokens in each row of ``input_ids (B, T)`` (0 for text-only rows)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        return (input_ids == self.image_token_id).sum(1).tolist()
+        return image_tokens.image_counts(input_ids, self.image_token_id)
 
     def splice(
         self,
@@ -276,71 +229,32 @@ class MoEVisionModel(nn.Module):
         labels: torch.Tensor | None = None,
         pad_left: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Replace every ``<image>`` token by the visual tokens of its image.
-
-        Row ``r`` may hold any number ``k_r`` of placeholders (0: text-only); image ``m`` of
-        ``visual`` goes to the ``m``-th placeholder counted in row order over the batch. Rows
-        become ``T + k_r (N - 1)`` long and are padded to the longest, ``L``, on the right (on
-        the left with ``pad_left``, for generation) with zero embeddings, mask 0 and label
-        ``-100``; with one image in every row nothing is padded and ``L = T - 1 + N``.
+        """Replace every ``<image>`` token by the visual tokens of its image
+        (:func:`~moe_vision.model.image_tokens.splice_visual_tokens`, which details padding).
 
         Args:
             input_ids: ``(B, T)``.
-            visual: ``(M, N, D)`` visual tokens, ``M`` = placeholders in the batch (``None``
-                when there are none).
+            visual: ``(M, N, D)`` visual tokens, ``M`` = placeholders in the batch, in row
+                order (``None`` when there are none).
             attention_mask: ``(B, T)`` (``None``: all ones).
             labels: ``(B, T)`` or ``None``.
-            pad_left: pad shorter rows on the left.
+            pad_left: pad shorter rows on the left (generation; default: on the right).
 
         Returns:
             ``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``labels (B, L)`` with
-            ``-100`` on visual positions (or ``None``).
+            ``-100`` on visual positions (or ``None``); ``L = T - 1 + N`` with one image per row.
         """
-        b, t = input_ids.shape
-        is_image = input_ids == self.image_token_id  # (B, T)
-        m = int(is_image.sum())
-        text = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-        d = text.shape[-1]
-        n = 1 if visual is None else visual.shape[1]
-        if (visual is None and m) or (
-            visual is not None and (visual.dim() != 3 or visual.shape[0] != m)
-        ):
-            got = None if visual is None else tuple(visual.shape)
-            raise ValueError(
-                f"visual tokens must be (M={m}, N, D), one image per {self.config.image_token!r} "
-                f"token of the batch; got {got}"
-            )
-        if visual is not None and visual.shape[-1] != d:
-            raise ValueError(f"visual tokens have width {visual.shape[-1]}, the LLM takes {d}")
-        before = is_image.long().cumsum(1) - is_image.long()  # (B, T) placeholders before t
-        target = torch.arange(t, device=input_ids.device)[None] + (n - 1) * before  # (B, T)
-        row_len = t + (n - 1) * is_image.sum(1)  # (B,)
-        length = int(row_len.max())
-        if length > self.max_length:
-            raise ValueError(
-                f"sequence too long: {t} text tokens with each image placeholder expanded to "
-                f"{n} visual tokens give {length} positions; the LLM allows {self.max_length}"
-            )
-        if pad_left:
-            target = target + (length - row_len)[:, None]
-        rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, t)  # (B, T)
-        keep = ~is_image
-        r_txt, c_txt = rows[keep], target[keep]
-        embeds = text.new_zeros(b, length, d).index_put((r_txt, c_txt), text[keep])
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.new_zeros(b, length).index_put((r_txt, c_txt), attention_mask[keep])
-        out_labels = None
-        if labels is not None:
-            out_labels = labels.new_full((b, length), IGNORE_INDEX)
-            out_labels = out_labels.index_put((r_txt, c_txt), labels[keep])
-        if m:
-            offs = torch.arange(n, device=input_ids.device)  # (N,)
-            r_vis = rows[is_image][:, None].expand(m, n)  # (M, N), images in row order
-            c_vis = target[is_image][:, None] + offs  # (M, N)
-            embeds = embeds.index_put((r_vis, c_vis), visual.to(text.dtype))
-            mask = mask.index_put((r_vis, c_vis), torch.ones_like(c_vis, dtype=mask.dtype))
-        return embeds, mask, out_labels
+        return image_tokens.splice_visual_tokens(
+            input_ids,
+            visual,
+            self.llm.get_input_embeddings(),
+            self.image_token_id,
+            self.config.image_token,
+            self.max_length,
+            attention_mask,
+            labels,
+            pad_left,
+        )
 
     def forward(
         self,
@@ -374,14 +288,9 @@ class MoEVisionModel(nn.Module):
         if logits not in ("all", "labels"):
             raise ValueError(f"logits must be 'all' or 'labels', got {logits!r}")
         counts = self.image_counts(input_ids)  # fail on a bad prompt before the experts run
-        m, given = sum(counts), _rows(images, precomputed)
-        if given is not None and given != m:
-            raise ValueError(
-                f"the batch holds {m} {self.config.image_token!r} tokens, (row, count) pairs "
-                f"{list(enumerate(counts))[:8]}, but {given} images; every image needs exactly "
-                "one placeholder"
-            )
-        visual = self.encode_images(images, precomputed) if m else None
+        given = image_tokens.images_given(images, precomputed)
+        image_tokens.check_one_image_per_placeholder(counts, given, self.config.image_token)
+        visual = self.encode_images(images, precomputed) if sum(counts) else None
         embeds, mask, labels = self.splice(input_ids, visual, attention_mask, labels)
         if labels is not None and logits == "labels" and keeps_logits(self.llm):
             return loss_at_labels(self.llm, embeds, mask, labels, **llm_kwargs)
@@ -424,54 +333,10 @@ class MoEVisionModel(nn.Module):
                 expert is given, no image is loaded.
             **generate_kwargs: passed to the LLM's ``generate``.
         """
-        if len(images) != len(prompts):
-            raise ValueError(f"generate: {len(images)} images but {len(prompts)} prompts")
-        if not prompts:
-            return []
-        per_prompt = [_image_list(im) for im in images]
-        ids = [self.prompt_ids(p, len(ims)) for p, ims in zip(prompts, per_prompt)]
-        width = max(len(x) for x in ids)
-        pad = int(self.tokenizer.pad_token_id)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        flat = [im for ims in per_prompt for im in ims]
-        precomputed = dict(precomputed or {})
-        run = [i for i in range(len(self.experts)) if i not in precomputed]
-        pil = [load_image(im) for im in flat] if run else []
-        inputs = [
-            {k: v.to(self.device) for k, v in collate_inputs([pre(im) for im in pil]).items()}
-            if i in run
-            else {}
-            for i, pre in enumerate(self.preprocessors)
-        ]
-        was_training = self.training
-        self.eval()
-        try:
-            visual = self.encode_images(inputs if run else None, precomputed) if flat else None
-            embeds, mask, _ = self.splice(
-                input_ids.to(self.device), visual, attention.to(self.device), pad_left=True
-            )
-            eos = {int(self.tokenizer.eos_token_id)}
-            configured = self.llm.generation_config.eos_token_id
-            eos |= set(
-                configured
-                if isinstance(configured, list)
-                else [configured]
-                if configured is not None
-                else []
-            )
-            out = self.llm.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=sorted(eos),
-                **generate_kwargs,
-            )
-        finally:
-            self.train(was_training)
-        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        # load_image is looked up here, at call time: tests patch moe_vision.model.mllm.load_image
+        return greedy_answers(
+            self, images, prompts, max_new_tokens, precomputed, load_image, **generate_kwargs
+        )
 
     # ------------------------------------------------------------------ memory
     def gradient_checkpointing_enable(self) -> list[str]:
@@ -485,33 +350,15 @@ class MoEVisionModel(nn.Module):
         return self._set_checkpointing(False)
 
     def _set_checkpointing(self, enable: bool) -> list[str]:
-        switched: list[str] = []
-
-        def visit(module: nn.Module, name: str) -> None:
-            if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
-                _hf_checkpointing(module, enable)
-                switched.append(name)
-                return
-            if callable(getattr(module, "set_grad_checkpointing", None)):
-                module.set_grad_checkpointing(enable)
-                switched.append(name)
-                return
-            for child_name, child in module.named_children():
-                visit(child, f"{name}.{child_name}" if name else child_name)
-
-        visit(self.llm, "llm")
-        for i, expert in enumerate(self.experts):
-            visit(expert, f"experts.{i}")
+        roots = [("llm", self.llm)] + [(f"experts.{i}", e) for i, e in enumerate(self.experts)]
+        switched = switch_checkpointing(roots, enable)
         logger.info("gradient checkpointing %s in %s", "on" if enable else "off", switched)
         return switched
 
     @property
     def is_gradient_checkpointing(self) -> bool:
         """True when the LLM runs with activation checkpointing."""
-        for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-            if hasattr(type(self.llm), attr):
-                return bool(getattr(self.llm, attr))
-        return False
+        return llm_is_checkpointing(self.llm)
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(

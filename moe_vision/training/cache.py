@@ -18,7 +18,8 @@ are kept in memory and written as one shard when ``shard_bytes`` is reached or a
 memory map (``numpy.memmap`` of the file, viewed as tensors without copying), so a batch read is
 one gather of ``B`` rows. Writes are atomic (temporary file + ``os.replace``) and file names are
 unique, so concurrent runs and data-parallel ranks can share one cache folder (default
-``~/.cache/moe-vision/features``).
+``~/.cache/moe-vision/features``). The shard files are written and read in
+:mod:`.feature_shards`, the expert keys computed in :mod:`.cache_keys`.
 
 **Is the cache worth it?** A cache that costs more than it saves is not used. With
 ``policy="auto"`` (default) the cache times, per expert, computing a map (its forward on the
@@ -34,42 +35,40 @@ ablations freeze the encoders).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
-import struct
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch import nn
 
 from experts.base import Expert, ExpertInputs
 from experts.spec import FeatureMap
+from moe_vision.training.cache_keys import (  # noqa: F401 - re-exported
+    expert_cache_key,
+    weights_fingerprint,
+)
+from moe_vision.training.feature_shards import (
+    Shard,
+    atomic_text,
+    mmap_safetensors,  # noqa: F401 - re-exported
+    read_shard,
+    save_shard,
+    shard_contents,
+    shard_row,
+    stack_maps,
+    to_device,
+)
 
 logger = logging.getLogger(__name__)
 
 CachePolicy = Literal["auto", "always"]
 SHARD_BYTES = 256 * 2**20
 """Default size at which the maps computed in a run are written out as one shard."""
-
-_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-}
 
 
 def default_cache_dir() -> Path:
@@ -78,59 +77,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "features"
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """A hash of every parameter and buffer of ``module`` (names, dtypes, shapes, bytes)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def expert_cache_key(expert: Expert) -> str:
-    """Key of an expert's maps: its spec's cache key plus its weights fingerprint."""
-    spec = json.dumps(expert.spec.cache_key(), sort_keys=True, default=str)
-    h = hashlib.sha256(spec.encode())
-    h.update(weights_fingerprint(expert).encode())  # LoRA adapter tensors included
-    from moe_vision.training.lora import adapter_fingerprint  # lora imports recipes
-
-    h.update(adapter_fingerprint(expert).encode())  # their scaling; "" (no change) without LoRA
-    return h.hexdigest()[:32]
-
-
 def _select(inputs: ExpertInputs, index: torch.Tensor) -> ExpertInputs:
     return {k: v.index_select(0, index.to(v.device)) for k, v in inputs.items()}
-
-
-def mmap_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of a safetensors file as views of a copy-on-write memory map (nothing is
-    read until a row is used), and its metadata."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = header.pop("__metadata__", None) or {}
-    buf = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
-    tensors = {}
-    for name, info in header.items():
-        start, end = (8 + n + o for o in info["data_offsets"])
-        dtype = _DTYPES[info["dtype"]]
-        tensors[name] = buf[start:end].view(dtype).reshape(info["shape"])
-    return tensors, meta
-
-
-@dataclass
-class _Shard:
-    """A written shard, memory-mapped: ``features (N, C, H, W)``, optional ``mask (N, H, W)``,
-    per-row grids ``(N, 2)``."""
-
-    features: torch.Tensor
-    mask: torch.Tensor | None
-    grids: list[tuple[int, int]]
-    stride: int
-    source: str
 
 
 @dataclass
@@ -173,7 +121,7 @@ class FeatureCache:
         self.shard_bytes = int(shard_bytes)
         self.hits = self.misses = self.bypassed = 0
         self._index: dict[str, dict[str, tuple[int, int]]] = {}  # key -> image -> (shard, row)
-        self._shards: dict[str, list[_Shard]] = {}
+        self._shards: dict[str, list[Shard]] = {}
         self._seen_files: dict[str, set[str]] = {}
         self._pending: dict[str, dict[str, FeatureMap]] = {}  # computed, not written yet
         self._pending_bytes: dict[str, int] = {}
@@ -189,7 +137,7 @@ class FeatureCache:
         """Write ``<root>/<expert key>/spec.json`` so a cache folder can be read by people."""
         path = self.folder(expert_key) / "spec.json"
         if not path.exists():
-            _atomic_text(path, json.dumps(expert.spec.to_dict(), indent=1, default=str))
+            atomic_text(path, json.dumps(expert.spec.to_dict(), indent=1, default=str))
 
     def _scan(self, expert_key: str) -> None:
         """Index shards of ``expert_key`` written since the last scan (by any process)."""
@@ -203,18 +151,8 @@ class FeatureCache:
             if path.name in seen:
                 continue
             seen.add(path.name)
-            tensors, meta = mmap_safetensors(path)
-            keys = json.loads(meta["image_keys"])
-            grids = [tuple(g) for g in json.loads(meta["grids"])]
-            shards.append(
-                _Shard(
-                    tensors["features"],
-                    tensors.get("mask"),
-                    grids,
-                    int(meta.get("stride", 1)),
-                    meta.get("source", ""),
-                )
-            )
+            keys, shard = read_shard(path)
+            shards.append(shard)
             for row, key in enumerate(keys):
                 index.setdefault(key, (len(shards) - 1, row))
 
@@ -228,27 +166,13 @@ class FeatureCache:
         return written
 
     def _write_shard(self, expert_key: str, maps: dict[str, FeatureMap]) -> Path:
-        keys = list(maps)
-        stacked = stack_maps([maps[k] for k in keys])
-        tensors = {"features": stacked.features.detach().cpu().contiguous()}
-        if stacked.mask is not None:
-            tensors["mask"] = stacked.mask.cpu().contiguous()
-        first = maps[keys[0]]
-        meta = {
-            "image_keys": json.dumps(keys),
-            "grids": json.dumps([list(maps[k].grid) for k in keys]),
-            "stride": str(first.stride),
-            "source": first.source,
-        }
+        tensors, meta = shard_contents(maps)
         folder = self.folder(expert_key)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"shard-{uuid.uuid4().hex[:16]}.safetensors"
-        tmp = folder / f".{path.name}.tmp"
         start = time.perf_counter()
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        path = save_shard(folder, tensors, meta)
         logger.debug(
-            "feature cache: wrote %s (%d maps, %.2fs)", path, len(keys), time.perf_counter() - start
+            "feature cache: wrote %s (%d maps, %.2fs)", path, len(maps), time.perf_counter() - start
         )
         return path
 
@@ -276,7 +200,7 @@ class FeatureCache:
         if where is None:
             return None
         shard = self._shards[expert_key][where[0]]
-        return _row(shard, where[1])
+        return shard_row(shard, where[1])
 
     def put(self, expert_key: str, image_key: str, fmap: FeatureMap, index: int = 0) -> None:
         """Keep row ``index`` of ``fmap`` (``features (B, C, H, W)``) for the next shard."""
@@ -406,7 +330,7 @@ class FeatureCache:
         read = costs.read_s / costs.read_rows
         costs.decided = read < compute
         record = {"use_cache": costs.decided, "compute_ms": 1e3 * compute, "read_ms": 1e3 * read}
-        _atomic_text(self.decision_path(expert_key, device), json.dumps(record, indent=1))
+        atomic_text(self.decision_path(expert_key, device), json.dumps(record, indent=1))
         logger.info(
             "feature cache %s for expert %s: reading a map costs %.3f ms, computing it %.3f ms "
             "per image (%.1fx)%s",
@@ -447,7 +371,7 @@ class FeatureCache:
             with torch.no_grad():
                 out = expert(inputs)
             self.bypassed += len(image_keys)
-            return out if device is None else _to_device(out, device)
+            return out if device is None else to_device(out, device)
         costs = self._costs.setdefault(expert_key, _Costs())
         start = time.perf_counter()
         found = [self.get(expert_key, k, scan=False) for k in image_keys]
@@ -507,47 +431,8 @@ class FeatureCache:
         with torch.no_grad():
             out = expert(inputs)
         self.bypassed += len(image_keys)
-        return out if device is None else _to_device(out, device)
+        return out if device is None else to_device(out, device)
 
 
 class FeatureCacheError(RuntimeError):
     """The cache cannot give a map it was asked for (no stored map and no inputs to compute it)."""
-
-
-def _to_device(fmap: FeatureMap, device: torch.device | str) -> FeatureMap:
-    return dataclasses.replace(
-        fmap,
-        features=fmap.features.to(device),
-        mask=None if fmap.mask is None else fmap.mask.to(device),
-        thumbnail=None if fmap.thumbnail is None else _to_device(fmap.thumbnail, device),
-    )
-
-
-def _row(shard: _Shard, row: int) -> FeatureMap:
-    h, w = shard.grids[row]
-    feats = shard.features[row : row + 1, :, :h, :w]
-    mask = None if shard.mask is None else shard.mask[row : row + 1, :h, :w]
-    return FeatureMap(feats, shard.stride, shard.source, mask)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def stack_maps(maps: Sequence[FeatureMap], device: torch.device | str | None = None) -> FeatureMap:
-    """Concatenate batch-of-one maps; maps of different grids are zero-padded and masked."""
-    h = max(m.grid[0] for m in maps)
-    w = max(m.grid[1] for m in maps)
-    ragged = any(m.grid != (h, w) for m in maps) or any(m.mask is not None for m in maps)
-    feats, masks = [], []
-    for m in maps:
-        f = m.features.to(device)
-        pad = (0, w - m.grid[1], 0, h - m.grid[0])
-        feats.append(F.pad(f, pad) if any(pad) else f)
-        if ragged:
-            masks.append(F.pad(m.valid().to(device), pad, value=False))
-    mask = torch.cat(masks) if ragged else None
-    return FeatureMap(torch.cat(feats), maps[0].stride, maps[0].source, mask)
