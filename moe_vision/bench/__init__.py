@@ -1,7 +1,9 @@
 """``moe-vision bench``: speed and memory measured as ratios within one run.
 
-:mod:`.core` holds the harness and the training sections (overhead, throughput); the other
-sections are one module each (:mod:`.feature_cache`, :mod:`.cells`, :mod:`.gpu`, ...).
+:mod:`.harness` holds the section registry, the config and the CSV rows, :mod:`.measure` the
+timers and the matmul peak, :mod:`.batches` the shared inputs; every section is one module
+(:mod:`.overhead`, :mod:`.throughput`, :mod:`.cells`, :mod:`.feature_cache`, :mod:`.gpu`, ...),
+and :mod:`.core` re-exports the harness under its old names.
 """
 
 from moe_vision.bench import cells as _cells  # noqa: F401 - registers "cells"
