@@ -34,255 +34,53 @@ The default :class:`RunConfig` is the laptop run: tiny experts, the tiny LLM, th
 benchmark at its default sizes, the Eagle recipe and the recipe's tiny-run stage overrides
 (:func:`tiny_overrides`), tuned for random-init models: every stage plus evaluation in under two
 minutes on 2 CPU cores.
+
+The experiment as data (:class:`RunConfig`, :class:`DataConfig`, the tiny-run defaults) lives in
+:mod:`~.run_config`, the metrics row and its costs (peak memory, FLOPs) in :mod:`~.run_metrics`;
+both are re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import resource
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
 
-from experts import FeatureMap
 from moe_vision.console import logs_to_run_folder
-from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.llava import LlavaDataset, read_skips
-from moe_vision.data.mixture import is_mixture
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-from moe_vision.training import lora
-from moe_vision.training.cache import FeatureCache, default_cache_dir
-from moe_vision.training.recipes import Recipe, get_recipe
-from moe_vision.training.trainer import StepHook, Trainer, TrainOptions, TrainUnit, make_accelerator
+from moe_vision.training.cache import FeatureCache
+from moe_vision.training.run_config import (  # noqa: F401 - re-exported: the run's API
+    TINY_OVERRIDES,
+    TINY_RECIPE_OVERRIDES,
+    DataConfig,
+    RunConfig,
+    atomic_write,
+    cache_root,
+    tiny_overrides,
+)
+from moe_vision.training.run_metrics import (  # noqa: F401 - re-exported: the run's API
+    flops_per_sample,
+    metrics_row,
+    peak_memory_mb,
+)
+from moe_vision.training.trainer import (  # noqa: F401 - TrainOptions re-exported
+    StepHook,
+    Trainer,
+    TrainOptions,
+    TrainUnit,
+    make_accelerator,
+)
 
 logger = logging.getLogger(__name__)
-
-TINY_OVERRIDES: dict[str, dict[str, Any]] = {"*": {"batch_size": 16, "lr": 2e-3}}
-"""Stage overrides every recipe gets in the default (tiny, CPU) run: tiny random-init models need
-larger LRs than the papers' pretrained ones."""
-
-TINY_RECIPE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
-    "eagle": {
-        # The LLM-frozen stages cannot teach a random-init LLM anything: keep them short.
-        "prealign": {"max_steps": 4},
-        "joint": {"max_steps": 4},
-        # Adam at the paper's 0.1x expert LR moves random-init experts too far.
-        "sft": {"epochs": 10, "lr": 1e-3, "lr_scale": {"experts.*": 0.01}},
-    },
-}
-"""Per-recipe additions to :data:`TINY_OVERRIDES` (by recipe name, for the stages the recipe
-has), tuned on the built-in benchmark; ``recipes/run_tiny.yaml`` spells the Eagle ones out."""
-
-
-def tiny_overrides(recipe: Recipe) -> dict[str, dict[str, Any]]:
-    """The default stage overrides of ``recipe`` in a tiny run: :data:`TINY_OVERRIDES` plus the
-    recipe's entry of :data:`TINY_RECIPE_OVERRIDES` (stages the recipe lacks are left out)."""
-    out = copy.deepcopy(TINY_OVERRIDES)
-    names = {s.name for s in recipe.stages}
-    for stage, fields in TINY_RECIPE_OVERRIDES.get(recipe.name, {}).items():
-        if stage in names:
-            out.setdefault(stage, {}).update(copy.deepcopy(fields))
-    return out
-
-
-@dataclass
-class DataConfig:
-    """Where the stages' data and the evaluation split come from.
-
-    By default the built-in benchmark (``benchmark_seed``, ``benchmark_sizes``), generated once
-    into ``benchmark_dir`` (default: ``<cache root>/benchmark/<seed>-<sizes hash>``). Real data:
-    ``splits`` maps split names (``"align"``, ``"instruct"``, ``"test"``, ...) to LLaVA-format
-    JSON files whose images live under ``image_root``. A stage's ``data`` may also be a JSON
-    path directly. Wherever a data file goes, a mixture YAML (:mod:`moe_vision.data.mixture`)
-    may go instead; its sources' images live under their own roots (default ``image_root``).
-
-    Attributes:
-        benchmark_seed: seed of the built-in benchmark.
-        benchmark_sizes: records per split (``BenchmarkSizes`` fields); ``None``: defaults.
-        benchmark_dir: where to generate it.
-        splits: split name -> LLaVA JSON path (replaces the benchmark's splits of that name).
-        image_root: image folder of ``splits`` (required with ``splits``).
-        eval_split: split evaluated after training.
-        eval_limit: evaluate only the first N questions (``None``: all).
-        on_bad_record: ``"error"`` or ``"skip"`` (logged, counted, replaced and listed in the
-            run folder: ``skipped_train.jsonl``, ``skipped_eval.jsonl``).
-        allow_outside_root: accept absolute and ``..`` image paths (refused by default).
-        max_image_pixels: pixel limit of image files (``None``: the platform default,
-            ``experts.images.MAX_IMAGE_PIXELS``).
-    """
-
-    benchmark_seed: int = 0
-    benchmark_sizes: dict[str, int] | None = None
-    benchmark_dir: str | None = None
-    splits: dict[str, str] = field(default_factory=dict)
-    image_root: str | None = None
-    eval_split: str = "test"
-    eval_limit: int | None = None
-    on_bad_record: str = "error"
-    allow_outside_root: bool = False
-    max_image_pixels: int | None = None
-
-    def __post_init__(self) -> None:
-        plain = [v for v in self.splits.values() if not is_mixture(v)]
-        if plain and not self.image_root:
-            raise ValueError("DataConfig.splits needs image_root: the folder of the images")
-        if self.on_bad_record not in ("error", "skip"):
-            raise ValueError(f"on_bad_record must be 'error' or 'skip', not {self.on_bad_record!r}")
-        if self.benchmark_sizes is not None:
-            BenchmarkSizes(**self.benchmark_sizes)  # validates the fields
-
-    def uses_benchmark(self) -> bool:
-        return not self.splits
-
-    def resolve(self, cache_root: Path) -> tuple[dict[str, Path], Path]:
-        """``({split: json path}, image_root)``, generating the benchmark when needed."""
-        if self.splits:
-            paths = {k: Path(v).expanduser() for k, v in self.splits.items()}
-            for name, p in paths.items():
-                if not p.is_file():
-                    raise FileNotFoundError(f"data split {name!r}: file not found: {p}")
-            root = Path(str(self.image_root)).expanduser() if self.image_root else None
-            return paths, root  # type: ignore[return-value]
-        sizes = BenchmarkSizes(**(self.benchmark_sizes or {}))
-        root = self.benchmark_dir
-        if root is None:
-            tag = hashlib.sha256(json.dumps(sizes.to_dict(), sort_keys=True).encode()).hexdigest()
-            root = str(cache_root / "benchmark" / f"seed{self.benchmark_seed}-{tag[:10]}")
-        bench = generate_benchmark(root, seed=self.benchmark_seed, sizes=sizes)
-        names = ("align", "instruct", "val", "test")
-        return {n: bench.split(n) for n in names}, bench.images
-
-
-@dataclass
-class RunConfig:
-    """A whole experiment as data (see the module docstring).
-
-    Attributes:
-        model: the :class:`~moe_vision.model.mllm.ModelConfig`.
-        recipe: a preset name (``moe_vision.training.recipes.list_recipes()``), a YAML path, or a
-            :class:`~moe_vision.training.recipes.Recipe`.
-        overrides: stage field overrides, ``{stage name | "*": {field: value}}``; ``None``
-            (default): the tiny-run defaults of the recipe (:func:`tiny_overrides`); ``{}``: the
-            recipe's own numbers.
-        data: :class:`DataConfig`.
-        train: :class:`~moe_vision.training.trainer.TrainOptions`.
-        seed: seeds model init, data order and everything random.
-        cache_dir: feature cache folder (``None``: ``~/.cache/moe-vision/features``);
-            shared across runs.
-        eval_batch_size: questions per ``generate`` call in the evaluation.
-    """
-
-    model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(experts=["clip-tiny", "convnext-tiny"])
-    )
-    recipe: str | Recipe = "eagle"
-    overrides: dict[str, dict[str, Any]] | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainOptions = field(default_factory=TrainOptions)
-    seed: int = 0
-    cache_dir: str | None = None
-    eval_batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
-        if isinstance(self.recipe, dict):
-            self.recipe = Recipe.from_dict(self.recipe)
-        if isinstance(self.data, dict):
-            self.data = _build(DataConfig, self.data, "data")
-        if isinstance(self.train, dict):
-            self.train = _build(TrainOptions, self.train, "train")
-        self.resolved_recipe()  # fail early on bad recipes/overrides
-
-    def base_recipe(self) -> Recipe:
-        """The recipe before overrides."""
-        if isinstance(self.recipe, dict):
-            self.recipe = Recipe.from_dict(self.recipe)
-        return self.recipe if isinstance(self.recipe, Recipe) else get_recipe(self.recipe)
-
-    def effective_overrides(self) -> dict[str, dict[str, Any]]:
-        """:attr:`overrides`, or the recipe's tiny-run defaults when it is ``None``."""
-        if self.overrides is None:
-            return tiny_overrides(self.base_recipe())
-        return self.overrides
-
-    def resolved_recipe(self) -> Recipe:
-        """The recipe with :meth:`effective_overrides` applied."""
-        return self.base_recipe().with_overrides(self.effective_overrides())
-
-    def to_dict(self, resolve: bool = False) -> dict[str, Any]:
-        """Plain dict; ``resolve=True`` writes the recipe expanded with overrides applied."""
-        recipe: Any = self.recipe.to_dict() if isinstance(self.recipe, Recipe) else self.recipe
-        overrides = self.overrides
-        if resolve:
-            recipe, overrides = self.resolved_recipe().to_dict(), {}
-        return {
-            "model": self.model.to_dict(),
-            "recipe": recipe,
-            "overrides": overrides,
-            "data": dataclasses.asdict(self.data),
-            "train": self.train.to_dict(),
-            "seed": self.seed,
-            "cache_dir": self.cache_dir,
-            "eval_batch_size": self.eval_batch_size,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        return _build(cls, data, "run config")
-
-    def to_yaml(self, path: str | Path | None = None, resolve: bool = False) -> str:
-        text = yaml.safe_dump(self.to_dict(resolve), sort_keys=False)
-        if path is not None:
-            _atomic_write(Path(path), text)
-        return text
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> RunConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"run config not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"run config {p}: invalid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"run config {p}: expected a mapping, got {type(data).__name__}")
-        return cls.from_dict(data)
-
-
-def _build(cls: type, data: dict[str, Any], what: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{what}: expected a mapping, got {type(data).__name__}: {data!r}")
-    valid = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(data) - valid)
-    if bad:
-        raise ValueError(f"{what}: unknown keys {bad}; valid keys are {sorted(valid)}")
-    return cls(**data)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def cache_root(cfg: RunConfig) -> Path:
-    """Root of the run's caches: the feature cache's parent folder."""
-    return (Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()).parent
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -371,82 +169,11 @@ class DatasetCache:
             if self.out is not None:
                 name = data if data in self.splits else Path(data).stem
                 counts = {"data": str(path), "records": len(ds), "sources": ds.source_counts}
-                _atomic_write(
+                atomic_write(
                     self.out / "data" / f"{name}.sources.json", json.dumps(counts, indent=1)
                 )
             self._built[key] = ds
         return self._built[key]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated memory; CPU: peak resident set size of this process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def flops_per_sample(model: MoEVisionModel, dataset: LlavaDataset, n: int = 2) -> float | None:
-    """Forward FLOPs of one sample (``torch.utils.flop_counter`` over ``n`` samples).
-
-    The experts the fusion does not drive are counted on ``meta``-device twins (same spec, no
-    weights, nothing computed), and the rest of the model reads zero maps of their shapes: a
-    run whose experts are served from the feature cache never runs them for this metric.
-    Attention is counted through PyTorch's math backend (the counter has no formula for the
-    fused CPU kernel, so it would leave attention out)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        batch = dataset.collate([dataset[i] for i in range(min(n, len(dataset)))])
-        dev = model.device
-        images = batch["images"]
-        math = sdpa_kernel(SDPBackend.MATH)
-        with torch.no_grad(), math, FlopCounterMode(display=False) as counter:
-            precomputed = _meta_expert_maps(model, images, dev) if images is not None else None
-            if images is not None:
-                images = [
-                    {} if i in precomputed else {k: v.to(dev) for k, v in x.items()}
-                    for i, x in enumerate(images)
-                ]
-            model(
-                input_ids=batch["input_ids"].to(dev),
-                attention_mask=batch["attention_mask"].to(dev),
-                images=images,
-                precomputed=precomputed or None,
-            )
-        return counter.get_total_flops() / len(batch["ids"])
-    except Exception as err:  # noqa: BLE001 - a metric must not fail a finished run
-        logger.warning("could not count FLOPs: %s", err)
-        return None
-
-
-def _meta_expert_maps(
-    model: MoEVisionModel, images: list[dict[str, torch.Tensor]], device: torch.device
-) -> dict[int, FeatureMap]:
-    """Expert index -> zero map of the shape its ``meta`` twin outputs (FLOPs counted by the
-    enclosing counter), for the experts the fusion does not drive."""
-    staged = set(model.fusion.staged_experts())
-    out = {}
-    for i, expert in enumerate(model.experts):
-        if i in staged:
-            continue
-        try:
-            with torch.device("meta"):
-                twin = type(expert)(expert.spec.replace(checkpoint=None))
-            fmap = twin({k: v.to("meta") for k, v in images[i].items()})
-        except (NotImplementedError, RuntimeError) as err:  # an op without a meta kernel
-            logger.debug("FLOPs of %s counted on the expert itself: %s", expert.spec.name, err)
-            continue
-        if fmap.thumbnail is not None:  # tiled with a thumbnail: counted on the real expert
-            continue
-        out[i] = FeatureMap(
-            torch.zeros(fmap.features.shape, device=device),
-            fmap.stride,
-            fmap.source,
-            None if fmap.mask is None else torch.ones_like(fmap.mask, device=device),
-        )
-    return out
 
 
 # ------------------------------------------------------------------------------ the run
@@ -477,20 +204,9 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     resolved = cfg.to_dict(resolve=True)
     config_path = out / "config.yaml"
-    if config_path.is_file():
-        previous = yaml.safe_load(config_path.read_text())
-        if previous != yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False)):
-            if resume:
-                raise ValueError(
-                    f"{out} holds a run of a different config ({config_path}); use another "
-                    "folder, or resume=False after removing it"
-                )
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        elif resume and (out / "metrics.json").is_file():
-            logger.info("%s is finished; reading its metrics", out)
-            return json.loads((out / "metrics.json").read_text())
-    elif not resume and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
+    finished = _check_run_folder(out, resolved, resume)
+    if finished is not None:
+        return finished
 
     options = cfg.train
     accelerator = make_accelerator(options, out / "logs")
@@ -520,17 +236,11 @@ def run_experiment(
         hooks=hooks or [],
     )
     reports = trainer.fit(resume=resume)
-    state = trainer.state
 
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
         model.eval()
-        final = out / "model"
-        tmp = out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        _save_model(model, out)
 
         eval_path = datasets.path(cfg.data.eval_split)
         t0 = time.perf_counter()
@@ -545,45 +255,54 @@ def run_experiment(
             max_image_pixels=cfg.data.max_image_pixels,
             cache=cache,
         )
-        _atomic_write(
+        atomic_write(
             out / "skipped_eval.jsonl",
             "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in result.skipped),
         )
         eval_time = time.perf_counter() - t0
-        _atomic_write(out / "predictions.json", json.dumps(result.predictions, indent=1))
-        flops_data = recipe.stages[-1].data
-        metrics = dict(result.to_metrics())  # accuracies with 95% intervals and counts
-        counts = lora.count_parameters(model)  # LoRA adapters counted; 4-bit weights unpacked
-        metrics["params_total"] = counts["total"]
-        metrics["params_adapter"] = counts["adapter"]
-        metrics["params_trainable"] = max(r.params_trainable for r in reports)
-        for r in reports:
-            metrics[f"params_trainable/{r.unit}"] = r.params_trainable
-        metrics["visual_tokens"] = int(model.num_visual_tokens)
-        metrics["train_time_s"] = round(state.train_time_s, 3)
-        metrics["throughput_samples_s"] = (
-            state.samples_seen / state.train_time_s if state.train_time_s > 0 else None
-        )
-        metrics["peak_memory_mb"] = round(peak_memory_mb(accelerator.device), 1)
-        metrics["flops_per_sample"] = flops_per_sample(model, datasets(flops_data, model))
-        metrics["eval_time_s"] = round(eval_time, 3)
-        for name, seconds in dataclasses.asdict(trainer.timings).items():  # this process's loop
-            metrics[f"time/{name}"] = round(seconds, 3)
-        metrics["eval_samples"] = len(result.predictions)
-        metrics["nonfinite_skipped"] = state.nonfinite_skipped
-        metrics["skipped_records"] = datasets.skipped + len(result.skipped)
-        metrics["skipped_records/train"] = datasets.skipped
-        metrics["skipped_records/eval"] = len(result.skipped)
-        metrics["cache_hits"] = cache.hits if cache is not None else 0
-        metrics["cache_misses"] = cache.misses if cache is not None else 0
-        for r in reports:
-            metrics[f"final_loss/{r.unit}"] = r.final_loss
-        _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write(out / "predictions.json", json.dumps(result.predictions, indent=1))
+        metrics = metrics_row(result, model, trainer, reports, datasets, cache, eval_time)
+        atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
         logger.info("run %s: overall accuracy %.3f", out, metrics["accuracy/overall"])
         accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def _check_run_folder(out: Path, resolved: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """Check ``out`` against the resolved config about to run in it; returns the metrics row of
+    a finished run of the same config (when ``resume``), else ``None``.
+
+    A different config raises when ``resume`` (else its checkpoints are removed); without
+    ``resume``, the folder's checkpoints are removed.
+    """
+    config_path = out / "config.yaml"
+    if config_path.is_file():
+        previous = yaml.safe_load(config_path.read_text())
+        if previous != yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False)):
+            if resume:
+                raise ValueError(
+                    f"{out} holds a run of a different config ({config_path}); use another "
+                    "folder, or resume=False after removing it"
+                )
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        elif resume and (out / "metrics.json").is_file():
+            logger.info("%s is finished; reading its metrics", out)
+            return json.loads((out / "metrics.json").read_text())
+    elif not resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    return None
+
+
+def _save_model(model: MoEVisionModel, out: Path) -> None:
+    """``model.save_pretrained`` into ``out/model`` (written to ``out/.model.tmp``, then moved)."""
+    final = out / "model"
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
