@@ -53,7 +53,8 @@ class TrainOptions:
             data whose conversations vary in length (LLaVA's ``group_by_modality_length``).
         find_unused_parameters: DDP's per-step detection of parameters without gradient.
             Off by default: in data-parallel runs the trainer instead freezes, once per stage,
-            the trainable parameters the loss never reaches (:func:`moe_vision.training.steps.freeze_unreached`).
+            the trainable parameters the loss never reaches
+            (:func:`moe_vision.training.steps.freeze_unreached`).
     """
 
     mixed_precision: str = "auto"
