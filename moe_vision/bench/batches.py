@@ -23,12 +23,12 @@ def benchmark_batch(model: Any, batch_size: int, data_root: Path, seed: int = 0)
     return instruct_batch(model, bench, batch_size)
 
 
-def instruct_batch(model: Any, bench: Any, batch_size: int) -> dict:
-    """The first ``batch_size`` records of ``bench``'s instruct split, read for ``model`` (its
-    preprocessors, tokenizer and length limit) and collated."""
+def instruct_dataset(model: Any, bench: Any) -> Any:
+    """``bench``'s instruct split as a ``LlavaDataset`` read for ``model`` (its preprocessors,
+    tokenizer and length limit)."""
     from moe_vision.data.llava import LlavaDataset
 
-    ds = LlavaDataset(
+    return LlavaDataset(
         bench.split("instruct"),
         bench.images,
         model.preprocessors,
@@ -37,6 +37,12 @@ def instruct_batch(model: Any, bench: Any, batch_size: int) -> dict:
         max_length=model.max_length,
         num_visual_tokens=model.num_visual_tokens,
     )
+
+
+def instruct_batch(model: Any, bench: Any, batch_size: int) -> dict:
+    """The first ``batch_size`` records of ``bench``'s instruct split, read for ``model`` and
+    collated."""
+    ds = instruct_dataset(model, bench)
     return ds.collate([ds[i] for i in range(batch_size)])
 
 

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
-from moe_vision.bench.core import BenchConfig, _to, bench_row, benchmark_batch, register_section
+from moe_vision.bench.batches import _to, benchmark_batch, instruct_dataset
+from moe_vision.bench.harness import BenchConfig, bench_row, register_section
+from moe_vision.bench.overhead import _mixture_loss
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +132,7 @@ def train_eagle_like(
 
     def loss() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"],
-                images=batch["images"],
-            ).loss
+            return _mixture_loss(model, batch)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -172,7 +169,6 @@ def data_pipeline_rate(
     from torch.utils.data import DataLoader
 
     from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-    from moe_vision.data.llava import LlavaDataset
     from moe_vision.model.mllm import MoEVisionModel
 
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
@@ -184,14 +180,7 @@ def data_pipeline_rate(
     bench = generate_benchmark(
         work / "gpu-data", seed=0, sizes=BenchmarkSizes(align=6, instruct=n, val=6, test=6)
     )
-    ds = LlavaDataset(
-        bench.split("instruct"),
-        bench.images,
-        model.preprocessors,
-        model.tokenizer,
-        image_token=model.config.image_token,
-        num_visual_tokens=model.num_visual_tokens,
-    )
+    ds = instruct_dataset(model, bench)
     loader = DataLoader(
         ds, batch_size=batch_size, num_workers=workers, collate_fn=ds.collate, pin_memory=True
     )
