@@ -102,7 +102,28 @@ def test_wilson_interval_matches_hand_computation() -> None:
     assert row["accuracy/hi"] == pytest.approx(centre + half, abs=1e-9)
 
 
+def test_few_shot_keeps_n_images_per_answer_and_the_test_split() -> None:
+    data = planted_data(n_train=80)["color"]
+    small = P.few_shot(data, shots=3, seed=0)
+    assert sorted(small.train_labels) == sorted(LABELS * 3)
+    kept = {id(im) for im in small.train_images}
+    assert kept <= {id(im) for im in data.train_images}
+    for im, y in zip(small.train_images, small.train_labels):  # images keep their labels
+        assert data.train_labels[[id(x) for x in data.train_images].index(id(im))] == y
+    assert small.test_images is data.test_images and small.test_labels is data.test_labels
+    other = P.few_shot(data, shots=3, seed=1)
+    assert {id(im) for im in other.train_images} != kept  # the seed draws other images
+    assert len(P.few_shot(data, shots=500, seed=0).train_labels) == 80  # capped by what exists
+    # a planted signal is still read from 8 shots per answer; noise is not
+    few = {"color": P.few_shot(data, shots=8, seed=0)}
+    config = P.ProbeConfig(C=1.0)
+    df = P.probe([P.ProbeTarget("pixels", "random", pixel_encoder)], config, few)
+    assert df.n_train.tolist() == [32] and df.accuracy.iloc[0] > 0.8
+
+
 def test_bad_config_and_targets_raise() -> None:
+    with pytest.raises(P.ProbeError, match="shots"):
+        P.ProbeConfig(shots=0)
     with pytest.raises(P.ProbeError, match="pooling"):
         P.ProbeConfig(pooling="max")
     with pytest.raises(P.ProbeError, match="unknown categories"):
@@ -132,5 +153,16 @@ def test_cli_probes_tiny_experts_and_a_fusion(
     code = main(["probe", "clip-tiny", "convnext-tiny", "--fusion", "channel_concat", *common])
     assert code == 0
     assert "channel_concat(clip-tiny+convnext-tiny)" in capsys.readouterr().out
+    shots = ["--shots", "1", "--csv", str(csv)]
+    assert main(["probe", "clip-tiny", "--random-only", *common, *shots]) == 0
+    full = P.load_data(
+        P.ProbeConfig(
+            categories=["color", "ocr"],
+            benchmark_sizes={"align": 0, "instruct": 48, "val": 0, "test": 24},
+            benchmark_dir=str(tmp_path / "bench"),
+        )
+    )
+    answers = [len(set(full[c].train_labels)) for c in ("color", "ocr")]
+    assert pd.read_csv(csv).n_train.tolist() == answers  # one image per answer
     assert main(["probe", "clip-tiny", *common]) == 2  # no weights: a clear error, not a crash
     assert "no checkpoint" in capsys.readouterr().err

@@ -84,6 +84,12 @@ class ProbeConfig:
         batch_size: images per expert forward.
         seed: seeds random-init experts and fusions.
         confidence: interval confidence level.
+        shots: fit on this many training images per answer, drawn at random (a few-shot linear
+            probe, as in CLIP's Figure 6: it measures how little data the features need, where
+            the full probe only says whether the answer is linearly readable at all); ``None``:
+            every training image. The interval covers the test questions, not the draw:
+            vary ``shots_seed`` to see the draw's spread.
+        shots_seed: seed of the few-shot draw.
     """
 
     pooling: str = "mean"
@@ -99,6 +105,8 @@ class ProbeConfig:
     batch_size: int = 64
     seed: int = 0
     confidence: float = 0.95
+    shots: int | None = None
+    shots_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -110,6 +118,8 @@ class ProbeConfig:
         bad = sorted(set(self.categories or ()) - set(CATEGORIES))
         if bad:
             raise ProbeError(f"unknown categories {bad}; expected some of {list(CATEGORIES)}")
+        if self.shots is not None and self.shots < 1:
+            raise ProbeError(f"shots={self.shots}; expected a positive number of images per answer")
         if self.C <= 0 or self.max_iter < 1 or self.batch_size < 1:
             raise ProbeError(
                 f"C={self.C}, max_iter={self.max_iter}, batch_size={self.batch_size}; "
@@ -289,6 +299,23 @@ class CategoryData:
     test_labels: list[str]
 
 
+def few_shot(data: CategoryData, shots: int, seed: int) -> CategoryData:
+    """``data`` with at most ``shots`` training images per answer, drawn without replacement
+    by ``np.random.default_rng(seed)`` (training order kept); the test split unchanged."""
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for label in sorted(set(data.train_labels)):
+        rows = [i for i, y in enumerate(data.train_labels) if y == label]
+        keep += rng.choice(rows, size=min(shots, len(rows)), replace=False).tolist()
+    keep.sort()
+    return CategoryData(
+        [data.train_images[i] for i in keep],
+        [data.train_labels[i] for i in keep],
+        data.test_images,
+        data.test_labels,
+    )
+
+
 def _answer(record: dict[str, Any], path: Path) -> str:
     for turn in record.get("conversations", []):
         if turn.get("from") == "gpt":
@@ -321,6 +348,8 @@ def load_data(config: ProbeConfig) -> dict[str, CategoryData]:
             test = split == config.test_split
             (out[cat].test_images if test else out[cat].train_images).append(image)
             (out[cat].test_labels if test else out[cat].train_labels).append(_answer(record, path))
+    if config.shots is not None:
+        out = {cat: few_shot(d, config.shots, config.shots_seed) for cat, d in out.items()}
     for cat, d in out.items():
         if len(set(d.train_labels)) < 2 or not d.test_labels:
             raise ProbeError(

@@ -62,6 +62,8 @@ def _run(args: argparse.Namespace) -> int:
         benchmark_dir=args.benchmark_dir,
         C=args.C,
         seed=args.seed,
+        shots=args.shots,
+        shots_seed=args.shots_seed,
     )
     start = time.perf_counter()
     targets = []
@@ -109,6 +111,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--benchmark-dir", help="benchmark folder (default: the runs' shared cache)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of random-init twins and fusions")
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="a few-shot probe: fit on N training images per answer (default: all of them)",
+    )
+    p.add_argument("--shots-seed", type=int, default=0, help="seed of the few-shot draw")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--random-only", action="store_true", help="only the random-init twin")
     w.add_argument("--no-twin", action="store_true", help="only the shipped weights")
