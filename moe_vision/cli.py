@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import pkgutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from moe_vision import commands
+from moe_vision.console import configure_console
 
 EXIT_BAD_INPUT = 2
 _OWN_CODE = tuple(
@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-vision",
         description="Mixture-of-vision-experts multimodal LLMs: experts, fusion, training, sweeps.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log to the console (debug level)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
@@ -86,10 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # The console shows results and warnings (each once); libraries' INFO lines only with -v.
+    # train and sweep send INFO to their run folders' log files on top of this.
+    configure_console(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

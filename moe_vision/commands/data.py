@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,5 +80,5 @@ def run_check(args: argparse.Namespace) -> int:
     if args.json is not None:
         text = json.dumps(report, indent=1)
         atomic_write(args.json, lambda p: p.write_text(text, encoding="utf-8"))
-        logger.info("wrote %s", args.json)
+        print(f"wrote {args.json}")
     return 1 if report["dropped"] else 0

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
+import sys
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -113,5 +111,5 @@ def run(args: argparse.Namespace) -> int:
     )
     os.replace(tmp, out)
     print(json.dumps(scores, indent=1))
-    logger.info("wrote %s", out)
+    print(f"wrote {out}", file=sys.stderr)  # stdout holds the JSON scores
     return 0
