@@ -127,3 +127,19 @@ def test_verbose_sweep_shows_the_library_logging(tmp_path, console, capsys):
 
     assert main(_sweep_args(tmp_path, "-v")) == 0
     assert "step 3 of" in console.getvalue()
+
+
+def test_every_command_keeps_library_info_off_the_console_unless_verbose(tmp_path, console):
+    """A command without a run folder (``probe``): its INFO lines are not on the console by
+    default, and ``-v`` shows them."""
+    from moe_vision.cli import main
+
+    args = [
+        "probe", "clip-tiny", "--random-only", "--categories", "color",
+        "--sizes", "align=0,instruct=24,val=0,test=12",
+        "--benchmark-dir", str(tmp_path / "bench"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert "probe clip-tiny (random) color:" not in console.getvalue()
+    assert main(["-v", *args]) == 0
+    assert "probe clip-tiny (random) color:" in console.getvalue()
