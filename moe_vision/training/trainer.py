@@ -184,13 +184,11 @@ class Trainer:
 
     def _mid_checkpoint(self, base: str | None, t_start: float) -> float:
         """Write a mid-unit checkpoint; its time counts as checkpoint time, not training time.
-        Returns the new start of the training-time clock."""
-        self.state.train_time_s += time.perf_counter() - t_start
-        t_start = time.perf_counter()
+        Returns the new start of the training-time clock (after the checkpoint)."""
         mark = time.perf_counter()
+        self.state.train_time_s += mark - t_start
         self._save_checkpoint("mid", base)
-        self.timings.add("checkpoint_s", mark)
-        return t_start
+        return self.timings.add("checkpoint_s", mark)
 
     # -------------------------------------------------------------- main loop
     def fit(self, resume: bool = True) -> list[UnitReport]:
