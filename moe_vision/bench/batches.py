@@ -28,15 +28,7 @@ def instruct_dataset(model: Any, bench: Any) -> Any:
     tokenizer and length limit)."""
     from moe_vision.data.llava import LlavaDataset
 
-    return LlavaDataset(
-        bench.split("instruct"),
-        bench.images,
-        model.preprocessors,
-        model.tokenizer,
-        image_token=model.config.image_token,
-        max_length=model.max_length,
-        num_visual_tokens=model.num_visual_tokens,
-    )
+    return LlavaDataset.for_model(bench.split("instruct"), bench.images, model)
 
 
 def instruct_batch(model: Any, bench: Any, batch_size: int) -> dict:

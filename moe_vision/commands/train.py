@@ -201,10 +201,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_vision.console import RUN_LOG, configure_console
+    from moe_vision.console import RUN_LOG
     from moe_vision.training.run import run_experiment
 
-    configure_console(bool(getattr(args, "verbose", False)))  # INFO goes to <out>/train.log
+    # the console was set by moe_vision.cli.main; INFO goes to <out>/train.log
 
     if args.resume and args.config is None and (args.out / "config.yaml").is_file():
         args.config = args.out / "config.yaml"  # resume what was started, flags still win

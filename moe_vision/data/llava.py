@@ -206,6 +206,28 @@ class LlavaDataset(Dataset):
         self.cached_keys: dict[int, frozenset[str]] = {}
 
     # -------------------------------------------------------------- access
+    @classmethod
+    def for_model(
+        cls,
+        json_path: str | os.PathLike[str],
+        image_root: str | os.PathLike[str] | None,
+        model: Any,
+        **options: Any,
+    ) -> LlavaDataset:
+        """Records read for ``model`` (a :class:`~moe_vision.model.mllm.MoEVisionModel`): its
+        experts' preprocessors, its tokenizer, image token, length limit and visual-token
+        count; ``options`` are the other ``__init__`` arguments."""
+        return cls(
+            json_path,
+            image_root,
+            model.preprocessors,
+            model.tokenizer,
+            image_token=model.config.image_token,
+            max_length=model.max_length,
+            num_visual_tokens=model.num_visual_tokens,
+            **options,
+        )
+
     def __len__(self) -> int:
         return len(self.index)
 

@@ -152,14 +152,10 @@ class DatasetCache:
         key = (str(path), specs, model.num_visual_tokens, model.max_length)
         if key not in self._built:
             d = self.cfg.data
-            ds = LlavaDataset(
+            ds = LlavaDataset.for_model(
                 path,
                 self.image_root,
-                model.preprocessors,
-                model.tokenizer,
-                image_token=model.config.image_token,
-                max_length=model.max_length,
-                num_visual_tokens=model.num_visual_tokens,
+                model,
                 on_bad_record=d.on_bad_record,  # type: ignore[arg-type]
                 seed=self.cfg.seed,
                 allow_outside_root=d.allow_outside_root,
