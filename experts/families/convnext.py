@@ -163,12 +163,20 @@ def convnext_spec(
     dims: tuple[int, ...],
     input_px: int,
     checkpoint: str | None,
+    output_stride: int | None = None,
 ) -> ExpertSpec:
-    """A ConvNeXt preset: channels/strides from ``dims``, mean/std from timm's weight tag."""
+    """A ConvNeXt preset: channels/strides from ``dims``, mean/std from timm's weight tag.
+
+    ``output_stride`` (timm's own argument, e.g. 16) dilates the last stages instead of
+    downsampling them, so the map keeps a finer grid (``input_px / output_stride``).
+    """
     cfg = timm.models.get_pretrained_cfg(f"{model}.{pretrained_tag}")
     if cfg is None:
         raise ValueError(f"timm has no pretrained config {model}.{pretrained_tag}")
-    stride = STEM_STRIDE * 2 ** (len(dims) - 1)
+    stride = output_stride or STEM_STRIDE * 2 ** (len(dims) - 1)
+    kwargs: dict = {"depths": tuple(depths), "dims": tuple(dims)}
+    if output_stride is not None:
+        kwargs["output_stride"] = output_stride
     return ExpertSpec(
         name=name,
         family="convnext",
@@ -189,7 +197,7 @@ def convnext_spec(
             "model": model,
             "pretrained_tag": pretrained_tag,
             "interpolation": cfg.interpolation,
-            "kwargs": {"depths": tuple(depths), "dims": tuple(dims)},
+            "kwargs": kwargs,
         },
     )
 

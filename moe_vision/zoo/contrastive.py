@@ -17,6 +17,11 @@ The image embedding is the family's own pooled output, as in the released models
 
 The text tower is open_clip's ``TextTransformer`` over a word tokenizer
 (:mod:`moe_vision.zoo.text`).
+
+ConvNeXt-CLIP can add a region-text term (``options={"region_weight": w}``,
+:mod:`moe_vision.zoo.regions`, after RegionCLIP): every drawn object's box, pooled from the map
+the fusion reads, is matched against the batch's object phrases, so the map's cells, and not
+only their average, learn what lies in them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 from experts import Expert
 from moe_vision.zoo.core import Objective, PretrainConfig, register_objective
 from moe_vision.zoo.data import Scene
+from moe_vision.zoo.regions import RegionTextLoss
 from moe_vision.zoo.text import WordTokenizer, text_tower
 
 EMBED_DIM = 64
@@ -58,17 +64,23 @@ class ContrastiveObjective(Objective):
         """The family's pooled image embedding ``(B, D)`` before the projection."""
         return self.expert.model(pixel_values=inputs["pixel_values"]).pooler_output
 
+    def embed_text(self, captions: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings ``(N, EMBED_DIM)``."""
+        return F.normalize(self.text(self.tokenizer(captions)), dim=-1)
+
     def embed(self, scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised image and text embeddings, each ``(B, EMBED_DIM)``."""
         inputs = self.expert.preprocess([s.image for s in scenes])
         image = F.normalize(self.visual_projection(self.pool(inputs)), dim=-1)
-        tokens = self.tokenizer([s.caption() for s in scenes])
-        text = F.normalize(self.text(tokens), dim=-1)
-        return image, text
+        return image, self.embed_text([s.caption() for s in scenes])
+
+    def scale(self) -> torch.Tensor:
+        """The learnt inverse temperature, capped at 100 as in CLIP."""
+        return self.logit_scale.clamp(max=math.log(100)).exp()
 
     def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
         image, text = self.embed(scenes)
-        return self.criterion(image, text, self.logit_scale.clamp(max=math.log(100)).exp())
+        return self.criterion(image, text, self.scale())
 
 
 @register_objective("clip")
@@ -78,17 +90,42 @@ class ClipObjective(ContrastiveObjective):
 
 @register_objective("convnext-clip")
 class ConvNeXtClipObjective(ContrastiveObjective):
-    """ConvNeXt-CLIP: average-pooled trunk map + LayerNorm, open_clip's ``ClipLoss``."""
+    """ConvNeXt-CLIP: average-pooled trunk map + LayerNorm, open_clip's ``ClipLoss``; with
+    ``options["region_weight"] > 0``, plus that weight times the region-text loss on the map."""
 
-    description = "image-text contrastive (open_clip ClipLoss), ConvNeXt tower, generated captions"
+    description = (
+        "image-text contrastive (open_clip ClipLoss), ConvNeXt tower, generated captions; "
+        "options.region_weight > 0 adds a region-text loss on the map (RegionCLIP)"
+    )
 
     def __init__(self, expert: Expert, config: PretrainConfig) -> None:
         super().__init__(expert, config)
         self.head_norm = nn.LayerNorm(expert.spec.channels)
+        self.region_weight = float(config.options.get("region_weight", 0.0))
+        self.regions = (
+            RegionTextLoss(expert.spec.channels, self.visual_projection)
+            if self.region_weight > 0
+            else None
+        )
+
+    def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` map -> ``(B, C)``: global average, then the head's LayerNorm."""
+        return self.head_norm(fmap.mean(dim=(2, 3)))
 
     def pool(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        fmap = self.expert(inputs).features  # (B, C, H, W)
-        return self.head_norm(fmap.mean(dim=(2, 3)))
+        return self.pool_map(self.expert(inputs).features)
+
+    def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
+        inputs = self.expert.preprocess([s.image for s in scenes])
+        fmap = self.expert(inputs).features
+        image = F.normalize(self.visual_projection(self.pool_map(fmap)), dim=-1)
+        text = self.embed_text([s.caption() for s in scenes])
+        loss = self.criterion(image, text, self.scale())
+        if self.regions is None:
+            return loss
+        input_px = int(inputs["pixel_values"].shape[-1])
+        region = self.regions(fmap, scenes, input_px, self.embed_text, self.scale())
+        return loss + self.region_weight * region
 
 
 @register_objective("siglip")
