@@ -112,19 +112,3 @@ def test_refreshing_one_category_keeps_the_cards_other_scores(tmp_path) -> None:
     for weights_kind in ("pretrained", "random"):
         assert probe[weights_kind]["color"] == kept
         assert probe[weights_kind]["detail"]["n_test"] == 2
-
-
-def test_checker_captions_tokenise_and_shipped_kinds_keep_the_vocabulary() -> None:
-    """``checkered`` joins the text tower's vocabulary only when ``checker`` is drawn: a batch
-    of checker pairs has a finite loss, and the shipped recipes' kinds keep the vocabulary size
-    (so the text tower's random init, and the weights a recipe regenerates, are unchanged)."""
-    from moe_vision.zoo.recipes import CONTRASTIVE_KINDS
-
-    config = PretrainConfig(steps=1, batch_size=4, warmup=1, kinds=("checker",))
-    model = build_objective("convnext-tiny", config, "convnext-clip")
-    scenes = make_scenes(0, 0, 4, config.kinds)
-    assert all("checkered" in s.caption() for s in scenes)
-    assert torch.isfinite(model.loss(scenes, 0))
-    shipped = PretrainConfig(steps=1, batch_size=2, kinds=CONTRASTIVE_KINDS)
-    assert build_objective("clip-tiny", shipped, "clip").tokenizer.vocab_size == 81
-    assert model.tokenizer.vocab_size == 82

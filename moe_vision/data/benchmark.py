@@ -10,14 +10,12 @@ shape       one large shape                                         5 shapes
 count       1-5 small identical shapes                              ``"1"`` .. ``"5"``
 spatial     two shapes, clearly apart                               left / right / above / below
 ocr         1-3 characters or a short word (PIL's default font)     16 strings
-detail      grey clutter, a small checkered marker, 3 flat squares  4 colours
+detail      a large canvas of grey clutter and one small marker     4 colours
 ==========  ======================================================  ==========================
 
-Images are small (``IMAGE_SIZE``; ``DETAIL_SIZE`` for *detail*, whose checkered marker sits
-among flat squares of the same size and mean colour in the three other colours, so that only an
-expert that resolves its 2-px checker cells can say which colour is the marker's). Questions
-come from templates and the answers from a finite set per category, so chance accuracy is
-defined (:data:`CHANCE`).
+Images are small (``IMAGE_SIZE``; ``DETAIL_SIZE`` for *detail*, whose marker is a few pixels
+wide so that only high-resolution experts see it well). Questions come from templates and the
+answers from a finite set per category, so chance accuracy is defined (:data:`CHANCE`).
 
 :func:`generate_benchmark` writes LLaVA-format JSON files (``align.json``: captions;
 ``instruct.json``: questions; ``val.json`` and ``test.json``: held-out questions) and an
@@ -49,10 +47,8 @@ from typing import Any
 import numpy as np
 
 from moe_vision.data.benchmark_scenes import (  # noqa: F401 - re-exported: the benchmark's names
-    CHECKER_CELL,
     DETAIL_SIZE,
     IMAGE_SIZE,
-    MARKER_DECOYS,
     SCENES,
     Scene,
     _background,
@@ -66,8 +62,6 @@ from moe_vision.data.benchmark_scenes import (  # noqa: F401 - re-exported: the 
     _scene_single,
     _scene_spatial,
     _shape_polygon,
-    draw_marker_squares,
-    marker_side,
 )
 from moe_vision.data.benchmark_tasks import (  # noqa: F401 - re-exported: the benchmark's names
     ANSWER_FIELD,
@@ -89,7 +83,7 @@ from moe_vision.data.benchmark_tasks import (  # noqa: F401 - re-exported: the b
 
 logger = logging.getLogger(__name__)
 
-BENCHMARK_VERSION = 3
+BENCHMARK_VERSION = 2
 """Bumped whenever the generator's output changes; part of the manifest."""
 
 SPLITS: tuple[str, ...] = ("align", "instruct", "val", "test")

@@ -5,8 +5,7 @@ A scene generator takes the split's random generator and returns the image and i
 from that generator in a fixed order, so a seed gives byte-identical images. The opt-in
 categories (:mod:`moe_vision.data.benchmark_tiling`) and the pretraining data
 (:mod:`moe_vision.zoo.data`) draw with the same primitives (``_background``, ``_draw_shape``,
-``_jitter``, ``_pick``, ``_place``; the *detail* marker squares: ``marker_side``,
-``draw_marker_squares``).
+``_jitter``, ``_pick``, ``_place``).
 """
 
 from __future__ import annotations
@@ -152,89 +151,19 @@ def _scene_ocr(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
     return img, {"word": word}
 
 
-MARKER_DECOYS = 3
-"""Flat squares drawn next to the *detail* marker: one in each other marker colour."""
-CHECKER_CELL = 2
-"""Side in pixels of the marker's checker cells on the 192-px canvas."""
-
-
-def marker_side(u: float) -> int:
-    """A marker side of 8 or 12 px from a draw ``u`` in [0, 1): whole checker periods, so the
-    checkered marker holds as many coloured cells as background cells."""
-    return 4 * CHECKER_CELL * (1 + int(u >= 0.5))
-
-
-def _draw_checkered(
-    draw: ImageDraw.ImageDraw,
-    x0: int,
-    y0: int,
-    side: int,
-    fill: tuple[int, ...],
-    tone: tuple[int, ...],
-) -> None:
-    """A ``side``-px square at ``(x0, y0)`` checkered in ``fill`` and ``tone`` (cells of
-    :data:`CHECKER_CELL` px, ``fill`` in the top-left cell)."""
-    for row in range(0, side, CHECKER_CELL):
-        for col in range(0, side, CHECKER_CELL):
-            cell = [x0 + col, y0 + row, x0 + col + CHECKER_CELL - 1, y0 + row + CHECKER_CELL - 1]
-            on = (row + col) // CHECKER_CELL % 2 == 0
-            draw.rectangle(cell, fill=fill if on else tone)
-
-
-def draw_marker_squares(
-    img: Image.Image,
-    squares: list[tuple[float, float, tuple[int, ...]]],
-    side: int,
-    tone: tuple[int, ...],
-) -> None:
-    """Squares of ``side`` px centred at ``(cx, cy)``; the **first** is checkered in its colour
-    and the background ``tone`` (cells of :data:`CHECKER_CELL` px), the others are flat in the
-    half-way mix of their colour and ``tone``, i.e. the same mean colour as a checkered one.
-
-    At a low-resolution expert's input the checker cells fall below one pixel and every square
-    becomes the same tinted patch; only an expert that resolves the cells can tell which colour
-    the checkered marker has.
-    """
-    draw = ImageDraw.Draw(img)
-    for i, (cx, cy, fill) in enumerate(squares):
-        x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
-        if i == 0:
-            _draw_checkered(draw, x0, y0, side, fill, tone)
-            continue
-        flat = tuple((c + t) // 2 for c, t in zip(fill, tone))
-        draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=flat)
-
-
 def _scene_detail(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
-    """Grey clutter, one small checkered marker and :data:`MARKER_DECOYS` flat squares of the
-    same size and mean colour in the other marker colours: every image holds all four colours,
-    so only the marker's 2-px checker cells (below a pixel at a 64-px expert's input) tell the
-    answer.
-
-    The main generator makes the same draws as version 2 of the benchmark (the decoys' colours
-    and jitter come from a generator keyed by the marker's position), so the images of every
-    other category are unchanged.
-    """
     marker = _pick(rng, MARKER_COLORS)
     img = _background(DETAIL_SIZE, rng)
-    tone = img.getpixel((0, 0))
     draw = ImageDraw.Draw(img)
     n_clutter = int(rng.integers(6, 11))
     r_clutter = DETAIL_SIZE * 0.06
     centres = _place(rng, n_clutter + 1, r_clutter, DETAIL_SIZE)
-    clutter = [(int(rng.integers(90, 170)), _pick(rng, SHAPES)) for _ in centres[:-1]]
-    for (cx, cy), (grey, shape) in list(zip(centres, clutter))[:-MARKER_DECOYS]:
-        _draw_shape(draw, shape, cx, cy, r_clutter, (grey, grey, grey))
+    for cx, cy in centres[:-1]:
+        grey = int(rng.integers(90, 170))
+        _draw_shape(draw, _pick(rng, SHAPES), cx, cy, r_clutter, (grey, grey, grey))
     cx, cy = centres[-1]
-    side = marker_side(float(rng.uniform(0, 1)))
-    fill = _jitter(COLORS[marker], rng, 10)
-    sub = np.random.default_rng([int(cx * 1000), int(cy * 1000), side])
-    others = [str(c) for c in sub.permutation([c for c in MARKER_COLORS if c != marker])]
-    decoys = [
-        (dx, dy, _jitter(COLORS[c], sub, 10))
-        for (dx, dy), c in zip(centres[-1 - MARKER_DECOYS : -1], others)
-    ]
-    draw_marker_squares(img, [(cx, cy, fill), *decoys], side, tone)
+    s = DETAIL_SIZE * float(rng.uniform(0.02, 0.03))
+    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=_jitter(COLORS[marker], rng, 10))
     return img, {"marker": marker}
 
 

@@ -69,8 +69,8 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
         "Read the text in the image.",
     ),
     "detail": (
-        "What color is the small checkered marker?",
-        "Which color is the checkered square?",
+        "What color is the small marker?",
+        "Which color is the tiny square among the gray shapes?",
     ),
 }
 """Question templates per category; fields come from the scene."""
@@ -86,7 +86,7 @@ CAPTIONS: dict[str, str] = {
     "count": "{count} {color} {shape}s.",
     "spatial": "A {color} {shape} {relation_phrase} a {color2} {shape2}.",
     "ocr": 'The text "{word}".',
-    "detail": "Gray shapes and a small {marker} checkered marker.",
+    "detail": "Gray shapes and a small {marker} marker.",
 }
 RELATION_PHRASES: dict[str, str] = {
     "left": "left of",

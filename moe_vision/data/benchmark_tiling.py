@@ -11,7 +11,7 @@ category       image                                                          sh
 ocr_strip      a wide strip (``STRIP_SIZE``, 8:1 to 11:1) of small text among  ``ocr``
                grey rules, like a receipt line
 detail_wide    a large wide canvas (``WIDE_SIZE``, 3:1) of grey clutter with   ``detail``
-               one small checkered marker (no flat squares)
+               one small coloured marker
 =============  =============================================================  ================
 
 A category shares its questions, captions and answer set with the base category it names
@@ -66,7 +66,7 @@ def _scene_ocr_strip(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]:
 
 
 def _scene_detail_wide(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]:
-    """Grey clutter on a wide 3:1 canvas and one small checkered marker of a colour."""
+    """Grey clutter on a wide 3:1 canvas and one small marker of a colour."""
     marker = bm._pick(rng, bm.MARKER_COLORS)
     short, long = WIDE_SIZE
     tone = tuple(int(v) for v in rng.integers(225, 256, size=3))
@@ -81,10 +81,9 @@ def _scene_detail_wide(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]
     for cx, cy in centres:
         grey = int(rng.integers(90, 170))
         bm._draw_shape(draw, bm._pick(rng, bm.SHAPES), cx, cy, r, (grey, grey, grey))
-    side = bm.marker_side(float(rng.uniform(0, 1)))
-    cx = float(rng.uniform(side + 2, long - side - 2))
-    cy = float(rng.uniform(side + 2, short - side - 2))
-    bm.draw_marker_squares(img, [(cx, cy, bm._jitter(bm.COLORS[marker], rng, 10))], side, tone)
+    s = short * float(rng.uniform(0.025, 0.035))
+    cx, cy = float(rng.uniform(s + 2, long - s - 2)), float(rng.uniform(s + 2, short - s - 2))
+    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=bm._jitter(bm.COLORS[marker], rng, 10))
     return img, {"marker": marker}
 
 

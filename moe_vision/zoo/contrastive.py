@@ -36,7 +36,7 @@ from torch import nn
 
 from experts import Expert
 from moe_vision.zoo.core import Objective, PretrainConfig, register_objective
-from moe_vision.zoo.data import Scene, vocabulary
+from moe_vision.zoo.data import Scene
 from moe_vision.zoo.regions import RegionTextLoss
 from moe_vision.zoo.text import WordTokenizer, text_tower
 
@@ -50,7 +50,7 @@ class ContrastiveObjective(Objective):
 
     def __init__(self, expert: Expert, config: PretrainConfig) -> None:
         super().__init__(expert, config)
-        self.tokenizer = WordTokenizer(vocabulary(config.kinds))  # the kinds' words only
+        self.tokenizer = WordTokenizer()
         self.text = text_tower(self.tokenizer, EMBED_DIM)
         self.visual_projection = nn.Linear(self.pooled_dim(), EMBED_DIM, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

@@ -2,8 +2,7 @@
 
 Scenes carry the signals the built-in benchmark asks about (colours, shapes, counts, positions,
 rendered text, small markers in clutter), drawn with the benchmark's own primitives
-(:mod:`moe_vision.data.benchmark`: backgrounds, shapes, placement, colours, PIL's default font,
-the checkered marker among flat squares),
+(:mod:`moe_vision.data.benchmark`: backgrounds, shapes, placement, colours, PIL's default font),
 but from a **separate seed stream** (``np.random.default_rng([seed, PRETRAIN_STREAM, step])``;
 the benchmark uses ``[seed, split]``) and with wider value ranges than the benchmark's answer
 sets (6 objects instead of 5, random 1-5 character strings instead of 16 words, markers in 8
@@ -22,22 +21,14 @@ objects    1-6 small identical shapes                                  64 px
 pair       two shapes, one left of / right of / above / below the other 64 px
 text       1-5 characters (A-Z, 0-9), sometimes next to a shape        64 px
 marker     grey clutter and one small coloured marker                  192 px
-checker    grey clutter, a small checkered marker and 3 flat squares   192 px
-           of its size and mean colour (the benchmark's *detail* design);
-           drawn in pairs that differ only in which square is checkered
 =========  ==========================================================  =========
-
-``checker`` is not among the default :data:`KINDS` and no shipped recipe draws it (name it in
-``PretrainConfig.kinds``); its caption names only the checkered marker's colour, so telling
-which coloured square is the marker takes its 2-px checker cells, which a 64-px input no longer
-resolves.
 """
 
 from __future__ import annotations
 
 import hashlib
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,8 +46,6 @@ from moe_vision.data.benchmark import (
     _jitter,
     _pick,
     _place,
-    draw_marker_squares,
-    marker_side,
 )
 
 PRETRAIN_STREAM = 0x5EED_2001
@@ -87,7 +76,7 @@ class Scene:
     """One generated image with what is in it.
 
     Attributes:
-        kind: one of :data:`SCENE_MAKERS`.
+        kind: one of :data:`KINDS`.
         image: the RGB image.
         objects: the drawn objects (clutter included, colour ``"gray"``).
         text: the rendered string (``""`` when none).
@@ -115,10 +104,7 @@ class Scene:
         if self.kind == "text":
             return f"the text {' '.join(self.text)}"
         m = self.objects[-1]
-        where = position(m, self.image.width)
-        if self.kind == "checker":
-            return f"gray shapes and a small {m.color} checkered marker at the {where}"
-        return f"gray shapes and a small {m.color} marker at the {where}"
+        return f"gray shapes and a small {m.color} marker at the {position(m, self.image.width)}"
 
     def mask(self, index: int, size: int) -> np.ndarray:
         """Binary mask ``(size, size)`` of ``objects[index]`` drawn alone at ``size`` px."""
@@ -136,17 +122,9 @@ def position(o: Obj, size: int) -> str:
     return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
 
 
-def vocabulary(kinds: Sequence[str] | None = None) -> list[str]:
-    """Every word a caption of ``kinds`` can contain (the text towers' vocabulary; default:
-    every kind of :data:`SCENE_MAKERS`).
-
-    ``"checkered"`` joins only when ``kinds`` holds ``checker``, so the shipped recipes, which
-    do not draw it, keep the vocabulary (and the text tower's random init) their weights were
-    trained with.
-    """
+def vocabulary() -> list[str]:
+    """Every word a caption can contain (the text towers' vocabulary)."""
     words = {"a", "at", "the", "text", "gray", "shapes", "and", "small", "marker", "center"}
-    if kinds is None or "checker" in kinds:
-        words.add("checkered")
     words |= set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(NUMBER_WORDS)
     words |= {"top", "middle", "bottom", "left", "right", "of", "above", "below"}
     words |= set(CHARSET)
@@ -221,22 +199,6 @@ def _text(rng: np.random.Generator) -> Scene:
     return Scene("text", img, [], text=text)
 
 
-def _grey_clutter(
-    rng: np.random.Generator,
-    draw: ImageDraw.ImageDraw,
-    centres: list[tuple[float, float]],
-    r: float,
-) -> list[Obj]:
-    """Grey shapes of radius ``r`` at ``centres`` (a grey level and a shape drawn for each)."""
-    objs = []
-    for cx, cy in centres:
-        grey = int(rng.integers(80, 180))
-        shape = _pick(rng, SHAPES)
-        _draw_shape(draw, shape, cx, cy, r, (grey, grey, grey))
-        objs.append(Obj(shape, GREY, cx, cy, r))
-    return objs
-
-
 def _marker(rng: np.random.Generator) -> Scene:
     color = _pick(rng, tuple(COLORS))
     img = _background(DETAIL_SIZE, rng)
@@ -244,7 +206,12 @@ def _marker(rng: np.random.Generator) -> Scene:
     n_clutter = int(rng.integers(4, 13))
     r_clutter = DETAIL_SIZE * float(rng.uniform(0.045, 0.07))
     centres = _place(rng, n_clutter + 1, r_clutter, DETAIL_SIZE)
-    objs = _grey_clutter(rng, draw, centres[:-1], r_clutter)
+    objs = []
+    for cx, cy in centres[:-1]:
+        grey = int(rng.integers(80, 180))
+        shape = _pick(rng, SHAPES)
+        _draw_shape(draw, shape, cx, cy, r_clutter, (grey, grey, grey))
+        objs.append(Obj(shape, GREY, cx, cy, r_clutter))
     cx, cy = centres[-1]
     s = DETAIL_SIZE * float(rng.uniform(0.015, 0.035))
     draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=_jitter(COLORS[color], rng, 12))
@@ -252,39 +219,8 @@ def _marker(rng: np.random.Generator) -> Scene:
     return Scene("marker", img, objs)
 
 
-def _checker(rng: np.random.Generator) -> list[Scene]:
-    """Two scenes with the same layout and a different square checkered (hard negatives: in
-    one batch, only the checker cells tell their captions apart). In each, the checkered marker
-    is ``objects[-1]`` and the three flat squares come just before it."""
-    colors = [str(c) for c in rng.choice(list(COLORS), 4, replace=False)]
-    base = _background(DETAIL_SIZE, rng)
-    tone = base.getpixel((0, 0))
-    n_clutter = int(rng.integers(3, 10))
-    r_clutter = DETAIL_SIZE * float(rng.uniform(0.045, 0.07))
-    centres = _place(rng, n_clutter + len(colors), r_clutter, DETAIL_SIZE)
-    clutter = _grey_clutter(rng, ImageDraw.Draw(base), centres[:n_clutter], r_clutter)
-    side = marker_side(float(rng.uniform(0, 1)))
-    squares = [
-        (cx, cy, _jitter(COLORS[c], rng, 12)) for (cx, cy), c in zip(centres[n_clutter:], colors)
-    ]
-    other = 1 + int(rng.integers(len(colors) - 1))
-    scenes = []
-    for marker in (0, other):
-        img = base.copy()
-        order = [marker, *(i for i in range(len(colors)) if i != marker)]
-        draw_marker_squares(img, [squares[i] for i in order], side, tone)  # first: checkered
-        objs = [Obj("square", colors[i], *squares[i][:2], side / 2 / 0.85) for i in order[::-1]]
-        scenes.append(Scene("checker", img, clutter + objs))  # _draw_shape: half-side 0.85r
-    return scenes
-
-
-SCENE_MAKERS: dict[str, Callable[[np.random.Generator], Scene | list[Scene]]] = {
-    "object": _object,
-    "objects": _objects,
-    "pair": _pair,
-    "text": _text,
-}
-SCENE_MAKERS |= {"marker": _marker, "checker": _checker}
+SCENE_MAKERS = {"object": _object, "objects": _objects, "pair": _pair, "text": _text}
+SCENE_MAKERS["marker"] = _marker
 
 
 def scene_rng(seed: int, step: int) -> np.random.Generator:
@@ -294,23 +230,16 @@ def scene_rng(seed: int, step: int) -> np.random.Generator:
 
 def make_scenes(seed: int, step: int, batch_size: int, kinds: Sequence[str] = KINDS) -> list[Scene]:
     """Batch ``step`` of the pretraining stream: ``batch_size`` scenes, kinds drawn uniformly
-    from ``kinds`` (a ``checker`` draw adds its pair of scenes). A pure function of its
-    arguments.
+    from ``kinds``. A pure function of its arguments.
 
     Raises:
         KeyError: an unknown kind (the valid ones are listed).
     """
     bad = [k for k in kinds if k not in SCENE_MAKERS]
     if bad or not kinds:
-        raise KeyError(
-            f"unknown scene kinds {bad or list(kinds)}; valid kinds are {list(SCENE_MAKERS)}"
-        )
+        raise KeyError(f"unknown scene kinds {bad or list(kinds)}; valid kinds are {list(KINDS)}")
     rng = scene_rng(seed, step)
-    scenes: list[Scene] = []
-    while len(scenes) < batch_size:
-        made = SCENE_MAKERS[_pick(rng, tuple(kinds))](rng)
-        scenes.extend(made if isinstance(made, list) else [made])
-    return scenes[:batch_size]
+    return [SCENE_MAKERS[_pick(rng, tuple(kinds))](rng) for _ in range(batch_size)]
 
 
 def pixel_hash(image: Image.Image) -> str:

@@ -28,13 +28,13 @@ from moe_vision.zoo.data import GREY, Scene
 
 def region_phrase(scene: Scene, index: int) -> str:
     """The concept phrase of ``scene.objects[index]``: ``"a red circle"``; a scene's small
-    marker (its last object) is ``"a red marker"`` in ``marker`` scenes and ``"a red checkered
-    marker"`` in ``checker`` scenes, where the flat squares next to it are ``"a red square"``."""
+    marker (its last object in ``marker`` and ``checker`` scenes) is ``"a red marker"``, and the
+    flat squares next to a checkered marker are ``"a red square"``."""
     obj = scene.objects[index]
     is_marker = scene.kind in ("marker", "checker") and index == len(scene.objects) - 1
-    if not is_marker or obj.color == GREY:
-        return f"a {obj.color} {obj.shape}"
-    return f"a {obj.color} {'checkered ' if scene.kind == 'checker' else ''}marker"
+    if is_marker and obj.color != GREY:
+        return f"a {obj.color} marker"
+    return f"a {obj.color} {obj.shape}"
 
 
 def region_boxes(scenes: Sequence[Scene], input_px: int) -> tuple[torch.Tensor, list[str]]:
