@@ -16,7 +16,7 @@ from moe_vision.zoo.data import make_scenes
 CASES = {  # objective -> (tiny preset of its family, scene kinds, options)
     "clip": ("clip-tiny", ("object", "text"), {}),
     "siglip": ("siglip-tiny", ("object", "text"), {}),
-    "convnext-clip": ("convnext-tiny", ("objects", "marker"), {}),
+    "convnext-clip": ("convnext-tiny", ("objects", "marker"), {"region_weight": 1.0}),  # shipped
     "pix2struct": ("pix2struct-tiny", ("text",), {}),
     "sam": ("sam-tiny", ("objects", "marker"), {"prompts": 2}),
     "eva02-mim": (

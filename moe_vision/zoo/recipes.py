@@ -14,7 +14,10 @@ CONTRASTIVE_KINDS = ("object", "objects", "pair", "text", "marker")
 DEFAULTS: dict[str, tuple[str, PretrainConfig]] = {
     "clip-mini": ("clip", PretrainConfig(steps=400, batch_size=32, lr=1e-3)),
     "siglip-mini": ("siglip", PretrainConfig(steps=700, batch_size=32, lr=1e-3)),
-    "convnext-mini": ("convnext-clip", PretrainConfig(steps=400, batch_size=32, lr=2e-3)),
+    "convnext-mini": (
+        "convnext-clip",
+        PretrainConfig(steps=400, batch_size=32, lr=2e-3, options={"region_weight": 1.0}),
+    ),
     "sam-mini": (
         "sam",
         PretrainConfig(
