@@ -88,10 +88,12 @@ def test_region_pooling_and_loss_match_a_per_region_reference() -> None:
     torch.testing.assert_close(got, total / n, rtol=1e-5, atol=1e-6)
 
 
-def _objective(region_weight: float):
+def _objective(
+    region_weight: float, preset: str = "convnext-tiny", objective: str = "convnext-clip"
+):
     options = {"region_weight": region_weight} if region_weight else {}
     config = PretrainConfig(steps=1, batch_size=4, kinds=("objects", "marker"), options=options)
-    return build_objective("convnext-tiny", config, "convnext-clip")
+    return build_objective(preset, config, objective)
 
 
 def test_region_term_sends_gradient_to_the_map_and_the_text_tower() -> None:
@@ -108,9 +110,13 @@ def test_region_term_sends_gradient_to_the_map_and_the_text_tower() -> None:
     assert model.head_norm.weight.grad is None  # the global head is not on this path
 
 
+FAMILIES = [("convnext-tiny", "convnext-clip"), ("clip-tiny", "clip"), ("siglip-tiny", "siglip")]
+
+
+@pytest.mark.parametrize("preset,objective", FAMILIES)
 @pytest.mark.parametrize("weight", [0.0, 0.5])
-def test_region_weight_adds_exactly_its_term(weight: float) -> None:
-    plain, with_regions = _objective(0.0), _objective(weight)
+def test_region_weight_adds_exactly_its_term(preset: str, objective: str, weight: float) -> None:
+    plain, with_regions = _objective(0.0, preset, objective), _objective(weight, preset, objective)
     assert plain.regions is None
     scenes = make_scenes(0, 1, 4, ("objects", "marker"))
     base = plain.loss(scenes, 0)
@@ -119,6 +125,9 @@ def test_region_weight_adds_exactly_its_term(weight: float) -> None:
         return
     # same seed -> same expert and towers; the region modules hold no random parameters
     inputs = with_regions.expert.preprocess([s.image for s in scenes])
-    fmap = with_regions.expert(inputs).features
-    region = with_regions.regions(fmap, scenes, 128, with_regions.embed_text, with_regions.scale())
+    fmap = with_regions.expert(inputs).features  # the map a fusion reads, not the pooled output
+    px = int(inputs["pixel_values"].shape[-1])
+    scale = with_regions.region_scale()
+    region = with_regions.regions(fmap, scenes, px, with_regions.embed_text, scale)
+    assert region > 0
     torch.testing.assert_close(with_regions.loss(scenes, 0), base + weight * region)

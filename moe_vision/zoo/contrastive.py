@@ -18,10 +18,10 @@ The image embedding is the family's own pooled output, as in the released models
 The text tower is open_clip's ``TextTransformer`` over a word tokenizer
 (:mod:`moe_vision.zoo.text`).
 
-ConvNeXt-CLIP can add a region-text term (``options={"region_weight": w}``,
-:mod:`moe_vision.zoo.regions`, after RegionCLIP): every drawn object's box, pooled from the map
-the fusion reads, is matched against the batch's object phrases, so the map's cells, and not
-only their average, learn what lies in them.
+Each can add a region-text term (``options={"region_weight": w}``, :mod:`moe_vision.zoo.regions`,
+after RegionCLIP): every drawn object's box, pooled from the map the fusion reads (the expert's
+own map, not the pooled embedding), is matched against the batch's object phrases, so the map's
+cells learn what lies in them. The shipped ConvNeXt-mini recipe uses it.
 """
 
 from __future__ import annotations
@@ -55,6 +55,17 @@ class ContrastiveObjective(Objective):
         self.visual_projection = nn.Linear(self.pooled_dim(), EMBED_DIM, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.criterion = ClipLoss()
+        self.build_head()
+        # after the head: the parameter order (and so the shipped weights) stays as it was
+        self.region_weight = float(config.options.get("region_weight", 0.0))
+        self.regions = (
+            RegionTextLoss(expert.spec.channels, self.visual_projection)
+            if self.region_weight > 0
+            else None
+        )
+
+    def build_head(self) -> None:
+        """Add the family's pooling head's modules (none: the library's own pooler)."""
 
     def pooled_dim(self) -> int:
         """Width of :meth:`pool`'s output."""
@@ -78,9 +89,30 @@ class ContrastiveObjective(Objective):
         """The learnt inverse temperature, capped at 100 as in CLIP."""
         return self.logit_scale.clamp(max=math.log(100)).exp()
 
+    def region_scale(self) -> torch.Tensor:
+        """Inverse temperature of the region-text softmax (CLIP's own)."""
+        return self.scale()
+
+    def region_loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        scenes: Sequence[Scene],
+        fmap: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``region_weight`` times the region-text loss on the expert's map (computed from
+        ``inputs`` unless given); ``0`` without the term."""
+        if self.regions is None:
+            return torch.zeros(())
+        fmap = self.expert(inputs).features if fmap is None else fmap
+        input_px = int(inputs["pixel_values"].shape[-1])
+        region = self.regions(fmap, scenes, input_px, self.embed_text, self.region_scale())
+        return self.region_weight * region
+
     def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
-        image, text = self.embed(scenes)
-        return self.criterion(image, text, self.scale())
+        inputs = self.expert.preprocess([s.image for s in scenes])
+        image = F.normalize(self.visual_projection(self.pool(inputs)), dim=-1)
+        text = self.embed_text([s.caption() for s in scenes])
+        return self.criterion(image, text, self.scale()) + self.region_loss(inputs, scenes)
 
 
 @register_objective("clip")
@@ -98,15 +130,8 @@ class ConvNeXtClipObjective(ContrastiveObjective):
         "options.region_weight > 0 adds a region-text loss on the map (RegionCLIP)"
     )
 
-    def __init__(self, expert: Expert, config: PretrainConfig) -> None:
-        super().__init__(expert, config)
-        self.head_norm = nn.LayerNorm(expert.spec.channels)
-        self.region_weight = float(config.options.get("region_weight", 0.0))
-        self.regions = (
-            RegionTextLoss(expert.spec.channels, self.visual_projection)
-            if self.region_weight > 0
-            else None
-        )
+    def build_head(self) -> None:
+        self.head_norm = nn.LayerNorm(self.expert.spec.channels)
 
     def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` map -> ``(B, C)``: global average, then the head's LayerNorm."""
@@ -120,12 +145,7 @@ class ConvNeXtClipObjective(ContrastiveObjective):
         fmap = self.expert(inputs).features
         image = F.normalize(self.visual_projection(self.pool_map(fmap)), dim=-1)
         text = self.embed_text([s.caption() for s in scenes])
-        loss = self.criterion(image, text, self.scale())
-        if self.regions is None:
-            return loss
-        input_px = int(inputs["pixel_values"].shape[-1])
-        region = self.regions(fmap, scenes, input_px, self.embed_text, self.scale())
-        return loss + self.region_weight * region
+        return self.criterion(image, text, self.scale()) + self.region_loss(inputs, scenes, fmap)
 
 
 @register_objective("siglip")
@@ -140,7 +160,15 @@ class SiglipObjective(ContrastiveObjective):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         self.criterion = SigLipLoss()
+        if self.regions is not None:  # a softmax over phrases: a CLIP-style temperature of its own
+            self.region_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def region_scale(self) -> torch.Tensor:
+        return self.region_logit_scale.clamp(max=math.log(100)).exp()
 
     def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
-        image, text = self.embed(scenes)
-        return self.criterion(image, text, self.logit_scale.exp(), self.logit_bias)
+        inputs = self.expert.preprocess([s.image for s in scenes])
+        image = F.normalize(self.visual_projection(self.pool(inputs)), dim=-1)
+        text = self.embed_text([s.caption() for s in scenes])
+        sigmoid = self.criterion(image, text, self.logit_scale.exp(), self.logit_bias)
+        return sigmoid + self.region_loss(inputs, scenes)
