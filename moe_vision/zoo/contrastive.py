@@ -79,11 +79,13 @@ class ContrastiveObjective(Objective):
         """L2-normalised text embeddings ``(N, EMBED_DIM)``."""
         return F.normalize(self.text(self.tokenizer(captions)), dim=-1)
 
-    def embed(self, scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised image and text embeddings, each ``(B, EMBED_DIM)``."""
+    def embed(
+        self, scenes: Sequence[Scene]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The expert's inputs and L2-normalised image and caption embeddings, ``(B, D)`` each."""
         inputs = self.expert.preprocess([s.image for s in scenes])
         image = F.normalize(self.visual_projection(self.pool(inputs)), dim=-1)
-        return image, self.embed_text([s.caption() for s in scenes])
+        return inputs, image, self.embed_text([s.caption() for s in scenes])
 
     def scale(self) -> torch.Tensor:
         """The learnt inverse temperature, capped at 100 as in CLIP."""
@@ -109,9 +111,7 @@ class ContrastiveObjective(Objective):
         return self.region_weight * region
 
     def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
-        inputs = self.expert.preprocess([s.image for s in scenes])
-        image = F.normalize(self.visual_projection(self.pool(inputs)), dim=-1)
-        text = self.embed_text([s.caption() for s in scenes])
+        inputs, image, text = self.embed(scenes)
         return self.criterion(image, text, self.scale()) + self.region_loss(inputs, scenes)
 
 
@@ -167,8 +167,6 @@ class SiglipObjective(ContrastiveObjective):
         return self.region_logit_scale.clamp(max=math.log(100)).exp()
 
     def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
-        inputs = self.expert.preprocess([s.image for s in scenes])
-        image = F.normalize(self.visual_projection(self.pool(inputs)), dim=-1)
-        text = self.embed_text([s.caption() for s in scenes])
+        inputs, image, text = self.embed(scenes)
         sigmoid = self.criterion(image, text, self.logit_scale.exp(), self.logit_bias)
         return sigmoid + self.region_loss(inputs, scenes)

@@ -27,11 +27,10 @@ from moe_vision.zoo.data import GREY, Scene
 
 
 def region_phrase(scene: Scene, index: int) -> str:
-    """The concept phrase of ``scene.objects[index]``: ``"a red circle"``; a scene's small
-    marker (its last object in ``marker`` and ``checker`` scenes) is ``"a red marker"``, and the
-    flat squares next to a checkered marker are ``"a red square"``."""
+    """The concept phrase of ``scene.objects[index]``: ``"a red circle"``; the small marker of a
+    ``marker`` scene (its last object) is ``"a red marker"``."""
     obj = scene.objects[index]
-    is_marker = scene.kind in ("marker", "checker") and index == len(scene.objects) - 1
+    is_marker = scene.kind == "marker" and index == len(scene.objects) - 1
     if is_marker and obj.color != GREY:
         return f"a {obj.color} marker"
     return f"a {obj.color} {obj.shape}"
