@@ -8,9 +8,17 @@ Three ways, as used in the literature:
 * ``"avgpool"``: adaptive average pooling (downsampling only),
 * ``"auto"``: average pooling when the map is larger than the target, bilinear otherwise.
 
-Masks (ragged Pix2Struct grids) are carried along: pooled and interpolated features are
-normalised by the valid fraction, so padding never leaks into valid cells, and a target cell
-is valid when any of its source cells is.
+Masks (ragged Pix2Struct grids): Pix2Struct lays an image's patches out row-major in the
+top-left corner of a fixed grid (a square image fills 8x8 of the mini preset's 11x11) and pads
+the rest. Resampling that whole grid would squeeze the image into part of the target grid, out
+of register with the other experts' maps, which cover the whole target grid (channel
+concatenation pairs cell ``(i, j)`` of every expert). So when a masked map is resampled and each
+sample's valid cells form a top-left rectangle, that rectangle alone is resampled to the whole
+target grid and the result has no mask (:func:`fill_content`). Any other mask is carried along:
+pooled and interpolated features are normalised by the valid fraction, so padding never leaks
+into valid cells, and a target cell is valid when any of its source cells is. A map already on
+the target grid is returned as it is, mask included (sequence append keeps Pix2Struct's own
+tokens and zeroes the padding).
 """
 
 from __future__ import annotations
@@ -52,14 +60,44 @@ def aligned_channels(
     return channels
 
 
+def content_boxes(mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per sample ``(rows, cols)`` of the valid top-left rectangle of ``mask`` ``(B, H, W)``, or
+    ``None`` when some sample's valid cells are empty or not such a rectangle."""
+    boxes = []
+    for m in mask:
+        rows, cols = int(m.any(1).sum()), int(m.any(0).sum())
+        if rows == 0 or not bool(m[:rows, :cols].all()) or int(m.sum()) != rows * cols:
+            return None
+        boxes.append((rows, cols))
+    return boxes
+
+
+def _resample(x: torch.Tensor, grid: tuple[int, int], pool: bool) -> torch.Tensor:
+    if pool:
+        return F.adaptive_avg_pool2d(x, grid)
+    return F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+
+
+def fill_content(
+    fmap: FeatureMap, grid: tuple[int, int], boxes: list[tuple[int, int]], method: str
+) -> FeatureMap:
+    """Resample each sample's valid top-left ``boxes[b]`` of ``fmap`` ``(B, C, H, W)`` to the
+    whole ``grid``: ``(B, C, *grid)``, no mask. ``"auto"`` pools a box larger than ``grid`` and
+    interpolates a smaller one; a box equal to ``grid`` is copied as it is."""
+    out = []
+    for b, (rows, cols) in enumerate(boxes):
+        x = fmap.features[b : b + 1, :, :rows, :cols]
+        if (rows, cols) != grid:
+            larger = rows >= grid[0] and cols >= grid[1]
+            x = _resample(x, grid, pool=method == "avgpool" or (method == "auto" and larger))
+        out.append(x)
+    return FeatureMap(torch.cat(out), _stride(fmap, grid), fmap.source, None)
+
+
 def _masked_resample(fmap: FeatureMap, grid: tuple[int, int], pool: bool) -> FeatureMap:
     x = fmap.features
     if fmap.mask is None:
-        if pool:
-            y = F.adaptive_avg_pool2d(x, grid)
-        else:
-            y = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
-        return FeatureMap(y, _stride(fmap, grid), fmap.source, None)
+        return FeatureMap(_resample(x, grid, pool), _stride(fmap, grid), fmap.source, None)
     m = fmap.mask.unsqueeze(1).to(x.dtype)
     if pool:
         num, den = F.adaptive_avg_pool2d(x * m, grid), F.adaptive_avg_pool2d(m, grid)
@@ -111,6 +149,11 @@ def align_to_grid(
     """Align ``fmap`` to ``grid`` with ``method`` (see the module docstring)."""
     _check(method)
     grid = (int(grid[0]), int(grid[1]))
+    boxes = None
+    if fmap.mask is not None and method != "unshuffle" and fmap.grid != grid:
+        boxes = content_boxes(fmap.mask)
+    if boxes is not None:
+        return fill_content(fmap, grid, boxes, method)
     if method == "auto":
         larger = fmap.grid[0] >= grid[0] and fmap.grid[1] >= grid[1]
         method = "avgpool" if larger else "bilinear"

@@ -3,7 +3,8 @@
 Each alignment method is checked against an independent reference: bilinear against
 ``F.interpolate``, average pooling against a brute-force mean over each cell's source window,
 pixel-unshuffle against a brute-force index loop. Masked (ragged) maps must never let padding
-values into valid cells. Image intake is checked mode by mode against per-pixel formulas.
+values into valid cells, and Pix2Struct's top-left content must fill the target grid. Image
+intake is checked mode by mode against per-pixel formulas.
 """
 
 from __future__ import annotations
@@ -102,11 +103,20 @@ def test_bad_factors_and_methods_raise() -> None:
         aligned_channels(4, (8, 8), (4, 4), "cubic")  # type: ignore[arg-type]
 
 
-def _ragged(b: int, c: int, h: int, w: int) -> tuple[FeatureMap, FeatureMap]:
-    """A masked map whose padding holds huge values, and the same map with zero padding."""
+def _ragged(
+    b: int, c: int, h: int, w: int, rectangles: bool = False
+) -> tuple[FeatureMap, FeatureMap]:
+    """A masked map whose padding holds huge values, and the same map with zero padding.
+    ``rectangles``: Pix2Struct's layout (each image's cells a top-left rectangle); otherwise
+    irregular valid regions (an L shape, a block off the corner) that cannot be cropped."""
     mask = torch.zeros(b, h, w, dtype=torch.bool)
-    mask[0, : h // 2, : w - 3] = True  # a wide image in the top-left corner
-    mask[1, : h - 2, : w // 3] = True  # a tall one
+    if rectangles:
+        mask[0, : h // 2, : w - 3] = True  # a wide image in the top-left corner
+        mask[1, : h - 2, : w // 3] = True  # a tall one
+    else:
+        mask[0, : h // 2, : w - 3] = True
+        mask[0, : h - 2, : w // 3] = True  # an L
+        mask[1, 2 : h - 2, 1 : w // 2] = True  # a block away from the corner
     x = torch.randn(b, c, h, w, dtype=torch.float64)
     noisy = torch.where(mask[:, None], x, torch.full_like(x, 1e6))
     clean = torch.where(mask[:, None], x, torch.zeros_like(x))
@@ -131,6 +141,39 @@ def test_masked_maps_never_leak_padding(method: str, dst: tuple[int, int]) -> No
             1e-12
         )
         torch.testing.assert_close(a.features[valid], ref[valid])
+
+
+@pytest.mark.parametrize(
+    "method,dst",
+    [("bilinear", (5, 7)), ("bilinear", (24, 24)), ("avgpool", (4, 4)), ("auto", (5, 3))],
+)
+def test_top_left_content_fills_the_target_grid(method: str, dst: tuple[int, int]) -> None:
+    """Pix2Struct's layout: each sample's valid rectangle alone is resampled to the whole grid
+    (no mask left), exactly as the cropped map would be, and no padding value reaches it."""
+    noisy, clean = _ragged(2, 3, 12, 8, rectangles=True)
+    a, b = align_to_grid(noisy, dst, method), align_to_grid(clean, dst, method)
+    assert a.mask is None and a.features.shape == (2, 3, *dst)
+    torch.testing.assert_close(a.features, b.features)
+    for i, (rows, cols) in enumerate([(6, 5), (10, 2)]):
+        crop = clean.features[i : i + 1, :, :rows, :cols]
+        pool = method == "avgpool" or (method == "auto" and rows >= dst[0] and cols >= dst[1])
+        if pool:
+            ref = _brute_adaptive_mean(crop, dst)
+        else:
+            ref = F.interpolate(crop, size=dst, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(a.features[i : i + 1], ref)
+
+
+def test_a_square_pix2struct_image_lands_cell_for_cell_on_the_base_grid() -> None:
+    """A square image fills 8x8 of an 11x11 Pix2Struct grid: aligned to CLIP's 8x8 grid, cell
+    (i, j) must be the patch at (i, j), in register with every other expert's map."""
+    x = torch.randn(1, 4, 11, 11, dtype=torch.float64)
+    mask = torch.zeros(1, 11, 11, dtype=torch.bool)
+    mask[:, :8, :8] = True
+    for method in ("auto", "bilinear", "avgpool"):
+        out = align_to_grid(FeatureMap(x, 16, "pix2struct", mask), (8, 8), method)
+        assert out.mask is None
+        torch.testing.assert_close(out.features, x[:, :, :8, :8])
 
 
 def test_a_fully_valid_mask_changes_nothing() -> None:
