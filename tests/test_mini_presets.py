@@ -60,6 +60,21 @@ def test_shipped_weights_load_and_match_their_card(name: str) -> None:
     assert mini_checkpoint(name).stat().st_size < 8 * 2**20  # a few MB at most
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_card_records_the_recipe_it_ships_with(name: str) -> None:
+    """A recipe changed without regenerating its weights would ship a card (and weights) that
+    ``moe-vision pretrain NAME`` no longer reproduces."""
+    import dataclasses
+    import json
+
+    from moe_vision.zoo.recipes import DEFAULTS
+
+    objective, config = DEFAULTS[name]
+    card = mini_card(name)
+    assert card["objective"]["name"] == objective
+    assert card["config"] == json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def test_damaged_weights_name_the_file(tmp_path) -> None:
     if not SHIPPED:
         pytest.skip("no mini weights shipped yet")

@@ -10,10 +10,18 @@ from __future__ import annotations
 from moe_vision.zoo.core import MINI_RECIPES, PretrainConfig, register_recipe
 
 CONTRASTIVE_KINDS = ("object", "objects", "pair", "text", "marker")
+BASE_KINDS = ("object", "objects", "pair")
+"""The CLIP-like bases learn objects: what they are, their colour, how many, where. Rendered
+text and the small marker are left to the specialists (Pix2Struct, ConvNeXt): with captions
+that name them, CLIP-mini read both itself and adding a specialist had nothing left to show."""
+
+BASE = PretrainConfig(
+    steps=1500, batch_size=32, lr=1e-3, kinds=BASE_KINDS, options={"region_weight": 1.0}
+)
 
 DEFAULTS: dict[str, tuple[str, PretrainConfig]] = {
-    "clip-mini": ("clip", PretrainConfig(steps=400, batch_size=32, lr=1e-3)),
-    "siglip-mini": ("siglip", PretrainConfig(steps=700, batch_size=32, lr=1e-3)),
+    "clip-mini": ("clip", BASE),
+    "siglip-mini": ("siglip", BASE),
     "convnext-mini": (
         "convnext-clip",
         PretrainConfig(steps=400, batch_size=32, lr=2e-3, options={"region_weight": 1.0}),
