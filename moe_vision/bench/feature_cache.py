@@ -6,7 +6,7 @@ process, without and with the feature cache (:mod:`moe_vision.training.cache`, a
 cached sweep fills): ratio = uncached wall time / cached wall time, for the whole sweep and for
 the cells' training time. Twice: with the default tiny experts, where the LLM dominates a step
 and the cache can win little, and with real-size randomly initialised experts (CLIP ViT-L/336 +
-ConvNeXt-L/320 by default) on a few samples, where the experts are >99% of a frozen-expert
+ConvNeXt-L/320 by default) on 24 training images, where the experts are >99% of a frozen-expert
 step's FLOPs. With the cache, every image's maps are computed once (before the first stage
 that needs them, :mod:`moe_vision.training.precompute`; the test images' at the first
 evaluation, :mod:`moe_vision.evaluation.cached_maps`) and read back by every later stage, epoch,
@@ -153,7 +153,7 @@ def read_vs_compute(
 def bench_feature_cache(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
     """Section 2: frozen-expert sweeps, cached vs uncached: the default (tiny) experts over
     ``cfg.cache_fusions``, and real-size randomly initialised experts
-    (``cfg.cache_real_model``) over ``cfg.cache_real_fusions`` on a few samples, with their
+    (``cfg.cache_real_model``) over ``cfg.cache_real_fusions`` on a few dozen images, with their
     per-image forward against a cache read (:func:`read_vs_compute`)."""
     rows = frozen_expert_sweep(
         cfg.model, cfg.cache_fusions, cfg.cache_sizes, cfg.cache_run, device, work, cfg.seed

@@ -76,8 +76,9 @@ class BenchConfig:
         cache_sizes: built-in benchmark sizes of that sweep.
         cache_run: RunConfig options of its cells (stage overrides, ...).
         cache_real_model / cache_real_fusions / cache_real_sizes / cache_real_run: the same
-            sweep with real-size randomly initialised experts on a few samples (``None``: skip);
-            ``cache_real_sweep=False`` keeps only their per-image forward-vs-read timing.
+            sweep with real-size randomly initialised experts on a few dozen training images
+            (``None``: skip); ``cache_real_sweep=False`` keeps only their per-image
+            forward-vs-read timing.
         cell_overrides: sweep-spec fields replacing the default sweep's in the ``cells`` section
             (``None``: the default sweep's first cell as it is).
         real_model: ModelConfig dict of the real-size configuration (``None``: skip it).
@@ -110,7 +111,7 @@ class BenchConfig:
         default_factory=lambda: ["channel_concat", "sequence_append", "deformable"]
     )
     cache_real_sizes: dict[str, int] = field(
-        default_factory=lambda: {"align": 2, "instruct": 4, "val": 0, "test": 2}
+        default_factory=lambda: {"align": 2, "instruct": 24, "val": 0, "test": 2}
     )
     cache_real_run: dict[str, Any] = field(
         default_factory=lambda: {
