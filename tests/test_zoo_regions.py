@@ -23,8 +23,11 @@ def test_boxes_are_the_object_discs_in_the_experts_input_pixels() -> None:
     scenes = [
         _scene("object", [Obj("circle", "red", 32.0, 16.0, 8.0)]),
         _scene("text", []),
-        _scene("marker", [Obj("square", "gray", 40.0, 40.0, 20.0), Obj("square", "blue", 100.0,
-                                                                        60.0, 4.0)], size=192),
+        _scene(
+            "marker",
+            [Obj("square", "gray", 40.0, 40.0, 20.0), Obj("square", "blue", 100.0, 60.0, 4.0)],
+            size=192,
+        ),
     ]
     boxes, phrases = region_boxes(scenes, input_px=256)
     expected = torch.tensor(
