@@ -62,14 +62,21 @@ def aligned_channels(
 
 def content_boxes(mask: torch.Tensor) -> list[tuple[int, int]] | None:
     """Per sample ``(rows, cols)`` of the valid top-left rectangle of ``mask`` ``(B, H, W)``, or
-    ``None`` when some sample's valid cells are empty or not such a rectangle."""
-    boxes = []
-    for m in mask:
-        rows, cols = int(m.any(1).sum()), int(m.any(0).sum())
-        if rows == 0 or not bool(m[:rows, :cols].all()) or int(m.sum()) != rows * cols:
-            return None
-        boxes.append((rows, cols))
-    return boxes
+    ``None`` when some sample's valid cells are empty or not such a rectangle (one host sync)."""
+    rows, cols = mask.any(2).sum(1), mask.any(1).sum(1)  # (B,) each
+    h, w = mask.shape[1:]
+    in_row = torch.arange(h, device=mask.device)[None, :, None] < rows[:, None, None]
+    in_col = torch.arange(w, device=mask.device)[None, None, :] < cols[:, None, None]
+    if not bool(torch.equal(in_row & in_col, mask) and (rows > 0).all()):
+        return None
+    return [(int(r), int(c)) for r, c in zip(rows.tolist(), cols.tolist())]
+
+
+def _pools(method: str, src: tuple[int, int], grid: tuple[int, int]) -> bool:
+    """Whether ``method`` average-pools from ``src`` to ``grid`` (``"auto"``: when ``src`` is
+    at least as large in both dimensions) rather than interpolating."""
+    larger = src[0] >= grid[0] and src[1] >= grid[1]
+    return method == "avgpool" or (method == "auto" and larger)
 
 
 def _resample(x: torch.Tensor, grid: tuple[int, int], pool: bool) -> torch.Tensor:
@@ -88,8 +95,7 @@ def fill_content(
     for b, (rows, cols) in enumerate(boxes):
         x = fmap.features[b : b + 1, :, :rows, :cols]
         if (rows, cols) != grid:
-            larger = rows >= grid[0] and cols >= grid[1]
-            x = _resample(x, grid, pool=method == "avgpool" or (method == "auto" and larger))
+            x = _resample(x, grid, pool=_pools(method, (rows, cols), grid))
         out.append(x)
     return FeatureMap(torch.cat(out), _stride(fmap, grid), fmap.source, None)
 
@@ -155,7 +161,6 @@ def align_to_grid(
     if boxes is not None:
         return fill_content(fmap, grid, boxes, method)
     if method == "auto":
-        larger = fmap.grid[0] >= grid[0] and fmap.grid[1] >= grid[1]
-        method = "avgpool" if larger else "bilinear"
+        method = "avgpool" if _pools(method, fmap.grid, grid) else "bilinear"
     fn = {"bilinear": interpolate, "avgpool": avg_pool, "unshuffle": pixel_unshuffle}[method]
     return fn(fmap, grid)

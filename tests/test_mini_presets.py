@@ -4,6 +4,8 @@ twin, and ``experts`` stays free of ``fusion`` and ``moe_vision``."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -64,9 +66,6 @@ def test_shipped_weights_load_and_match_their_card(name: str) -> None:
 def test_shipped_card_records_the_recipe_it_ships_with(name: str) -> None:
     """A recipe changed without regenerating its weights would ship a card (and weights) that
     ``moe-vision pretrain NAME`` no longer reproduces."""
-    import dataclasses
-    import json
-
     from moe_vision.zoo.recipes import DEFAULTS
 
     objective, config = DEFAULTS[name]

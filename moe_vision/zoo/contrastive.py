@@ -68,12 +68,14 @@ class ContrastiveObjective(Objective):
         """Add the family's pooling head's modules (none: the library's own pooler)."""
 
     def pooled_dim(self) -> int:
-        """Width of :meth:`pool`'s output."""
+        """Width of :meth:`pool`'s embedding."""
         return self.expert.spec.channels
 
-    def pool(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The family's pooled image embedding ``(B, D)`` before the projection."""
-        return self.expert.model(pixel_values=inputs["pixel_values"]).pooler_output
+    def pool(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The family's pooled image embedding ``(B, D)`` before the projection, and the
+        expert's map ``(B, C, H, W)`` when pooling computed it (``None``: the library's own
+        pooler, which does not give the map the fusion reads)."""
+        return self.expert.model(pixel_values=inputs["pixel_values"]).pooler_output, None
 
     def embed_text(self, captions: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings ``(N, EMBED_DIM)``."""
@@ -81,11 +83,13 @@ class ContrastiveObjective(Objective):
 
     def embed(
         self, scenes: Sequence[Scene]
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """The expert's inputs and L2-normalised image and caption embeddings, ``(B, D)`` each."""
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The expert's inputs, L2-normalised image and caption embeddings (``(B, D)`` each)
+        and the expert's map when :meth:`pool` computed it."""
         inputs = self.expert.preprocess([s.image for s in scenes])
-        image = F.normalize(self.visual_projection(self.pool(inputs)), dim=-1)
-        return inputs, image, self.embed_text([s.caption() for s in scenes])
+        pooled, fmap = self.pool(inputs)
+        image = F.normalize(self.visual_projection(pooled), dim=-1)
+        return inputs, image, self.embed_text([s.caption() for s in scenes]), fmap
 
     def scale(self) -> torch.Tensor:
         """The learnt inverse temperature, capped at 100 as in CLIP."""
@@ -110,9 +114,13 @@ class ContrastiveObjective(Objective):
         region = self.regions(fmap, scenes, input_px, self.embed_text, self.region_scale())
         return self.region_weight * region
 
+    def image_text_loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The family's image-text loss on paired ``(B, D)`` embeddings (CLIP's: ``ClipLoss``)."""
+        return self.criterion(image, text, self.scale())
+
     def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
-        inputs, image, text = self.embed(scenes)
-        return self.criterion(image, text, self.scale()) + self.region_loss(inputs, scenes)
+        inputs, image, text, fmap = self.embed(scenes)
+        return self.image_text_loss(image, text) + self.region_loss(inputs, scenes, fmap)
 
 
 @register_objective("clip")
@@ -133,19 +141,10 @@ class ConvNeXtClipObjective(ContrastiveObjective):
     def build_head(self) -> None:
         self.head_norm = nn.LayerNorm(self.expert.spec.channels)
 
-    def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` map -> ``(B, C)``: global average, then the head's LayerNorm."""
-        return self.head_norm(fmap.mean(dim=(2, 3)))
-
-    def pool(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.pool_map(self.expert(inputs).features)
-
-    def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
-        inputs = self.expert.preprocess([s.image for s in scenes])
-        fmap = self.expert(inputs).features
-        image = F.normalize(self.visual_projection(self.pool_map(fmap)), dim=-1)
-        text = self.embed_text([s.caption() for s in scenes])
-        return self.criterion(image, text, self.scale()) + self.region_loss(inputs, scenes, fmap)
+    def pool(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map's global average, then the head's LayerNorm ``(B, C)``, and the map."""
+        fmap = self.expert(inputs).features  # (B, C, H, W)
+        return self.head_norm(fmap.mean(dim=(2, 3))), fmap
 
 
 @register_objective("siglip")
@@ -166,7 +165,5 @@ class SiglipObjective(ContrastiveObjective):
     def region_scale(self) -> torch.Tensor:
         return self.region_logit_scale.clamp(max=math.log(100)).exp()
 
-    def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
-        inputs, image, text = self.embed(scenes)
-        sigmoid = self.criterion(image, text, self.logit_scale.exp(), self.logit_bias)
-        return sigmoid + self.region_loss(inputs, scenes)
+    def image_text_loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.criterion(image, text, self.logit_scale.exp(), self.logit_bias)
