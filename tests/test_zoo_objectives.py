@@ -17,7 +17,7 @@ CASES = {  # objective -> (tiny preset of its family, scene kinds, options)
     "clip": ("clip-tiny", ("object", "text"), {}),
     "siglip": ("siglip-tiny", ("object", "text"), {}),
     "convnext-clip": ("convnext-tiny", ("objects", "marker"), {"region_weight": 1.0}),  # shipped
-    "pix2struct": ("pix2struct-tiny", ("text",), {}),
+    "pix2struct": ("pix2struct-tiny", ("text",), {"glyph_weight": 1.0}),  # shipped
     "sam": ("sam-tiny", ("objects", "marker"), {"prompts": 2}),
     "eva02-mim": (
         "eva02-tiny",

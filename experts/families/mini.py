@@ -32,6 +32,13 @@ from experts.families.sam import SamExpert, sam_spec
 from experts.registry import register_expert
 from experts.spec import ExpertSpec
 
+FROM_SCRATCH_INIT = 0.02
+"""``initializer_range`` of the transformers-built minis trained from scratch (SAM, Pix2Struct).
+Their configs default to 1e-10, a value meant for models that are always loaded from a
+checkpoint: every linear weight starts at ~1e-10, the encoder's output is nearly constant, and
+training from it crawls (Pix2Struct-mini's parsing loss stayed near the character prior).
+0.02 is the truncated-normal std of ViT, SAM and Pix2Struct's own pretraining."""
+
 MINI_DIR = Path(__file__).resolve().parent.parent / "mini"
 """Folder of the shipped mini weights and cards (package data of ``experts``)."""
 
@@ -135,6 +142,7 @@ MINI_SPECS: tuple[tuple[type, ExpertSpec], ...] = (
             output_channels=64,
             window_size=4,
             global_attn_indexes=(1, 3),
+            initializer_range=FROM_SCRATCH_INIT,
         ),
     ),
     (
@@ -152,6 +160,7 @@ MINI_SPECS: tuple[tuple[type, ExpertSpec], ...] = (
             seq_len=128,
             dense_act_fn="gelu_new",
             layer_norm_eps=1e-6,
+            initializer_range=FROM_SCRATCH_INIT,
         ),
     ),
 )

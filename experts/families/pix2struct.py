@@ -215,6 +215,12 @@ class Pix2StructExpert(Expert):
         index = torch.where(valid, (rows - 1) * g + (cols - 1), torch.full_like(rows, g * g))
         return {"index": index, "valid": valid}
 
+    def tokens_to_map(self, tokens: torch.Tensor, inputs: ExpertInputs) -> torch.Tensor:
+        """Encoder tokens ``(B, N, C)`` of ``inputs`` (e.g. the library model's own output)
+        scattered to the expert's ``(B, C, G, G)`` grid, as :meth:`finish` does."""
+        flat, mask = self._check_inputs(inputs)
+        return self._scatter(tokens, self._scatter_index(flat, mask))
+
     def _scatter(self, tokens: torch.Tensor, extras: dict) -> torch.Tensor:
         """``(B, N, C)`` tokens -> ``(B, C, G, G)`` map (zeros where no patch)."""
         b, _, c = tokens.shape
@@ -370,5 +376,6 @@ register_expert(
         seq_len=128,
         dense_act_fn="gelu_new",
         layer_norm_eps=1e-6,
+        initializer_range=0.02,  # a random network, not ~0: see FROM_SCRATCH_INIT in mini.py
     ),
 )

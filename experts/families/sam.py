@@ -207,5 +207,6 @@ register_expert(
         output_channels=16,
         window_size=4,
         global_attn_indexes=(1, 3),
+        initializer_range=0.02,  # a random network, not ~0: see FROM_SCRATCH_INIT in mini.py
     ),
 )

@@ -71,6 +71,17 @@ class Obj:
     r: float
 
 
+@dataclass(frozen=True)
+class Glyph:
+    """One rendered character and its ink box ``(x0, y0, x1, y1)`` in image pixels."""
+
+    char: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
 @dataclass
 class Scene:
     """One generated image with what is in it.
@@ -80,6 +91,7 @@ class Scene:
         image: the RGB image.
         objects: the drawn objects (clutter included, colour ``"gray"``).
         text: the rendered string (``""`` when none).
+        glyphs: the box of each character of ``text`` (spaces have none).
         relation: for ``pair``, where ``objects[0]`` is relative to ``objects[1]``.
     """
 
@@ -88,6 +100,7 @@ class Scene:
     objects: list[Obj] = field(default_factory=list)
     text: str = ""
     relation: str = ""
+    glyphs: list[Glyph] = field(default_factory=list)
 
     def caption(self) -> str:
         """A one-sentence caption naming colours, shapes, counts, positions, text, markers."""
@@ -196,7 +209,22 @@ def _text(rng: np.random.Generator) -> Scene:
     y = float(rng.uniform(2, max(3.0, IMAGE_SIZE - h - 2))) - top
     ink = tuple(int(v) for v in rng.integers(0, 90, size=3))
     draw.text((x, y), text, fill=ink, font=font)
-    return Scene("text", img, [], text=text)
+    return Scene("text", img, [], text=text, glyphs=glyph_boxes(draw, text, font, x, y))
+
+
+def glyph_boxes(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, x: float, y: float
+) -> list[Glyph]:
+    """The ink box of each character of ``text`` drawn at ``(x, y)``: character ``i`` starts
+    where the advance of ``text[:i]`` ends (what ``draw.text`` does for a font without
+    kerning pairs between these characters, as PIL's default font)."""
+    glyphs = []
+    for i, char in enumerate(text):
+        if char.isspace():
+            continue
+        start = x + draw.textlength(text[:i], font=font)
+        glyphs.append(Glyph(char, *(float(v) for v in draw.textbbox((start, y), char, font=font))))
+    return glyphs
 
 
 def _marker(rng: np.random.Generator) -> Scene:

@@ -39,7 +39,9 @@ DEFAULTS: dict[str, tuple[str, PretrainConfig]] = {
     ),
     "pix2struct-mini": (
         "pix2struct",
-        PretrainConfig(steps=350, batch_size=32, lr=3e-3, kinds=("text",)),
+        PretrainConfig(
+            steps=1000, batch_size=32, lr=3e-3, kinds=("text",), options={"glyph_weight": 1.0}
+        ),
     ),
 }
 """Mini preset -> (objective, config)."""
