@@ -38,9 +38,10 @@ DEFAULT_SWEEP: dict[str, Any] = {
     "data": {"benchmark_sizes": {"align": 600, "instruct": 1200, "val": 0, "test": 2400}},
     "run": {
         "overrides": {
-            # batch 8: twice the updates of batch 16 for the same CPU time (a tiny LLM's step
-            # costs in proportion to its batch); at 16 the LLM had not yet learnt to read
-            "*": {"batch_size": 8, "lr": 0.002},
+            # batch 8 at lr 1e-3: twice the updates of batch 16 for the same CPU time (a tiny
+            # LLM's step costs in proportion to its batch) and the steadiest of the settings
+            # tried (README, "The main job": the seed std of overall accuracy halves)
+            "*": {"batch_size": 8, "lr": 0.001},
             "instruct": {"epochs": 5},
         },
         "train": {"progress_bar": False},
