@@ -162,8 +162,11 @@ def test_sam_equals_the_library_encoder_and_round_trips(tmp_path) -> None:
         blocks = expert(x, layers=list(spec.layers))
     assert fmap.features.shape == (2, 16, 8, 8)
     _close(fmap.features, ref.last_hidden_state)
-    for i, m in enumerate(blocks):  # hidden_states[i] is block i's output (B, H, W, C)
-        _close(m.features, ref.hidden_states[i].permute(0, 3, 1, 2))
+    # hidden_states[0] is the embedding, hidden_states[i + 1] block i's output (B, H, W, C); a
+    # near-zero init (the library's default before sam-tiny set one) hid an off-by-one here
+    for i, m in enumerate(blocks):
+        _close(m.features, ref.hidden_states[i + 1].permute(0, 3, 1, 2))
+    assert len(ref.hidden_states) == len(blocks) + 1
     # staged: groups end at the global-attention blocks
     assert expert.stages == [(0, 2), (2, 4)]
 
