@@ -41,6 +41,13 @@ WEIGHT_FILES: tuple[str, ...] = (
 )
 """File names looked for in a checkpoint folder or hub repository, in order of preference."""
 
+FROM_SCRATCH_INIT = 0.02
+"""``initializer_range`` of the transformers-built presets without a checkpoint that are trained
+from scratch or used at random init (the SAM and Pix2Struct minis and tinies). Their configs
+default to 1e-10, a value meant for models that are always loaded from a checkpoint: every
+linear weight starts at ~1e-10, the encoder's output is nearly constant, and training from it
+crawls. 0.02 is the truncated-normal std of ViT, SAM and Pix2Struct's own pretraining."""
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".ckpt")
 _SHOW = 5  # how many offending keys an error message lists
 

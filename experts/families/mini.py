@@ -26,18 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from experts.families import clip, dinov2, eva02, siglip
+from experts.families._checkpoints import FROM_SCRATCH_INIT
 from experts.families.convnext import ConvNeXtExpert, convnext_spec
 from experts.families.pix2struct import Pix2StructExpert, pix2struct_spec
 from experts.families.sam import SamExpert, sam_spec
 from experts.registry import register_expert
 from experts.spec import ExpertSpec
-
-FROM_SCRATCH_INIT = 0.02
-"""``initializer_range`` of the transformers-built minis trained from scratch (SAM, Pix2Struct).
-Their configs default to 1e-10, a value meant for models that are always loaded from a
-checkpoint: every linear weight starts at ~1e-10, the encoder's output is nearly constant, and
-training from it crawls (Pix2Struct-mini's parsing loss stayed near the character prior).
-0.02 is the truncated-normal std of ViT, SAM and Pix2Struct's own pretraining."""
 
 MINI_DIR = Path(__file__).resolve().parent.parent / "mini"
 """Folder of the shipped mini weights and cards (package data of ``experts``)."""

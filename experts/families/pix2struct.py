@@ -48,7 +48,12 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.pix2struct.image_processing_pix2struct import torch_extract_patches
 
 from experts.base import Expert, ExpertInputs, StageState
-from experts.families._checkpoints import load_into, read_weight_file, resolve_weight_file
+from experts.families._checkpoints import (
+    FROM_SCRATCH_INIT,
+    load_into,
+    read_weight_file,
+    resolve_weight_file,
+)
 from experts.registry import register_expert
 from experts.spec import ExpertSpec, FeatureMap
 
@@ -376,6 +381,6 @@ register_expert(
         seq_len=128,
         dense_act_fn="gelu_new",
         layer_norm_eps=1e-6,
-        initializer_range=0.02,  # a random network, not ~0: see FROM_SCRATCH_INIT in mini.py
+        initializer_range=FROM_SCRATCH_INIT,
     ),
 )

@@ -34,7 +34,12 @@ from transformers import SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionEncoder
 
 from experts.base import Expert, ExpertInputs, StageState
-from experts.families._checkpoints import load_into, read_weight_file, resolve_weight_file
+from experts.families._checkpoints import (
+    FROM_SCRATCH_INIT,
+    load_into,
+    read_weight_file,
+    resolve_weight_file,
+)
 from experts.families.convnext import check_pixel_values
 from experts.images import resize_normalise
 from experts.registry import register_expert
@@ -207,6 +212,6 @@ register_expert(
         output_channels=16,
         window_size=4,
         global_attn_indexes=(1, 3),
-        initializer_range=0.02,  # a random network, not ~0: see FROM_SCRATCH_INIT in mini.py
+        initializer_range=FROM_SCRATCH_INIT,
     ),
 )

@@ -28,12 +28,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 from transformers import Pix2StructConfig, Pix2StructForConditionalGeneration
 
 from experts import Expert
 from moe_vision.zoo.core import Objective, PretrainConfig, register_objective
 from moe_vision.zoo.data import CHARSET, MAX_TEXT, Scene
+from moe_vision.zoo.regions import pool_boxes
 
 PAD, EOS = 0, 1
 """Decoder ids: 0 = padding and decoder start (Pix2Struct's convention), 1 = end of text."""
@@ -126,9 +126,7 @@ class GlyphLoss(nn.Module):
         """
         if boxes.numel() == 0:
             return fmap.sum() * 0.0
-        pooled = roi_align(
-            fmap, boxes.to(fmap), output_size=1, spatial_scale=1.0, sampling_ratio=2, aligned=True
-        ).flatten(1)
+        pooled = pool_boxes(fmap, boxes, spatial_scale=1.0)
         return F.cross_entropy(self.head(self.norm(pooled)), targets.to(fmap.device))
 
 

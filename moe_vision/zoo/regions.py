@@ -54,6 +54,23 @@ def region_boxes(scenes: Sequence[Scene], input_px: int) -> tuple[torch.Tensor, 
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 5), phrases
 
 
+def pool_boxes(fmap: torch.Tensor, boxes: torch.Tensor, spatial_scale: float) -> torch.Tensor:
+    """``(R, C)`` mean of each box of ``fmap (B, C, H, W)``: torchvision's ``roi_align`` with one
+    output bin of 2x2 bilinear samples, pixel-centre aligned (cell ``j`` spans ``[j, j + 1)``).
+
+    Args:
+        boxes: ``(R, 5)`` ``(batch index, x0, y0, x1, y1)``; ``spatial_scale`` maps them to cells.
+    """
+    return roi_align(
+        fmap,
+        boxes.to(fmap),
+        output_size=1,
+        spatial_scale=spatial_scale,
+        sampling_ratio=2,
+        aligned=True,
+    ).flatten(1)
+
+
 class RegionTextLoss(nn.Module):
     """Softmax over the batch's distinct phrases for every object region of the map.
 
@@ -72,14 +89,7 @@ class RegionTextLoss(nn.Module):
         self, fmap: torch.Tensor, boxes: torch.Tensor, input_px: int
     ) -> torch.Tensor:
         """L2-normalised ``(R, D)`` embeddings of the ``boxes`` pooled from ``fmap``."""
-        pooled = roi_align(
-            fmap,
-            boxes.to(fmap.dtype),
-            output_size=1,
-            spatial_scale=fmap.shape[-1] / input_px,
-            sampling_ratio=2,
-            aligned=True,
-        ).flatten(1)
+        pooled = pool_boxes(fmap, boxes, fmap.shape[-1] / input_px)
         return F.normalize(self.project(self.norm(pooled)), dim=-1)
 
     def forward(
