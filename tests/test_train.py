@@ -5,6 +5,7 @@ Small: two tiny experts, the tiny LLM, a 24-record benchmark, 2 optimiser steps 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,53 @@ def test_per_expert_stage_needs_a_unit_model_factory(bench, tmp_path) -> None:
             make_accelerator(opts, tmp_path),
             opts,
         )
+
+
+def test_stage_optimiser_is_torchs_fused_adamw_with_the_stage_groups() -> None:
+    """The stages' AdamW runs torch's fused kernel on CPU, with the stage's groups (per-pattern
+    LR, no decay on 1-D), and steps as torch's per-tensor AdamW does on the same groups."""
+    from moe_vision.training.steps import fused_adamw_supported, make_optimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    reference = copy.deepcopy(net)
+    stage = Stage(
+        name="s",
+        data="align",
+        train=["*"],
+        lr=1e-2,
+        lr_scale={"2.*": 0.5},
+        weight_decay=0.1,
+        warmup_ratio=0.0,
+        scheduler="constant",
+    )
+    optimizer, _, _ = make_optimizer(net, stage, num_batches=4, num_processes=1)
+    assert optimizer.defaults["fused"] is True
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    assert sorted((g["lr"], g["weight_decay"]) for g in groups) == [
+        (5e-3, 0.0),
+        (5e-3, 0.1),
+        (1e-2, 0.0),
+        (1e-2, 0.1),
+    ]
+    by_name = dict(reference.named_parameters())
+    names = [n for n, _ in net.named_parameters()]
+    ref_groups = []
+    for g in optimizer.param_groups:
+        ids = {id(p) for p in g["params"]}
+        params = [by_name[n] for n, p in net.named_parameters() if id(p) in ids]
+        ref_groups.append({"params": params, "lr": g["lr"], "weight_decay": g["weight_decay"]})
+    ref_opt = torch.optim.AdamW(ref_groups, foreach=False)
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        for model, opt in ((net, optimizer), (reference, ref_opt)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for name in names:
+        torch.testing.assert_close(
+            dict(net.named_parameters())[name], by_name[name], rtol=1e-5, atol=1e-6
+        )
+    assert not fused_adamw_supported([])
+    assert not fused_adamw_supported([torch.zeros(3, dtype=torch.long)])
+    assert not fused_adamw_supported([torch.zeros(3, device="meta")])

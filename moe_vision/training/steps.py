@@ -50,6 +50,19 @@ def batch_loss(
     return out.loss
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+"""Where the stages' AdamW runs torch's fused kernel (one kernel over all tensors instead of a
+Python loop per tensor: a tiny CPU step is ~15% faster at 2 threads, ``moe-vision bench``)."""
+
+
+def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes every tensor of ``params``: floating point, on a CPU or
+    CUDA device (checked again by torch at the first step, where the parameters then are)."""
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params
+    )
+
+
 def make_optimizer(
     model: nn.Module, stage: Stage, num_batches: int, num_processes: int
 ) -> tuple[torch.optim.Optimizer, Any, int]:
@@ -65,6 +78,7 @@ def make_optimizer(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
         lr=stage.lr,
         weight_decay=stage.weight_decay,
+        fused=fused_adamw_supported([p for g in groups for p in g["params"]]),
     )
     batches_per_epoch = math.ceil(num_batches / num_processes)
     steps_per_epoch = math.ceil(batches_per_epoch / stage.grad_accum)
