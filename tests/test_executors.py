@@ -29,6 +29,26 @@ def square_or_fail(x: int) -> tuple[int, int]:
     return x * x, os.getpid()
 
 
+def loaded(module: str) -> bool:
+    """Module-level (picklable): whether ``module`` is imported in this process."""
+    return module in sys.modules
+
+
+def test_started_workers_import_the_preload_before_the_first_item() -> None:
+    executor = ProcessExecutor(workers=2, threads=1)
+    executor.start(1, preload=("colorsys",))  # one cell to run: one worker readied, not two
+    assert len(executor._ready) == 1
+    assert dict(executor.map_unordered(loaded, ["colorsys"])) == {"colorsys": True}
+    assert executor._ready == []  # map_unordered took the readied worker and shut it down
+    fresh = ProcessExecutor(workers=1, threads=1)  # not started: a bare worker
+    assert dict(fresh.map_unordered(loaded, ["colorsys"])) == {"colorsys": False}
+    unused = ProcessExecutor(workers=2, threads=1)
+    unused.start(5, preload=("no_such_module_here",))  # a failing preload is not fatal
+    assert len(unused._ready) == 2
+    unused.close()
+    assert unused._ready == []
+
+
 def test_registry() -> None:
     assert {"inline", "process", "submitit"} <= set(list_executors())
     assert isinstance(create_executor("process", workers=2), ProcessExecutor)

@@ -395,3 +395,42 @@ def test_exclude_leaves_cells_out_and_warns_of_entries_that_match_nothing(
         SweepSpec.from_dict({**base, "exclude": [{"fusions": "sequence_append"}]})
     spec = SweepSpec.from_dict({**base, "exclude": [alone]})
     assert SweepSpec.from_dict(spec.to_dict()).exclude == spec.exclude
+
+
+class _RecordingExecutor(InlineExecutor):
+    """Inline, recording what the runner asks of it and when the grid is expanded."""
+
+    def __init__(self, events: list) -> None:
+        super().__init__()
+        self.events = events
+
+    def start(self, workers: int, preload: tuple[str, ...] = ()) -> None:
+        self.events.append(("start", workers, tuple(preload)))
+
+    def close(self) -> None:
+        self.events.append(("close",))
+
+
+def test_workers_start_before_the_grid_expands_and_close_after(
+    tmp_path: Path, names: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker start-up (imports) overlaps the runner's expansion; workers are released even
+    when the spec fails to expand."""
+    from moe_vision.sweeps.sweep import entrypoint_preload, run_cell
+
+    events: list = []
+    expand = SweepSpec.expand
+    monkeypatch.setattr(
+        SweepSpec, "expand", lambda self: events.append(("expand",)) or expand(self)
+    )
+    spec = _spec(tmp_path, names)
+    assert spec.max_cells() == 4
+    run_sweep(spec, tmp_path / "sweep", executor=_RecordingExecutor(events), progress=False)
+    assert events == [("start", 4, ("test_sweep",)), ("expand",), ("close",)]
+    assert len(_calls(tmp_path)) == 4
+    assert entrypoint_preload(run_cell) == ("moe_vision.sweeps.sweep", *run_cell.preload)
+    events.clear()
+    spec.fusions = spec.fusions[:1] + [type(spec.fusions[0])(name="no_such_fusion")]
+    with pytest.raises(KeyError, match="no_such_fusion"):
+        run_sweep(spec, tmp_path / "bad", executor=_RecordingExecutor(events), progress=False)
+    assert events == [("start", 4, ("test_sweep",)), ("expand",), ("close",)]

@@ -201,21 +201,26 @@ def run(args: argparse.Namespace) -> int:
     verbose = bool(getattr(args, "verbose", False))
     configure_console(verbose, quiet_level=logging.ERROR)  # warnings: once, from the run logs
     from moe_vision import results
-    from moe_vision.sweeps.sweep import run_sweep
+    from moe_vision.sweeps.sweep import run_sweep, start_executor
 
     spec = build_spec(args)
-    cells = spec.expand()
     if args.dry_run:
-        for cell in cells:
+        for cell in spec.expand():
             print(cell.cell_id)
         return 0
+    executor = start_executor(spec)  # workers import torch and the zoo while the grid expands
+    try:
+        cells = spec.expand()
+    except BaseException:
+        executor.close()
+        raise
     folder = spec.output_dir()
     finished = sum(
         (folder / results.CELLS_DIR / c.cell_id / results.METRICS_FILE).is_file() for c in cells
     )
     print(f"sweep {spec.name}: {len(cells)} cells ({finished} finished before), folder {folder}")
     report = _reporter(len(cells), finished)
-    df = run_sweep(spec, retry_failed=not args.no_retry_failed, on_result=report)
+    df = run_sweep(spec, executor=executor, retry_failed=not args.no_retry_failed, on_result=report)
     if len(df) <= CELL_TABLE_ROWS or verbose:  # a long sweep: its cells were one line each above
         print(results.format_table(df))
     sweep_dir = spec.output_dir()

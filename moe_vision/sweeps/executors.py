@@ -88,6 +88,14 @@ class Executor(ABC):
     ) -> Iterator[tuple[T, Outcome]]:
         """Yield ``(item, fn(item))``, or ``(item, exception)``, in completion order."""
 
+    def start(self, workers: int, preload: Sequence[str] = ()) -> None:  # noqa: B027
+        """Get up to ``workers`` workers ready now, importing the ``preload`` modules, so their
+        start-up overlaps whatever the caller does before :meth:`map_unordered` (a no-op for
+        executors without long-lived workers)."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release workers that :meth:`start` readied and :meth:`map_unordered` did not use."""
+
 
 @register_executor("inline")
 class InlineExecutor(Executor):
@@ -136,6 +144,23 @@ def _watch_parent(parent_pid: int, interval_s: float = WATCHDOG_INTERVAL_S) -> N
     threading.Thread(target=loop, name="parent-watchdog", daemon=True).start()
 
 
+def _retire(pool: cf.ProcessPoolExecutor) -> None:
+    """Let a worker with no item left exit without waiting for it: an interpreter holding torch
+    takes ~2 s to tear down, which then overlaps the caller's own work (the sweep's tables)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _preload(modules: tuple[str, ...]) -> None:
+    """Import ``modules`` in a fresh worker; a failure is left for the first item to raise."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - the item that needs the module reports it
+            logger.debug("preloading %s failed: %s", name, e)
+
+
 def _init_worker(threads: int, log_level: int, parent_pid: int | None = None) -> None:
     """Worker initialiser: die with the parent, share the machine's cores among the concurrent
     workers and log like the parent.
@@ -173,6 +198,7 @@ class ProcessExecutor(Executor):
         self.workers = int(workers)
         self.threads = int(threads) if threads else max(1, (os.cpu_count() or 1) // self.workers)
         self.reuse = bool(reuse)
+        self._ready: list[cf.ProcessPoolExecutor] = []
 
     def _new_worker(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(
@@ -182,12 +208,25 @@ class ProcessExecutor(Executor):
             initargs=(self.threads, logging.getLogger().getEffectiveLevel(), os.getpid()),
         )
 
+    def start(self, workers: int, preload: Sequence[str] = ()) -> None:
+        """Spawn ``min(workers, self.workers)`` workers now; each imports ``preload`` first
+        (torch, transformers and the zoo: about 10 s on a laptop CPU, then paid while the
+        sweep expands its grid instead of after)."""
+        while len(self._ready) < min(int(workers), self.workers):
+            pool = self._new_worker()
+            pool.submit(_preload, tuple(preload))  # starts the process; the cell queues behind
+            self._ready.append(pool)
+
+    def close(self) -> None:
+        while self._ready:
+            _retire(self._ready.pop())
+
     def map_unordered(
         self, fn: Callable[[T], Any], items: Sequence[T]
     ) -> Iterator[tuple[T, Outcome]]:
         queue = list(items)
         running: dict[cf.Future[Any], tuple[T, cf.ProcessPoolExecutor]] = {}
-        idle: list[cf.ProcessPoolExecutor] = []
+        idle, self._ready = self._ready, []  # workers readied by start() go first
         try:
             while queue or running:
                 while queue and len(running) < self.workers:
@@ -210,7 +249,7 @@ class ProcessExecutor(Executor):
             for _, pool in running.values():
                 pool.shutdown(wait=False, cancel_futures=True)
             for pool in idle:
-                pool.shutdown(wait=True)
+                _retire(pool)
 
 
 @register_executor("submitit")

@@ -288,6 +288,11 @@ class SweepSpec:
             config=config,
         )
 
+    def max_cells(self) -> int:
+        """The grid's size before exclusions: an upper bound on the cells, found without
+        importing the zoo or resolving any cell's config."""
+        return len(self.experts.expand()) * len(self.fusions) * len(self.recipes) * len(self.seeds)
+
     def expand(self) -> list[Cell]:
         """The sweep's cells, in order experts x fusions x recipes x seeds.
 

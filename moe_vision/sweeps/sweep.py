@@ -81,6 +81,15 @@ def resolve_run_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 run_cell.resolve_config = resolve_run_config  # type: ignore[attr-defined]
+# What a worker imports before its first cell: started with the sweep, not after its expansion.
+run_cell.preload = ("moe_vision.training.run", "moe_vision.evaluation.evaluate")  # type: ignore[attr-defined]
+
+
+def entrypoint_preload(entrypoint: str | Entrypoint) -> tuple[str, ...]:
+    """The modules a worker imports before its first cell: the entrypoint's own module and its
+    ``preload`` attribute (module names), so that start-up overlaps the sweep's expansion."""
+    fn = resolve_entrypoint(entrypoint)
+    return (fn.__module__, *getattr(fn, "preload", ()))
 
 
 @contextlib.contextmanager
@@ -228,6 +237,21 @@ def build_executor(spec: SweepSpec, sweep_dir: Path) -> Executor:
     return create_executor(kind, **options)
 
 
+def start_executor(
+    spec: SweepSpec,
+    out_dir: str | os.PathLike[str] | None = None,
+    entrypoint: str | Entrypoint | None = None,
+) -> Executor:
+    """The executor of ``spec.executor`` with its workers already starting (their imports then
+    overlap the caller's own start-up and grid expansion); pass it to :func:`run_sweep`, which
+    closes it."""
+    sweep_dir = Path(out_dir) if out_dir is not None else spec.output_dir()
+    executor = build_executor(spec, sweep_dir)
+    chosen = entrypoint if entrypoint is not None else spec.entrypoint
+    executor.start(spec.max_cells(), preload=entrypoint_preload(chosen))
+    return executor
+
+
 def run_sweep(
     spec: SweepSpec,
     out_dir: str | os.PathLike[str] | None = None,
@@ -243,7 +267,7 @@ def run_sweep(
     Args:
         spec: the sweep.
         out_dir: the sweep folder (default ``spec.output_dir()``).
-        executor: where cells run (default: built from ``spec.executor``).
+        executor: where cells run (default: built from ``spec.executor``); closed on return.
         entrypoint: overrides ``spec.entrypoint`` (a ``"module:function"`` string, or a
             callable; with the ``process``/``submitit`` executors it must be picklable).
         retry_failed: run failed cells again (default); False keeps their failed rows.
@@ -258,12 +282,16 @@ def run_sweep(
 
     sweep_dir = Path(out_dir) if out_dir is not None else spec.output_dir()
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    executor = executor or build_executor(spec, sweep_dir)
     lock = file_lock(sweep_dir / ".sweep.lock", blocking=False)
     try:
         lock.__enter__()
     except BlockingIOError as e:
+        executor.close()
         raise RuntimeError(f"another sweep is already running in {sweep_dir}") from e
+    chosen = entrypoint if entrypoint is not None else spec.entrypoint
     try:
+        executor.start(spec.max_cells(), preload=entrypoint_preload(chosen))
         cells = spec.expand()
         results.write_json(
             sweep_dir / results.MANIFEST,
@@ -285,7 +313,7 @@ def run_sweep(
                     cell.settings(),
                     cell.config,
                     str(cell_dir),
-                    entrypoint if entrypoint is not None else spec.entrypoint,
+                    chosen,
                     attribute=spec.attribute,
                 )
             )
@@ -293,7 +321,6 @@ def run_sweep(
             "sweep %s in %s: %d cells, %d to run", spec.name, sweep_dir, len(cells), len(jobs)
         )
         results.write_tables(sweep_dir)
-        executor = executor or build_executor(spec, sweep_dir)
         outcomes = executor.map_unordered(execute_cell, jobs)
         for job, outcome in tqdm(
             outcomes, total=len(jobs), desc=f"sweep {spec.name}", disable=not progress
@@ -306,4 +333,5 @@ def run_sweep(
                 on_result(job, outcome)
         return results.write_tables(sweep_dir)
     finally:
+        executor.close()
         lock.__exit__(None, None, None)
