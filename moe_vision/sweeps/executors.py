@@ -10,8 +10,10 @@ timed out). The sweep runner (:mod:`moe_vision.sweeps.sweep`) turns exceptions i
   (one single-process ``concurrent.futures.ProcessPoolExecutor`` per worker, so a crash — even
   a segfault or the OOM killer — is attributed to exactly that item, the others go on, and the
   dead worker is replaced). Process start-up and imports (seconds: torch, transformers, timm
-  and open_clip on a laptop CPU) are paid once per worker, not once per cell;
-  ``reuse=False`` starts a fresh process for every item.
+  and open_clip on a laptop CPU) are paid once per worker, not once per cell, and
+  :meth:`Executor.start` begins them before the first item exists (the sweep runner calls it
+  before expanding its grid, so the two overlap); ``reuse=False`` starts a fresh process for
+  every item.
   Workers die with the sweep: each leads its own process group and runs a watchdog thread
   that kills the group (the worker and anything it started) as soon as its parent is gone,
   even after ``kill -9`` of the sweep (:func:`_watch_parent`).
