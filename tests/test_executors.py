@@ -34,7 +34,9 @@ def loaded(module: str) -> bool:
     return module in sys.modules
 
 
-def test_started_workers_import_the_preload_before_the_first_item() -> None:
+def test_started_workers_import_the_preload_before_the_first_item(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     executor = ProcessExecutor(workers=2, threads=1)
     executor.start(1, preload=("colorsys",))  # one cell to run: one worker readied, not two
     assert len(executor._ready) == 1
@@ -42,11 +44,19 @@ def test_started_workers_import_the_preload_before_the_first_item() -> None:
     assert executor._ready == []  # map_unordered took the readied worker and shut it down
     fresh = ProcessExecutor(workers=1, threads=1)  # not started: a bare worker
     assert dict(fresh.map_unordered(loaded, ["colorsys"])) == {"colorsys": False}
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one core left by the caller: one worker
+    two_cores = ProcessExecutor(workers=2, threads=1)
+    two_cores.start(5)
+    assert len(two_cores._ready) == 1
+    two_cores.close()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     unused = ProcessExecutor(workers=2, threads=1)
     unused.start(5, preload=("no_such_module_here",))  # a failing preload is not fatal
     assert len(unused._ready) == 2
-    unused.close()
-    assert unused._ready == []
+    processes = [proc for pool in unused._ready for proc in pool._processes.values()]
+    unused.close()  # e.g. the grid failed to expand: the workers go at once, not after imports
+    assert unused._ready == [] and len(processes) == 2
+    assert not any(proc.is_alive() for proc in processes)
 
 
 def test_registry() -> None:

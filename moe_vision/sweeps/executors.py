@@ -211,17 +211,27 @@ class ProcessExecutor(Executor):
         )
 
     def start(self, workers: int, preload: Sequence[str] = ()) -> None:
-        """Spawn ``min(workers, self.workers)`` workers now; each imports ``preload`` first
-        (torch, transformers and the zoo: about 10 s on a laptop CPU, then paid while the
-        sweep expands its grid instead of after)."""
-        while len(self._ready) < min(int(workers), self.workers):
+        """Spawn ``min(workers, self.workers)`` workers now, at most one per core that this
+        process leaves free (more would slow this process's own imports: on 2 cores, one); each
+        imports ``preload`` first (torch, transformers and the zoo: about 9 s on a laptop CPU,
+        then paid while the sweep expands its grid instead of after). The others start with
+        their first item, as without :meth:`start`."""
+        spare_cores = max(1, (os.cpu_count() or 1) - 1)
+        while len(self._ready) < min(int(workers), self.workers, spare_cores):
             pool = self._new_worker()
             pool.submit(_preload, tuple(preload))  # starts the process; the cell queues behind
             self._ready.append(pool)
 
     def close(self) -> None:
+        """Stop the readied workers now, mid-import if need be: none has run an item yet, and
+        waiting for their imports would hold up a sweep that failed to expand (a typo)."""
         while self._ready:
-            _retire(self._ready.pop())
+            pool = self._ready.pop()
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.kill()
+                process.join()
 
     def map_unordered(
         self, fn: Callable[[T], Any], items: Sequence[T]
