@@ -155,6 +155,10 @@ def test_cell_id_is_a_hash_of_the_resolved_config(names: tuple[str, str, str]) -
     quiet = {**cfg, "train": {"progress_bar": False, "lr": 1}}
     assert config_hash(quiet) == config_hash({**cfg, "train": {"lr": 1}})
     assert config_hash(quiet) != config_hash({**cfg, "train": {"lr": 2}})
+    # an option added later leaves finished cells' ids alone at its default, not when set
+    eager = {**cfg, "train": {"lr": 1, "compile_llm": False}}
+    assert config_hash(eager) == config_hash({**cfg, "train": {"lr": 1}})
+    assert config_hash({**cfg, "train": {"lr": 1, "compile_llm": True}}) != config_hash(eager)
 
 
 def test_new_local_weights_are_a_new_cell(tmp_path: Path) -> None:

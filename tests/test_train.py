@@ -224,3 +224,62 @@ def test_stage_optimiser_is_torchs_fused_adamw_with_the_stage_groups() -> None:
     assert not fused_adamw_supported([])
     assert not fused_adamw_supported([torch.zeros(3, dtype=torch.long)])
     assert not fused_adamw_supported([torch.zeros(3, device="meta")])
+
+
+def test_compiled_llm_blocks_train_like_eager_and_evaluate_without_compiling(
+    bench, tmp_path
+) -> None:
+    """``train.compile_llm``: the LLM's decoder blocks compiled in place (names unchanged), a
+    training step with the same loss and gradients as eager, one graph for every batch length,
+    evaluation under ``eager()`` compiling nothing; through the trainer, the blocks end compiled."""
+    from torch._dynamo.utils import counters
+
+    from moe_vision.training.steps import compile_llm_blocks, eager, repeated_blocks
+
+    compiled, reference = _model(), _model()
+    names = list(compiled.state_dict())
+    blocks = compiled.llm.config.num_hidden_layers
+    assert compile_llm_blocks(compiled) == blocks == compile_llm_blocks(compiled)
+    assert list(compiled.state_dict()) == names
+    ds = DatasetCache(RunConfig(), {"instruct": bench.split("instruct")}, bench.images)
+    data = ds("instruct", compiled)
+    for size in (2, 3):  # two batches, two text lengths
+        batch = data.collate([data[i] for i in range(size)])
+        losses, grads = [], []
+        for model in (compiled, reference):
+            model.zero_grad(set_to_none=True)
+            loss = model(
+                **{k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
+                images=batch["images"],
+            ).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+        assert grads[0].keys() == grads[1].keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled.eval()
+    with eager(), torch.no_grad():
+        out = compiled(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            images=batch["images"],
+        ).logits
+    assert counters["stats"]["unique_graphs"] == graphs
+    reference.eval()
+    with torch.no_grad():
+        expected = reference(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            images=batch["images"],
+        ).logits
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    model = _model()
+    recipe = get_recipe("llava").with_overrides({"*": {"max_steps": 1, "batch_size": 2}})
+    _trainer(model, recipe, bench, tmp_path / "run", compile_llm=True).fit()
+    assert all(b._compiled_call_impl is not None for b in repeated_blocks(model.llm))
+    with pytest.raises(TypeError, match="no repeated LLM blocks"):
+        compile_llm_blocks(torch.nn.Linear(2, 2))

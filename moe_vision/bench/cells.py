@@ -18,7 +18,9 @@ timings (``time/*`` of its metrics row, :class:`~moe_vision.training.trainer.Ste
 ``share_training_steps = train_steps_s / cell_wall_s``. Then the tiny configuration's training
 step alone (the cell's model, batch size and threads; experts frozen and their maps given, the
 LLM and projector training as in the cell's longest stage): achieved FLOP/s (forward + backward
-counted with ``FlopCounterMode``) against the fp32 matmul peak measured at the same thread count.
+counted with ``FlopCounterMode``) against the fp32 matmul peak measured at the same thread count,
+and the same step with the LLM's blocks compiled (``train.compile_llm``): ``compile_s`` (the
+first compiled step) and ``compiled_speedup`` (eager step time over compiled).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from moe_vision.bench.core import (
     measure_matmul_peak,
     register_section,
 )
+from moe_vision.training.steps import compile_llm_blocks, fused_adamw_supported
 
 
 def default_cell_spec(cfg: BenchConfig) -> dict[str, Any]:
@@ -106,10 +109,17 @@ def cell_breakdown(wall: float, row: dict[str, Any]) -> dict[str, float]:
 
 
 def training_step_fraction_of_peak(
-    model_cfg: dict[str, Any], batch_size: int, threads: int, work: Path, repeats: int = 5
+    model_cfg: dict[str, Any],
+    batch_size: int,
+    threads: int,
+    work: Path,
+    repeats: int = 5,
+    compile_llm: bool = False,
 ) -> dict[str, float]:
     """Achieved FLOP/s of the tiny configuration's frozen-expert training step (LLM + projector
-    train, experts' maps given, AdamW) and the fp32 matmul peak, both at ``threads``."""
+    train, experts' maps given, the stages' fused AdamW) and the fp32 matmul peak, both at
+    ``threads``; with ``compile_llm``, then the same step with the LLM's blocks compiled
+    (``compile_s``: the first compiled step; ``compiled_step_s``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from moe_vision.model.mllm import MoEVisionModel
@@ -127,7 +137,7 @@ def training_step_fraction_of_peak(
         with torch.no_grad():
             maps = {i: e(batch["images"][i]) for i, e in enumerate(model.experts)}
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused_adamw_supported(params))
 
         def loss() -> torch.Tensor:
             return model(
@@ -149,10 +159,16 @@ def training_step_fraction_of_peak(
 
         seconds = _median_time(step, cpu, repeats, 2)
         peak = measure_matmul_peak(1024, cpu)
+        found = {"step_s": seconds, "achieved": counter.get_total_flops() / seconds, "peak": peak}
+        if compile_llm:
+            compile_llm_blocks(model)
+            start = time.perf_counter()
+            step()
+            found["compile_s"] = time.perf_counter() - start
+            found["compiled_step_s"] = _median_time(step, cpu, repeats, 2)
     finally:
         torch.set_num_threads(before)
-    achieved = counter.get_total_flops() / seconds
-    return {"step_s": seconds, "achieved": achieved, "peak": peak}
+    return found
 
 
 @register_section("cells")
@@ -179,7 +195,9 @@ def bench_cells(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict
     model_cfg.update(spec.get("model") or {})
     overrides = (spec.get("run") or {}).get("overrides") or {}
     batch = int(overrides.get("*", {}).get("batch_size", cfg.batch_size))
-    found = training_step_fraction_of_peak(model_cfg, batch, threads, work, cfg.repeats)
+    found = training_step_fraction_of_peak(
+        model_cfg, batch, threads, work, cfg.repeats, compile_llm=cfg.cell_compile
+    )
     step_note = (
         f"frozen-expert training step (LLM + projector train, maps given), batch {batch}, "
         f"{threads} thread(s); fp32 matmul peak measured at the same thread count"
@@ -191,5 +209,9 @@ def bench_cells(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict
         "matmul_peak_flops_per_s": (found["peak"], "FLOP/s"),
         "fraction_of_peak": (found["achieved"] / found["peak"], "x"),
     }
+    if "compiled_step_s" in found:  # train.compile_llm: the first step compiles
+        step["compile_s"] = (found["compile_s"], "s")
+        step["compiled_step_s"] = (found["compiled_step_s"], "s")
+        step["compiled_speedup"] = (found["step_s"] / found["compiled_step_s"], "x")
     rows += [bench_row("cells", name, k, v, u, cpu, step_note) for k, (v, u) in step.items()]
     return rows

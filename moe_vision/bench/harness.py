@@ -81,6 +81,8 @@ class BenchConfig:
             forward-vs-read timing.
         cell_overrides: sweep-spec fields replacing the default sweep's in the ``cells`` section
             (``None``: the default sweep's first cell as it is).
+        cell_compile: also time the cell's training step with the LLM's blocks compiled
+            (``train.compile_llm``): compile time and speed-up over eager.
         real_model: ModelConfig dict of the real-size configuration (``None``: skip it).
         real_batch_size: its batch size.
         real_steps: its timed steps.
@@ -125,6 +127,7 @@ class BenchConfig:
     )
     cache_real_sweep: bool = True
     cell_overrides: dict[str, Any] | None = None
+    cell_compile: bool = True
     real_model: dict[str, Any] | None = field(default_factory=lambda: copy.deepcopy(REAL_MODEL))
     real_batch_size: int = 1
     real_steps: int = 2

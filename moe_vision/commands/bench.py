@@ -70,6 +70,7 @@ def quick_config():  # noqa: ANN201 - BenchConfig, imported lazily
             },
             "executor": {"kind": "inline", "threads": 1},
         },
+        cell_compile=False,  # compiling takes ~1 minute even for tiny shapes
     )
     cfg.data = DataBenchConfig(records=[2_000], throughput_batches=4)  # the "data" section's
     return cfg

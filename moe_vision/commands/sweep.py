@@ -9,7 +9,8 @@ and :mod:`moe_vision.sweeps.sweep`) and flags override the default; flags win ov
     moe-vision sweep sweeps/eagle_experts.yaml --executor process --workers 2
     moe-vision sweep --base clip-tiny --pool convnext-tiny,sam-tiny --k 2 \\
         --fusions channel_concat,sequence_append --seeds 0,1
-    moe-vision sweep --set model.llm=tiny-llama --set train.max_steps=20
+    moe-vision sweep --set model.llm=tiny-llama --set 'run.overrides.*.max_steps=20' \\
+        --set run.train.compile_llm=true
 
 The console shows one progress bar, one line per finished cell (name, status, overall
 accuracy, wall time), each distinct warning once, and the per-setting table (mean over seeds

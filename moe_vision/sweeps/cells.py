@@ -42,16 +42,30 @@ def _slug(text: str, limit: int = 80) -> str:
     return slug[:limit]
 
 
+OMITTED_AT_DEFAULT: Mapping[str, Any] = {"train.compile_llm": False}
+"""Dotted run-config keys added after cells were published, with their defaults: left out of the
+cell id's hash while at the default, so finished cells keep their ids (a key set to another
+value is hashed: a compiled run computes in other last bits)."""
+
+
+def _pop_dotted(config: dict[str, Any], dotted: str, only_if: Any = ...) -> None:
+    """Remove ``dotted`` from ``config`` (when its value is ``only_if``, if given)."""
+    *parents, last = dotted.split(".")
+    node: Any = config
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and last in node and (only_if is ... or node[last] == only_if):
+        node.pop(last)
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
-    """Stable hash of a run config (canonical JSON, sorted keys, ``RUNTIME_KEYS`` left out)."""
+    """Stable hash of a run config (canonical JSON, sorted keys, ``RUNTIME_KEYS`` left out, and
+    ``OMITTED_AT_DEFAULT`` keys while at their defaults)."""
     identity = copy.deepcopy(dict(config))
     for dotted in RUNTIME_KEYS:
-        *parents, last = dotted.split(".")
-        node: Any = identity
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
+        _pop_dotted(identity, dotted)
+    for dotted, default in OMITTED_AT_DEFAULT.items():
+        _pop_dotted(identity, dotted, only_if=default)
     weights = weights_identity(identity)
     if weights:  # cells on local weights: new weights are a new cell, not a stale result
         identity["_weights"] = weights

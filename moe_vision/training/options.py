@@ -51,6 +51,13 @@ class TrainOptions:
         group_by_length: batches of records of similar length
             (:class:`~moe_vision.training.samplers.LengthGroupedBatchSampler`): less padding on
             data whose conversations vary in length (LLaVA's ``group_by_modality_length``).
+        compile_llm: compile the LLM's repeated decoder blocks in place
+            (:func:`~moe_vision.training.steps.compile_llm_blocks`: regional ``torch.compile``,
+            dynamic shapes) for the training steps; evaluation runs eagerly. Results differ
+            from eager in the last bits. Measured on a 2-core CPU (README, "Cheap cells"): a
+            tiny step ~1.2x faster, for ~35 s of compiling per process and stage kind from a
+            cold inductor cache, so it pays from a few thousand steps per process (a sweep
+            worker's cells share it), not for one short cell.
         find_unused_parameters: DDP's per-step detection of parameters without gradient.
             Off by default: in data-parallel runs the trainer instead freezes, once per stage,
             the trainable parameters the loss never reaches
@@ -70,6 +77,7 @@ class TrainOptions:
     progress_bar: bool = True
     find_unused_parameters: bool = False
     group_by_length: bool = False
+    compile_llm: bool = False
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):

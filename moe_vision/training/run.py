@@ -72,6 +72,7 @@ from moe_vision.training.run_metrics import (  # noqa: F401 - re-exported: the r
     metrics_row,
     peak_memory_mb,
 )
+from moe_vision.training.steps import eager
 from moe_vision.training.trainer import (  # noqa: F401 - TrainOptions re-exported
     StepHook,
     Trainer,
@@ -235,31 +236,32 @@ def run_experiment(
 
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
-        model.eval()
-        _save_model(model, out)
+        with eager():  # compiled LLM blocks (train.compile_llm) run eagerly here
+            model.eval()
+            _save_model(model, out)
 
-        eval_path = datasets.path(cfg.data.eval_split)
-        t0 = time.perf_counter()
-        result = evaluate(
-            model,
-            eval_path,
-            image_root,
-            batch_size=cfg.eval_batch_size,
-            on_bad_record=cfg.data.on_bad_record,  # type: ignore[arg-type]
-            limit=cfg.data.eval_limit,
-            allow_outside_root=cfg.data.allow_outside_root,
-            max_image_pixels=cfg.data.max_image_pixels,
-            cache=cache,
-        )
-        atomic_write(
-            out / "skipped_eval.jsonl",
-            "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in result.skipped),
-        )
-        eval_time = time.perf_counter() - t0
-        atomic_write(out / "predictions.json", json.dumps(result.predictions, indent=1))
-        metrics = metrics_row(result, model, trainer, reports, datasets, cache, eval_time)
-        atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
-        logger.info("run %s: overall accuracy %.3f", out, metrics["accuracy/overall"])
+            eval_path = datasets.path(cfg.data.eval_split)
+            t0 = time.perf_counter()
+            result = evaluate(
+                model,
+                eval_path,
+                image_root,
+                batch_size=cfg.eval_batch_size,
+                on_bad_record=cfg.data.on_bad_record,  # type: ignore[arg-type]
+                limit=cfg.data.eval_limit,
+                allow_outside_root=cfg.data.allow_outside_root,
+                max_image_pixels=cfg.data.max_image_pixels,
+                cache=cache,
+            )
+            atomic_write(
+                out / "skipped_eval.jsonl",
+                "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in result.skipped),
+            )
+            eval_time = time.perf_counter() - t0
+            atomic_write(out / "predictions.json", json.dumps(result.predictions, indent=1))
+            metrics = metrics_row(result, model, trainer, reports, datasets, cache, eval_time)
+            atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+            logger.info("run %s: overall accuracy %.3f", out, metrics["accuracy/overall"])
         accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     accelerator.wait_for_everyone()
     accelerator.end_training()

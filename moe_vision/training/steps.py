@@ -9,6 +9,7 @@ activation checkpointing (:func:`enable_gradient_checkpointing`) and seeding
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -124,6 +125,39 @@ def freeze_unreached(model: nn.Module, dataset: Any, device: torch.device, unit:
             ", ".join(unreached[:3]),
         )
     return unreached
+
+
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The longest ``nn.ModuleList`` under ``module`` whose entries are all of one class (an
+    LLM's decoder layers); ``[]`` when there is none."""
+    best: list[nn.Module] = []
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList) and len(child) > max(1, len(best)):
+            if len({type(block) for block in child}) == 1:
+                best = list(child)
+    return best
+
+
+def compile_llm_blocks(model: nn.Module) -> int:
+    """Compile the LLM's decoder blocks in place (``nn.Module.compile``, ``dynamic=True``: one
+    graph for every batch length; regional compilation, so the blocks share it and a new model
+    of the same class in this process reuses it). Parameter names do not change, so
+    checkpoints are unaffected. Returns how many blocks are compiled (already compiled ones are
+    left as they are)."""
+    blocks = repeated_blocks(getattr(model, "llm", model))
+    if not blocks:
+        raise TypeError(f"{type(model).__name__}: no repeated LLM blocks to compile")
+    for block in blocks:
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile(dynamic=True)
+    return len(blocks)
+
+
+def eager() -> contextlib.AbstractContextManager[Any]:
+    """Run compiled modules eagerly inside the block (evaluation and generation would otherwise
+    compile graphs of their own: no grad, a KV cache)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

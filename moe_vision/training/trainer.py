@@ -74,6 +74,7 @@ from moe_vision.training.resume import (  # load_weights: also the trainer's API
 from moe_vision.training.samplers import EpochBatchSampler, batch_sampler
 from moe_vision.training.steps import (  # batch_loss: also the trainer's API
     batch_loss,
+    compile_llm_blocks,
     enable_gradient_checkpointing,
     freeze_unreached,
     make_optimizer,
@@ -268,6 +269,8 @@ class Trainer:
         groups = apply_stage(model, stage)
         if self.options.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if self.options.compile_llm:
+            compile_llm_blocks(model)
         model.train()
         dataset = self.datasets(stage.data, model)
         if acc.num_processes > 1 and not self.options.find_unused_parameters:
