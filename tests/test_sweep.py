@@ -432,6 +432,9 @@ def test_workers_start_before_the_grid_expands_and_close_after(
     run_sweep(spec, tmp_path / "sweep", executor=_RecordingExecutor(events), progress=False)
     assert events == [("start", 4, ("test_sweep",)), ("expand",), ("close",)]
     assert len(_calls(tmp_path)) == 4
+    events.clear()  # all finished: the readied workers are stopped before any item is run
+    run_sweep(spec, tmp_path / "sweep", executor=_RecordingExecutor(events), progress=False)
+    assert events == [("start", 4, ("test_sweep",)), ("expand",), ("close",), ("close",)]
     assert entrypoint_preload(run_cell) == ("moe_vision.sweeps.sweep", *run_cell.preload)
     events.clear()
     spec.fusions = spec.fusions[:1] + [type(spec.fusions[0])(name="no_such_fusion")]

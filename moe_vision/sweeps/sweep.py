@@ -321,6 +321,8 @@ def run_sweep(
             "sweep %s in %s: %d cells, %d to run", spec.name, sweep_dir, len(cells), len(jobs)
         )
         results.write_tables(sweep_dir)
+        if not jobs:  # every cell finished before: stop the readied workers mid-import
+            executor.close()
         outcomes = executor.map_unordered(execute_cell, jobs)
         for job, outcome in tqdm(
             outcomes, total=len(jobs), desc=f"sweep {spec.name}", disable=not progress
