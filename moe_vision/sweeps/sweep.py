@@ -241,12 +241,14 @@ def start_executor(
     spec: SweepSpec,
     out_dir: str | os.PathLike[str] | None = None,
     entrypoint: str | Entrypoint | None = None,
+    executor: Executor | None = None,
 ) -> Executor:
-    """The executor of ``spec.executor`` with its workers already starting (their imports then
-    overlap the caller's own start-up and grid expansion); pass it to :func:`run_sweep`, which
-    closes it."""
-    sweep_dir = Path(out_dir) if out_dir is not None else spec.output_dir()
-    executor = build_executor(spec, sweep_dir)
+    """``executor`` (default: the one of ``spec.executor``) with its workers already starting
+    and importing ``entrypoint``'s modules, so that their start-up overlaps the caller's own and
+    the grid's expansion; pass it to :func:`run_sweep`, which closes it."""
+    if executor is None:
+        sweep_dir = Path(out_dir) if out_dir is not None else spec.output_dir()
+        executor = build_executor(spec, sweep_dir)
     chosen = entrypoint if entrypoint is not None else spec.entrypoint
     executor.start(spec.max_cells(), preload=entrypoint_preload(chosen))
     return executor
@@ -291,7 +293,7 @@ def run_sweep(
         raise RuntimeError(f"another sweep is already running in {sweep_dir}") from e
     chosen = entrypoint if entrypoint is not None else spec.entrypoint
     try:
-        executor.start(spec.max_cells(), preload=entrypoint_preload(chosen))
+        start_executor(spec, sweep_dir, chosen, executor)
         cells = spec.expand()
         results.write_json(
             sweep_dir / results.MANIFEST,

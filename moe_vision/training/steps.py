@@ -53,7 +53,7 @@ def batch_loss(
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 """Where the stages' AdamW runs torch's fused kernel (one kernel over all tensors instead of a
-Python loop per tensor: a tiny CPU step is ~15% faster at 2 threads, ``moe-vision bench``)."""
+Python loop per tensor: a tiny CPU step took 47 ms instead of 56 at 2 threads, back to back)."""
 
 
 def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
