@@ -74,6 +74,18 @@ def test_matmul_peak_and_memory_are_positive() -> None:
     del block
 
 
+def test_bench_help_names_every_registered_section_in_run_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from moe_vision.commands.bench import SECTIONS
+
+    assert SECTIONS == tuple(bench.list_sections())
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"({', '.join(SECTIONS)}; default: all)" in help_text
+
+
 def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.csv"
     assert main(["bench", "--quick", "--out", str(out)]) == 0

@@ -1,5 +1,17 @@
-"""``moe-vision bench``: measure platform overhead, feature-cache speed-up and training
-throughput (see :mod:`moe_vision.bench`); writes ``results/bench.csv`` and prints it."""
+"""``moe-vision bench``: speed and memory as ratios within one run (see :mod:`moe_vision.bench`);
+writes ``results/bench.csv`` and prints it.
+
+Sections, in run order: ``overhead`` (the platform against the same computation written by
+hand), ``throughput`` (training samples/s and fraction of peak, tiny and real size), ``cells``
+(where a default sweep cell's wall time goes; the step's fraction of peak), ``data`` (a
+million-record JSONL through the indexed dataset), ``feature_cache`` (cached against uncached
+frozen-expert sweeps, tiny and real size), ``gpu`` (an Eagle-like configuration on CUDA; a
+skipped row without it), ``lora`` (optimiser memory of a real-size SFT stage, full weights
+against LoRA) and ``tiling`` (what tiling costs in tokens, FLOPs and time)::
+
+    moe-vision bench --sections cells,feature_cache
+    moe-vision bench --quick          # every section at tiny sizes: a smoke test
+"""
 
 from __future__ import annotations
 
@@ -7,20 +19,25 @@ import argparse
 
 from moe_vision.commands import comma_list
 
+#: The bench's sections in run order, named here so ``--help`` stays fast (no torch import);
+#: a test checks them against :func:`moe_vision.bench.list_sections`.
+SECTIONS = ("overhead", "throughput", "cells", "data", "feature_cache", "gpu", "lora", "tiling")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="benchmark overhead, feature cache and throughput; writes results/bench.csv",
+        help="benchmark overhead, throughput, cells, feature cache, data, tiling, LoRA, GPU; "
+        "writes results/bench.csv",
         description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="results/bench.csv", help="CSV path (default: %(default)s)")
     p.add_argument(
         "--sections",
         type=comma_list,
         default=None,
-        help="comma-separated subset of the sections (overhead, throughput, feature_cache, "
-        "cells, gpu, ...; default: all)",
+        help=f"comma-separated subset of the sections ({', '.join(SECTIONS)}; default: all)",
     )
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument(
