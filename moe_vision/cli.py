@@ -10,6 +10,11 @@ configurations, recipes, checkpoints, run configs, missing user files) and any `
 ``KeyError`` / ``FileNotFoundError`` raised by this project's own code, which raises them where
 bad input enters (:func:`user_error`). Anything else is a bug and keeps its traceback;
 ``moe-vision -v`` shows the traceback of input errors too.
+
+Ctrl-C ends a command with one line and exit code 130 (``-v``: the traceback): ``interrupted``,
+followed by what was kept and how to go on when the command said so by setting
+``args.interrupt_hint`` (a string, or a callable returning one at the moment of the interrupt),
+as ``train`` (``--resume``) and ``sweep`` (finished cells are kept) do.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from moe_vision import commands
 from moe_vision.console import configure_console
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 _OWN_CODE = tuple(
     str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("experts", "fusion", "moe_vision")
 )
@@ -70,6 +76,14 @@ def user_error(err: BaseException) -> str | None:
     return str(err) or type(err).__name__
 
 
+def interrupted_message(args: argparse.Namespace) -> str:
+    """``interrupted`` and, when the command set ``args.interrupt_hint``, what was kept and how
+    to go on (the hint may be a callable, evaluated now)."""
+    hint = getattr(args, "interrupt_hint", None)
+    text = hint() if callable(hint) else hint
+    return f"interrupted: {text}" if text else "interrupted"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-vision",
@@ -96,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        _close_progress_bars()
+        print(interrupted_message(args), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         message = None if args.verbose else user_error(err)
         if message is None:

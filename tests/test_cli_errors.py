@@ -44,6 +44,12 @@ def test_unknown_expert_and_impossible_fusion(capsys, tmp_path) -> None:
     assert "fusion 'mr_adapter' needs a high-resolution convolutional expert" in line
 
 
+def test_switching_the_sweeps_executor_kind_names_the_option_that_does_not_fit(capsys) -> None:
+    line = _bad_input(capsys, ["sweep", "--set", "executor.kind=inline"])  # keeps workers: 2
+    assert line.startswith("error: executor 'inline' takes no option 'workers' (its options: ")
+    assert "--set 'executor={kind: inline}'" in line
+
+
 def test_verbose_shows_the_traceback(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="run config not found"):
         cli.main(["-v", "train", "--config", str(tmp_path / "nope.yaml"), "--out", "x"])

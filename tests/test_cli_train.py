@@ -27,6 +27,23 @@ def config_file(tmp_path):
     return path
 
 
+def test_ctrl_c_during_training_says_how_to_resume(tmp_path, config_file, capsys, monkeypatch):
+    import moe_vision.training.run as run_module
+    from moe_vision.cli import EXIT_INTERRUPTED
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_experiment", interrupted)
+    out = tmp_path / "r"
+    assert main(["train", "--config", str(config_file), "--out", str(out)]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"interrupted: `moe-vision train --out {out} --resume` continues from the run's last "
+        "checkpoint"
+    ]
+
+
 def test_train_then_eval(tmp_path, config_file, capsys) -> None:
     out = tmp_path / "runs" / "x"
     argv = ["train", "--config", str(config_file), "--out", str(out)]

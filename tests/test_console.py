@@ -19,12 +19,16 @@ import pytest
 from moe_vision.console import RUN_LOG, logs_to_run_folder, new_warnings, run_log
 
 ENTRY = "test_console:noisy_cell"
+INTERRUPT_FUSIONS: set[str] = set()  # noisy_cell raises KeyboardInterrupt (Ctrl-C) for these
 
 
 @logs_to_run_folder
 def noisy_cell(config: dict, cell_dir: Path) -> dict:
     """Injected entrypoint: logs like a training run, returns an accuracy."""
     from transformers.utils import logging as hf_logging
+
+    if config["model"]["fusion"] in INTERRUPT_FUSIONS:
+        raise KeyboardInterrupt
 
     log = logging.getLogger("moe_vision.training.trainer")
     for step in range(20):
@@ -120,6 +124,43 @@ def test_sweep_console_is_short_and_the_run_logs_hold_the_rest(tmp_path, console
         text = log.read_text()
         assert "INFO moe_vision.training.trainer: step 19 of" in text
         assert "transformers says hi" in text and "a python warning" in text
+
+
+def test_ctrl_c_ends_a_sweep_in_one_line_and_the_same_command_runs_the_rest(
+    tmp_path, console, capsys, monkeypatch
+):
+    import importlib
+
+    from moe_vision.cli import EXIT_INTERRUPTED, main
+
+    module = importlib.import_module(ENTRY.split(":")[0])  # the entrypoint's own module object
+    monkeypatch.setattr(module, "INTERRUPT_FUSIONS", {"sequence_append"})  # the second cell
+    assert main(_sweep_args(tmp_path)) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    said = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
+    folder = tmp_path / "sweep"
+    assert said == [
+        f"interrupted: 1 of 2 cells finished, kept in {folder}; the same command runs the rest"
+    ]
+    monkeypatch.setattr(module, "INTERRUPT_FUSIONS", set())
+    assert main(_sweep_args(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "2 cells (1 finished before)" in out
+    assert [ln for ln in out.splitlines() if ln.startswith("[")] == [
+        ln for ln in out.splitlines() if ln.startswith("[2/2]") and "sequence_append" in ln
+    ]
+
+
+def test_ctrl_c_with_verbose_keeps_the_traceback(tmp_path, console, monkeypatch):
+    import importlib
+
+    from moe_vision.cli import main
+
+    module = importlib.import_module(ENTRY.split(":")[0])
+    monkeypatch.setattr(module, "INTERRUPT_FUSIONS", {"channel_concat"})
+    with pytest.raises(KeyboardInterrupt):
+        main(_sweep_args(tmp_path, "-v"))
 
 
 def test_verbose_sweep_shows_the_library_logging(tmp_path, console, capsys):

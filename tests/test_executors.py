@@ -59,13 +59,26 @@ def test_started_workers_import_the_preload_before_the_first_item(
     assert not any(proc.is_alive() for proc in processes)
 
 
+def tqdm_lock_module(_: object) -> str:
+    """Module-level (picklable): where the type of this process's tqdm write lock comes from."""
+    from tqdm.auto import tqdm
+
+    return type(tqdm.get_lock()).__module__
+
+
+def test_workers_write_progress_bars_under_a_thread_lock() -> None:
+    """tqdm's default lock is a named semaphore: a worker killed mid-cell would leak it."""
+    outcome = dict(ProcessExecutor(workers=1, threads=1).map_unordered(tqdm_lock_module, [0]))
+    assert outcome[0] == "_thread"  # threading.RLock; tqdm's own would be "tqdm.std"
+
+
 def test_registry() -> None:
     assert {"inline", "process", "submitit"} <= set(list_executors())
     assert isinstance(create_executor("process", workers=2), ProcessExecutor)
     with pytest.raises(KeyError, match="valid executors"):
         create_executor("kubernetes")
-    with pytest.raises(TypeError, match="bad options"):
-        create_executor("inline", workers=3)  # inline takes only threads
+    with pytest.raises(ValueError, match=r"executor 'inline' takes no option 'workers' \(its opt"):
+        create_executor("inline", workers=3, threads=1)  # inline takes only threads
     with pytest.raises(ValueError, match="workers must be >= 1"):
         ProcessExecutor(workers=0)
 
@@ -144,12 +157,15 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.timeout(120)
-def test_workers_die_with_a_killed_sweep(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_workers_die_with_a_killed_sweep(tmp_path: Path, stop: signal.Signals) -> None:
+    """SIGKILL: no cleanup runs in the sweep process, the workers' watchdogs end them. SIGINT
+    (Ctrl-C): the sweep stops its running cells at once and exits, instead of waiting for them."""
     script = tmp_path / "sweep.py"
     script.write_text(WORKER_SCRIPT)
     pids = tmp_path / "pids"
     pids.mkdir()
-    main = subprocess.Popen([sys.executable, str(script), str(pids)])
+    main = subprocess.Popen([sys.executable, str(script), str(pids)], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90
         while len(list(pids.iterdir())) < 2:
@@ -158,8 +174,10 @@ def test_workers_die_with_a_killed_sweep(tmp_path: Path) -> None:
             time.sleep(0.2)
         started = [int(p) for f in pids.iterdir() for p in f.name.split(".")]
         assert all(_alive(p) for p in started)
+        main.send_signal(stop)
+        main.wait(timeout=15)  # the cells would run for two more minutes
     finally:
-        main.kill()  # SIGKILL: no cleanup runs in the sweep process
+        main.kill()
         main.wait()
     deadline = time.monotonic() + 5
     while any(_alive(p) for p in started) and time.monotonic() < deadline:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -178,22 +178,24 @@ def cell_line(job: Any, row: Mapping[str, Any], done: int, total: int) -> str:
     return f"[{done}/{total}] {name}: FAILED{took}: {error} (see {job.cell_dir}/error.json)"
 
 
-def _reporter(total: int, finished: int) -> Callable[[Any, Mapping[str, Any]], None]:
-    """The per-cell console line plus the cell's warnings not said yet in this sweep."""
-    from tqdm.auto import tqdm
+class CellReporter:
+    """The per-cell console line plus the cell's warnings not said yet in this sweep; ``done``
+    counts the cells finished so far (before this sweep, and by it)."""
 
-    from moe_vision.console import RUN_LOG, new_warnings
+    def __init__(self, total: int, finished: int) -> None:
+        self.total = total
+        self.done = finished
+        self._seen: set[str] = set()
 
-    seen: set[str] = set()
-    done = [finished]
+    def __call__(self, job: Any, row: Mapping[str, Any]) -> None:
+        from tqdm.auto import tqdm
 
-    def report(job: Any, row: Mapping[str, Any]) -> None:
-        done[0] += 1
-        tqdm.write(cell_line(job, row, done[0], total))
-        for text in new_warnings(Path(job.cell_dir) / RUN_LOG, seen):
+        from moe_vision.console import RUN_LOG, new_warnings
+
+        self.done += 1
+        tqdm.write(cell_line(job, row, self.done, self.total))
+        for text in new_warnings(Path(job.cell_dir) / RUN_LOG, self._seen):
             tqdm.write(f"  warning (first seen in this cell; see its {RUN_LOG}): {text}")
-
-    return report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,7 +222,11 @@ def run(args: argparse.Namespace) -> int:
         (folder / results.CELLS_DIR / c.cell_id / results.METRICS_FILE).is_file() for c in cells
     )
     print(f"sweep {spec.name}: {len(cells)} cells ({finished} finished before), folder {folder}")
-    report = _reporter(len(cells), finished)
+    report = CellReporter(len(cells), finished)
+    args.interrupt_hint = lambda: (
+        f"{report.done} of {len(cells)} cells finished, kept in {folder}; "
+        "the same command runs the rest"
+    )
     df = run_sweep(spec, executor=executor, retry_failed=not args.no_retry_failed, on_result=report)
     if len(df) <= CELL_TABLE_ROWS or verbose:  # a long sweep: its cells were one line each above
         print(results.format_table(df))

@@ -213,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"{args.out} already holds a run; pass --resume to continue it or pick another --out"
         )
+    args.interrupt_hint = (
+        f"`moe-vision train --out {args.out} --resume` continues from the run's last checkpoint"
+    )
     metrics = run_experiment(cfg, args.out, resume=args.resume)
     if metrics:
         print(json.dumps(metrics, indent=1))

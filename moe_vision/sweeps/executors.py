@@ -29,6 +29,7 @@ is one class.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import inspect
 import logging
 import multiprocessing
 import os
@@ -69,14 +70,20 @@ def list_executors() -> list[str]:
 
 
 def create_executor(name: str, **options: Any) -> Executor:
-    """Build executor ``name`` with its options; unknown names and options raise clearly."""
+    """Build executor ``name`` with its options; an unknown name or option is a ``KeyError`` /
+    ``ValueError`` naming it and what the executor takes."""
     if name not in _EXECUTORS:
         raise KeyError(f"unknown executor {name!r}; valid executors are: {list_executors()}")
     cls = _EXECUTORS[name]
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise TypeError(f"executor {name!r}: bad options {sorted(options)} ({e})") from e
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"executor {name!r} takes no option {', '.join(map(repr, unknown))} (its options: "
+            f"{', '.join(valid) or 'none'}); to switch kinds with --set, give the whole executor, "
+            f"e.g. --set 'executor={{kind: {name}}}'"
+        )
+    return cls(**options)
 
 
 class Executor(ABC):
@@ -152,6 +159,27 @@ def _retire(pool: cf.ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _kill(pool: cf.ProcessPoolExecutor) -> None:
+    """Stop a worker now, mid-item if need be, with the processes its item started (a worker
+    leads its own process group). An item cut short leaves its folder unfinished, which the next
+    run of the sweep redoes or resumes. Without this, Ctrl-C would wait for the running cells, and
+    the interpreter's exit for the pool's threads."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the worker and what it started
+        except (AttributeError, ProcessLookupError, PermissionError):
+            process.kill()  # not yet its own group leader (or no process groups here)
+    # The pool's thread sees the dead worker, reaps it and frees its queues; waiting for it
+    # before joining keeps two threads from reaping one process (is_alive() could then lie).
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(timeout=10)
+    for process in processes:
+        process.join()
+
+
 def _preload(modules: tuple[str, ...]) -> None:
     """Import ``modules`` in a fresh worker; a failure is left for the first item to raise."""
     import importlib
@@ -179,6 +207,11 @@ def _init_worker(threads: int, log_level: int, parent_pid: int | None = None) ->
     )
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+    from tqdm import tqdm
+
+    # tqdm's default lock is a named semaphore, which a worker killed mid-item (Ctrl-C) leaks
+    # ("resource_tracker: ... leaked semaphore objects"); a worker's bars need no other process.
+    tqdm.set_lock(threading.RLock())
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
 
@@ -226,12 +259,7 @@ class ProcessExecutor(Executor):
         """Stop the readied workers now, mid-import if need be: none has run an item yet, and
         waiting for their imports would hold up a sweep that failed to expand (a typo)."""
         while self._ready:
-            pool = self._ready.pop()
-            processes = list((getattr(pool, "_processes", None) or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                process.kill()
-                process.join()
+            _kill(self._ready.pop())
 
     def map_unordered(
         self, fn: Callable[[T], Any], items: Sequence[T]
@@ -257,9 +285,9 @@ class ProcessExecutor(Executor):
                     else:
                         pool.shutdown(wait=True)
                     yield item, outcome
-        finally:
+        finally:  # the caller stopped early (Ctrl-C, an error): its running items go now
             for _, pool in running.values():
-                pool.shutdown(wait=False, cancel_futures=True)
+                _kill(pool)
             for pool in idle:
                 _retire(pool)
 
