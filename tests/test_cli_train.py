@@ -59,8 +59,11 @@ def test_train_then_eval(tmp_path, config_file, capsys) -> None:
     assert stages["finetune"]["lr"] == 0.01 and stages["pretrain"]["batch_size"] == 2
     assert stages["pretrain"]["max_steps"] == 1  # from the YAML config
 
-    with pytest.raises(SystemExit, match="--resume"):
-        main(["train", "--config", str(config_file), "--out", str(out)])
+    assert main(["train", "--config", str(config_file), "--out", str(out)]) == 2
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 2 and said[0] == (
+        f"error: {out} already holds a run; pass --resume to continue it or pick another --out"
+    )
     assert main(["train", "--out", str(out), "--resume"]) == 0  # finished: metrics read back
 
     assert main(["eval", "--run", str(out)]) == 0
@@ -86,8 +89,8 @@ def test_bad_flags_are_named(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--out", "x", "--data", "align.json"])
     assert "SPLIT=PATH" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no trained model"):
-        main(["eval", "--run", str(tmp_path)])
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "no trained model" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r"), "--recipe", "nope"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err  # one line, no traceback
 

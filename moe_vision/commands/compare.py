@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moe_vision.commands import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -40,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     side_a = ([args.run_a] if args.run_a else []) + args.a
     side_b = ([args.run_b] if args.run_b else []) + args.b
     if not side_a or not side_b:
-        raise SystemExit("moe-vision compare: give two runs (RUN_A RUN_B, or --a/--b)")
+        raise UsageError("moe-vision compare: give two runs (RUN_A RUN_B, or --a/--b)")
     if not 0 < args.confidence < 1:
-        raise SystemExit(f"--confidence must be in (0, 1), got {args.confidence}")
+        raise UsageError(f"--confidence must be in (0, 1), got {args.confidence}")
     table = results.compare(
         side_a[0] if len(side_a) == 1 else side_a,
         side_b[0] if len(side_b) == 1 else side_b,

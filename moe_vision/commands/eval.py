@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from moe_vision.commands import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -59,19 +61,19 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir = args.run / "model"
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"{args.run} holds no trained model ({model_dir}); has training finished?")
+        raise UsageError(f"{args.run} holds no trained model ({model_dir}); has training finished?")
     if args.image_root is not None and args.data is None:
-        raise SystemExit("--image-root needs --data")
+        raise UsageError("--image-root needs --data")
     if args.data is not None and args.image_root is None and not is_mixture(args.data):
-        raise SystemExit("--data needs --image-root (a mixture .yaml may name its own roots)")
+        raise UsageError("--data needs --image-root (a mixture .yaml may name its own roots)")
     if args.data is None:
         config = args.run / "config.yaml"
         if not config.is_file():
-            raise SystemExit(f"{config} not found: pass --data and --image-root")
+            raise UsageError(f"{config} not found: pass --data and --image-root")
         cfg = RunConfig.from_yaml(config)
         splits, image_root = cfg.data.resolve(cache_root(cfg))
         if cfg.data.eval_split not in splits:
-            raise SystemExit(f"eval split {cfg.data.eval_split!r} not in {sorted(splits)}")
+            raise UsageError(f"eval split {cfg.data.eval_split!r} not in {sorted(splits)}")
         data = splits[cfg.data.eval_split]
         args.allow_outside_root = args.allow_outside_root or cfg.data.allow_outside_root
         if args.max_image_pixels is None:

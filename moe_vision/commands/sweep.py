@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from moe_vision.commands import comma_list
+from moe_vision.commands import UsageError, comma_list
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def build_spec(args: argparse.Namespace) -> Any:
             "base": args.base,
         }
         if not (combos["combinations"] or combos["pool"]):
-            raise SystemExit("moe-vision sweep: --k/--base need --pool or --experts")
+            raise UsageError("moe-vision sweep: --k/--base need --pool or --experts")
         overrides["experts"] = combos
     if args.fusions:
         overrides["fusions"] = args.fusions

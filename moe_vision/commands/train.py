@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from moe_vision.commands import comma_list
+from moe_vision.commands import UsageError, comma_list
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         args.config = args.out / "config.yaml"  # resume what was started, flags still win
     cfg = build_config(args)
     if not args.resume and (args.out / "checkpoints").is_dir():
-        raise SystemExit(
+        raise UsageError(
             f"{args.out} already holds a run; pass --resume to continue it or pick another --out"
         )
     args.interrupt_hint = (
