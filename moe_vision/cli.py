@@ -6,10 +6,10 @@ parsed ``argparse.Namespace`` and returning an exit code. Adding a command is on
 
 Bad input is reported in one or two lines on stderr (``error: <what was wrong, where, what was
 expected>``) with exit code 2: the project's input errors (bad records, images, fusion
-configurations, recipes, checkpoints, run configs, missing user files) and any ``ValueError`` /
-``KeyError`` / ``FileNotFoundError`` raised by this project's own code, which raises them where
-bad input enters (:func:`user_error`). Anything else is a bug and keeps its traceback;
-``moe-vision -v`` shows the traceback of input errors too.
+configurations, recipes, checkpoints, run configs, missing user files, a sweep folder that
+another sweep holds) and any ``ValueError`` / ``KeyError`` / ``FileNotFoundError`` raised by this
+project's own code, which raises them where bad input enters (:func:`user_error`). Anything else
+is a bug and keeps its traceback; ``moe-vision -v`` shows the traceback of input errors too.
 
 Ctrl-C ends a command with one line and exit code 130 (``-v``: the traceback): ``interrupted``,
 followed by what was kept and how to go on when the command said so by setting
@@ -41,10 +41,11 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
     from experts.images import ImageError
     from fusion.base import FusionConfigError
     from moe_vision.data.records import DataError
+    from moe_vision.sweeps.sweep import SweepBusyError
     from moe_vision.training.checkpoint import CheckpointError
     from moe_vision.training.recipes import RecipeError
 
-    return (ImageError, DataError, FusionConfigError, RecipeError, CheckpointError)
+    return (ImageError, DataError, FusionConfigError, RecipeError, CheckpointError, SweepBusyError)
 
 
 def _close_progress_bars() -> None:

@@ -50,6 +50,20 @@ def test_switching_the_sweeps_executor_kind_names_the_option_that_does_not_fit(c
     assert "--set 'executor={kind: inline}'" in line
 
 
+def test_a_second_sweep_into_a_busy_folder_is_told_to_wait(capsys, tmp_path) -> None:
+    from moe_vision.sweeps.sweep import file_lock
+
+    out = tmp_path / "sweep"
+    with file_lock(out / ".sweep.lock"):  # another sweep runs there
+        argv = ["sweep", "--out", str(out), "--set", "executor={kind: inline}"]
+        line = _bad_input(capsys, [*argv, "--results-dir", ""])
+    assert line == (
+        f"error: another sweep is already running in {out} (it holds .sweep.lock); wait for it "
+        "to finish, or give this one another --out"
+    )
+    assert not (out / "cells").exists()  # nothing ran
+
+
 def test_verbose_shows_the_traceback(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="run config not found"):
         cli.main(["-v", "train", "--config", str(tmp_path / "nope.yaml"), "--out", "x"])

@@ -46,6 +46,10 @@ from moe_vision.sweeps.spec import (  # noqa: F401 - re-exported: the sweep API 
 logger = logging.getLogger(__name__)
 
 
+class SweepBusyError(RuntimeError):
+    """Another process is running a sweep in the same folder (it holds the folder's lock)."""
+
+
 # ---------------------------------------------------------------------------- running a cell
 @dataclass
 class CellJob:
@@ -278,19 +282,23 @@ def run_sweep(
             cell finishes (the CLI prints one line per cell with it, under the bar).
 
     Raises:
-        RuntimeError: another sweep is running in ``out_dir``.
+        SweepBusyError: another sweep is running in ``out_dir``.
     """
     from tqdm.auto import tqdm
 
     sweep_dir = Path(out_dir) if out_dir is not None else spec.output_dir()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     executor = executor or build_executor(spec, sweep_dir)
-    lock = file_lock(sweep_dir / ".sweep.lock", blocking=False)
+    lock_path = sweep_dir / ".sweep.lock"
+    lock = file_lock(lock_path, blocking=False)
     try:
         lock.__enter__()
     except BlockingIOError as e:
         executor.close()
-        raise RuntimeError(f"another sweep is already running in {sweep_dir}") from e
+        raise SweepBusyError(
+            f"another sweep is already running in {sweep_dir} (it holds {lock_path.name}); "
+            "wait for it to finish, or give this one another --out"
+        ) from e
     chosen = entrypoint if entrypoint is not None else spec.entrypoint
     try:
         start_executor(spec, sweep_dir, chosen, executor)
