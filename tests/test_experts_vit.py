@@ -308,6 +308,45 @@ def test_truncated_checkpoint_is_a_clear_error(name, tmp_path) -> None:
     assert str(ckpt) in str(err.value) or str(weights) in str(err.value)
 
 
+class _TokensOnlyLayer(torch.nn.Module):
+    """A DINOv2 layer as transformers up to 5.17 wrote it: ``forward(hidden_states)`` alone."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layer(hidden_states, attention_mask=None)
+
+
+def test_blocks_are_called_the_way_their_transformers_release_takes_them() -> None:
+    """CLIP's and SigLIP's layers require ``attention_mask``; DINOv2's took only the tokens up to
+    transformers 5.17 (the GPU image's) and take an optional mask from 5.18."""
+    torch.manual_seed(0)
+    expert = create_expert("dinov2-tiny").eval()
+    pixels = torch.randn(2, 3, *expert.spec.input_size)
+    with torch.no_grad():
+        expected = expert({"pixel_values": pixels}).features
+        layers = expert.model.encoder.layer
+        for i, layer in enumerate(layers):
+            layers[i] = _TokensOnlyLayer(layer)
+        torch.testing.assert_close(expert({"pixel_values": pixels}).features, expected)
+
+
+def test_weights_with_another_releases_module_names_name_the_library_version() -> None:
+    """transformers 5.18 renamed DINOv2's attention (``attention.attention.query`` ->
+    ``attention.q_proj``...): weights written under one release do not load under the other,
+    and the error says which transformers is installed."""
+    import transformers
+
+    expert = create_expert("dinov2-tiny")
+    state = {k.replace("q_proj", "query"): v for k, v in expert.model.state_dict().items()}
+    assert state.keys() != expert.model.state_dict().keys()
+    with pytest.raises(ValueError, match="missing keys") as err:
+        expert.load_state(state, "old.safetensors")
+    assert f"under transformers {transformers.__version__}: " in str(err.value)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_checkpoint_missing_a_tensor_names_it(name, tmp_path) -> None:
     ckpt = _save(create_expert(name), tmp_path)

@@ -32,6 +32,8 @@ pixels in the patch convolution, as in the released models (SigLIP-384/14 gives 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from abc import abstractmethod
@@ -242,9 +244,12 @@ class ViTExpert(Expert):
         state = strip_expert_prefix(state)
         problems = state_dict_mismatches(self.model.state_dict(), state)
         if problems:
+            import transformers  # module names move between its releases: name the one here
+
             raise ValueError(
                 f"expert {self.spec.name!r}: checkpoint {source} does not fit the expert's "
-                "architecture: " + "; ".join(problems)
+                f"architecture under transformers {transformers.__version__}: "
+                + "; ".join(problems)
             )
         self.model.load_state_dict(state, strict=True)
         logger.info("expert %s: loaded %s", self.spec.name, source)
@@ -419,4 +424,14 @@ class HFViTExpert(ViTExpert):
             )
 
     def _run_block(self, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
-        return self._blocks()[index](hidden, None)
+        block = self._blocks()[index]
+        if _takes_attention_mask(type(block)):  # CLIP, SigLIP; DINOv2 from transformers 5.2x
+            return block(hidden, attention_mask=None)
+        return block(hidden)  # DINOv2's layer up to transformers 5.1x takes the tokens alone
+
+
+@functools.cache
+def _takes_attention_mask(block_type: type[nn.Module]) -> bool:
+    """Whether a transformers encoder layer's ``forward`` has an ``attention_mask`` argument
+    (the signature moves between transformers releases)."""
+    return "attention_mask" in inspect.signature(block_type.forward).parameters
