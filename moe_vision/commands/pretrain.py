@@ -14,8 +14,10 @@ time, losses, probe scores against the random-init twin, output fingerprint)::
     moe-vision pretrain clip-mini --probe-only        # re-probe shipped weights, update the card
     moe-vision pretrain all --probe-only --categories detail   # only after `detail` changed
 
-The same seed, steps and thread count give the same weights. EVA-02's objective regresses the
-shipped ``clip-mini``'s features, so ``all`` pretrains CLIP first.
+The same seed, steps and thread count give the same weights. A killed or interrupted run keeps
+its state in ``<out>/<name>.resume.pt`` (every minute of training) and the same command resumes
+it, to the same weights; the file goes once the weights and card are written. EVA-02's objective
+regresses the shipped ``clip-mini``'s features, so ``all`` pretrains CLIP first.
 
 Adding a mini version of a new family: register its preset (``experts/families/mini.py``),
 write its objective as an ``Objective`` subclass under ``@register_objective`` in
@@ -33,6 +35,9 @@ from moe_vision.commands import comma_list
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINT_EVERY_S = 60.0
+"""Seconds of training between two resume checkpoints (:mod:`moe_vision.zoo.resume`)."""
+
 
 def _run(args: argparse.Namespace) -> int:
     import torch
@@ -40,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     from experts.families.mini import MINI_DIR
     from moe_vision.zoo import MINI_RECIPES, get_recipe, pretrain, save_pretrained
     from moe_vision.zoo.core import write_card
+    from moe_vision.zoo.resume import checkpoint_path
 
     if args.list:
         for name, recipe in MINI_RECIPES.items():
@@ -87,12 +93,25 @@ def _run(args: argparse.Namespace) -> int:
         if changes.get("steps") is not None:
             changes["warmup"] = min(recipe.config.warmup, max(1, changes["steps"] // 10))
         config = dataclasses.replace(recipe.config, **changes)
-        result = pretrain(name, config, recipe.objective, progress=not args.quiet)
+        ckpt = checkpoint_path(out, name)
+        args.interrupt_hint = (
+            f"the same command resumes {name} from {ckpt} (written every "
+            f"{CHECKPOINT_EVERY_S:.0f} s of training)"
+        )
+        result = pretrain(
+            name,
+            config,
+            recipe.objective,
+            progress=not args.quiet,
+            resume_dir=out,
+            checkpoint_every_s=CHECKPOINT_EVERY_S,
+        )
         weights, card_path = save_pretrained(result, out)
         if not args.no_probe:
             from moe_vision.zoo.scores import probe_scores
 
             write_card(result, out, probe_scores(name, weights))
+        ckpt.unlink(missing_ok=True)  # the weights and card are written: nothing to resume
         print(
             f"{name}: {config.steps} steps in {result.wall_time_s:.0f} s, loss "
             f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; wrote {weights} and {card_path}"

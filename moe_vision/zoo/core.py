@@ -32,6 +32,7 @@ from tqdm import tqdm
 import experts
 from experts import Expert
 from moe_vision.results import atomic_write, write_json
+from moe_vision.zoo import resume
 from moe_vision.zoo.data import KINDS, Scene, make_scenes
 
 logger = logging.getLogger(__name__)
@@ -193,11 +194,18 @@ def pretrain(
     config: PretrainConfig | None = None,
     objective: str | None = None,
     progress: bool = True,
+    resume_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every_s: float = 60.0,
 ) -> PretrainResult:
     """Pretrain mini preset ``name`` from random init with its recipe (or ``config``).
 
+    With ``resume_dir``, the loop's state is written to ``<resume_dir>/<name>.resume.pt`` every
+    ``checkpoint_every_s`` seconds of training, and a run that finds one written by the same run
+    continues from it, to the same weights (:mod:`moe_vision.zoo.resume`).
+
     Returns:
-        :class:`PretrainResult` with the trained expert and the loss curve.
+        :class:`PretrainResult` with the trained expert and the loss curve (times and losses
+        count the steps run before a resume too).
     """
     config = config or get_recipe(name).config
     objective = objective or get_recipe(name).objective
@@ -205,21 +213,21 @@ def pretrain(
     model.train()
     opt = torch.optim.AdamW(model.trainable(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
-    losses: list[float] = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    bar = tqdm(range(config.steps), desc=f"pretrain {name}", disable=not progress)
+    ckpt = resume.checkpoint_path(resume_dir, name) if resume_dir is not None else None
+    key = resume.run_key(name, objective, config)
+    state = (resume.restore(ckpt, key, model, opt, sched) if ckpt else None) or resume.LoopState()
+    if state.step:
+        logger.info("pretrain %s: resuming at step %d of %d", name, state.step, config.steps)
+    losses = state.losses
+    start = time.perf_counter() - state.wall_s
+    cpu_start = time.process_time() - state.cpu_s
+    saved = time.perf_counter()
+    steps = range(state.step, config.steps)
+    bar = tqdm(
+        steps, desc=f"pretrain {name}", disable=not progress, initial=state.step, total=config.steps
+    )
     for step in bar:
-        scenes = make_scenes(config.seed, step, config.batch_size, config.kinds)
-        loss = model.loss(scenes, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain {name}: loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.trainable(), 1.0)
-        opt.step()
-        sched.step()
-        model.after_step(step)
-        losses.append(float(loss.detach()))
+        losses.append(_train_step(model, opt, sched, config, step, name))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if (step + 1) % LOG_EVERY == 0:
             logger.info(
@@ -231,11 +239,37 @@ def pretrain(
                 time.perf_counter() - start,
                 time.process_time() - cpu_start,
             )
+        if ckpt and step + 1 < config.steps and time.perf_counter() - saved >= checkpoint_every_s:
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            resume.save(ckpt, key, model, opt, sched, resume.LoopState(step + 1, losses, wall, cpu))
+            saved = time.perf_counter()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     logger.info(
         "pretrain %s: %d steps in %.1f s, final loss %.4f", name, config.steps, wall, losses[-1]
     )
     return PretrainResult(name, model.expert.eval(), losses, wall, config, objective, cpu)
+
+
+def _train_step(
+    model: Objective,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    config: PretrainConfig,
+    step: int,
+    name: str,
+) -> float:
+    """One optimiser step on step ``step``'s scenes (clipped at norm 1); returns its loss."""
+    scenes = make_scenes(config.seed, step, config.batch_size, config.kinds)
+    loss = model.loss(scenes, step)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"pretrain {name}: loss is {loss.item()} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.trainable(), 1.0)
+    opt.step()
+    sched.step()
+    model.after_step(step)
+    return float(loss.detach())
 
 
 # ---------------------------------------------------------------------------- saving
