@@ -85,8 +85,13 @@ def test_a_checkpoint_of_another_run_or_a_damaged_one_is_set_aside(
     assert made == list(range(STEPS))
 
 
-def test_the_cli_removes_the_checkpoint_once_the_weights_are_written(tmp_path: Path) -> None:
+def test_the_cli_removes_the_checkpoint_once_the_weights_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from moe_vision.cli import main
+    from moe_vision.zoo import resume
+
+    monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint after every step
 
     argv = ["pretrain", "clip-mini", "--steps", "3", "--batch-size", "2", "--out", str(tmp_path)]
     assert main([*argv, "--no-probe", "--quiet"]) == 0

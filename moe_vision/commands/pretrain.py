@@ -35,9 +35,6 @@ from moe_vision.commands import comma_list
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_EVERY_S = 60.0
-"""Seconds of training between two resume checkpoints (:mod:`moe_vision.zoo.resume`)."""
-
 
 def _run(args: argparse.Namespace) -> int:
     import torch
@@ -45,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     from experts.families.mini import MINI_DIR
     from moe_vision.zoo import MINI_RECIPES, get_recipe, pretrain, save_pretrained
     from moe_vision.zoo.core import write_card
-    from moe_vision.zoo.resume import checkpoint_path
+    from moe_vision.zoo.resume import CHECKPOINT_EVERY_S, checkpoint_path
 
     if args.list:
         for name, recipe in MINI_RECIPES.items():
@@ -98,14 +95,7 @@ def _run(args: argparse.Namespace) -> int:
             f"the same command resumes {name} from {ckpt} (written every "
             f"{CHECKPOINT_EVERY_S:.0f} s of training)"
         )
-        result = pretrain(
-            name,
-            config,
-            recipe.objective,
-            progress=not args.quiet,
-            resume_dir=out,
-            checkpoint_every_s=CHECKPOINT_EVERY_S,
-        )
+        result = pretrain(name, config, recipe.objective, progress=not args.quiet, resume_dir=out)
         weights, card_path = save_pretrained(result, out)
         if not args.no_probe:
             from moe_vision.zoo.scores import probe_scores

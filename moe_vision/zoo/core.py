@@ -195,13 +195,14 @@ def pretrain(
     objective: str | None = None,
     progress: bool = True,
     resume_dir: str | os.PathLike[str] | None = None,
-    checkpoint_every_s: float = 60.0,
+    checkpoint_every_s: float | None = None,
 ) -> PretrainResult:
     """Pretrain mini preset ``name`` from random init with its recipe (or ``config``).
 
     With ``resume_dir``, the loop's state is written to ``<resume_dir>/<name>.resume.pt`` every
-    ``checkpoint_every_s`` seconds of training, and a run that finds one written by the same run
-    continues from it, to the same weights (:mod:`moe_vision.zoo.resume`).
+    ``checkpoint_every_s`` seconds of training (default :data:`~.resume.CHECKPOINT_EVERY_S`), and
+    a run that finds one written by the same run continues from it, to the same weights
+    (:mod:`moe_vision.zoo.resume`).
 
     Returns:
         :class:`PretrainResult` with the trained expert and the loss curve (times and losses
@@ -221,6 +222,7 @@ def pretrain(
     losses = state.losses
     start = time.perf_counter() - state.wall_s
     cpu_start = time.process_time() - state.cpu_s
+    every_s = resume.CHECKPOINT_EVERY_S if checkpoint_every_s is None else checkpoint_every_s
     saved = time.perf_counter()
     steps = range(state.step, config.steps)
     bar = tqdm(
@@ -239,7 +241,7 @@ def pretrain(
                 time.perf_counter() - start,
                 time.process_time() - cpu_start,
             )
-        if ckpt and step + 1 < config.steps and time.perf_counter() - saved >= checkpoint_every_s:
+        if ckpt and step + 1 < config.steps and time.perf_counter() - saved >= every_s:
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             resume.save(ckpt, key, model, opt, sched, resume.LoopState(step + 1, losses, wall, cpu))
             saved = time.perf_counter()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIX = ".resume.pt"
+CHECKPOINT_EVERY_S = 60.0
+"""Seconds of training between two checkpoints (the default of ``pretrain``)."""
 
 
 def checkpoint_path(folder: str | os.PathLike[str], name: str) -> Path:
@@ -43,8 +45,6 @@ class LoopState:
 
 def run_key(name: str, objective: str, config: Any) -> str:
     """What a checkpoint must have been written by to be resumed (JSON of the run's inputs)."""
-    from dataclasses import asdict
-
     return json.dumps({"name": name, "objective": objective, "config": asdict(config)}, default=str)
 
 
