@@ -165,6 +165,7 @@ def _kill(pool: cf.ProcessPoolExecutor) -> None:
     run of the sweep redoes or resumes. Without this, Ctrl-C would wait for the running cells, and
     the interpreter's exit for the pool's threads."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)  # shutdown() forgets it
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         try:
@@ -173,7 +174,6 @@ def _kill(pool: cf.ProcessPoolExecutor) -> None:
             process.kill()  # not yet its own group leader (or no process groups here)
     # The pool's thread sees the dead worker, reaps it and frees its queues; waiting for it
     # before joining keeps two threads from reaping one process (is_alive() could then lie).
-    manager = getattr(pool, "_executor_manager_thread", None)
     if manager is not None:
         manager.join(timeout=10)
     for process in processes:
