@@ -412,6 +412,32 @@ def test_bench_counts_optimizer_state_of_exactly_the_trainable_parameters() -> N
         assert 0 < tensors <= 4 * 1000  # plus one fp32 'step' per parameter tensor
 
 
+@pytest.mark.parametrize("mode", ["eval", "train", "mixed"])
+def test_adding_an_entry_keeps_every_modules_train_eval_mode(tiny, mode) -> None:
+    """peft 0.22's ``inject_adapter_in_model`` puts every ``"default"`` adapter of the model in
+    train mode; a second entry must not switch the first entry's ``lora_dropout`` on in an eval
+    model (nor switch anything off in a training one, nor undo a frozen expert's eval)."""
+    model = _fresh(tiny).train(mode != "eval")
+    if mode == "mixed":
+        model.experts[1].eval()  # a frozen expert stays in eval inside a training model
+    fc2 = {"targets": ["experts.1.*"], "modules": ["mlp.fc2"], "r": 2, "alpha": 4, "dropout": 0.2}
+    lora.add_adapters(model, LoraConfig(**LLM_LORA), seed=0)
+    before = {n: m.training for n, m in model.named_modules()}
+    assert any(".lora_dropout.default" in n for n in before)
+    lora.add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[fc2, CLIP_LORA]), seed=1)
+    after = {n: m.training for n, m in model.named_modules()}
+    changed = sorted(n for n in before if after[n] != before[n])
+    assert not changed, f"modes flipped by the second injection: {changed[:5]}"
+    for name, layer in lora.lora_layers(model).items():  # new layers follow the wrapped module
+        want = layer.get_base_layer().training
+        assert all(m.training == want for m in layer.modules()), name
+    if mode == "mixed":
+        assert not any(m.training for m in model.experts[1].modules())
+        assert all(m.training for m in model.llm.modules())
+    else:
+        assert all(t == (mode == "train") for t in after.values())
+
+
 def test_merged_and_adapter_saves_agree_for_linear_and_conv_adapters(tiny, tmp_path) -> None:
     model = _fresh(tiny).eval()
     stem = {"targets": ["experts.1.*"], "modules": ["stem.0", "mlp.fc2"], "r": 2, "alpha": 6}

@@ -166,11 +166,15 @@ def _seeded(seed: int) -> Iterator[None]:
 def _inject(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float, seed: int):
     """Wrap the modules ``names`` of ``model`` in peft LoRA layers (``B = 0``; ``A`` seeded).
 
-    ``requires_grad`` of the parameters already there is left as it was (peft freezes them)."""
+    ``requires_grad`` of the parameters already there, and the train/eval mode of the modules
+    already there, are left as they were; a new adapter layer takes its wrapped module's mode.
+    (peft freezes the parameters, and peft >= 0.22 ends each injection by putting every adapter
+    of that name in the model, earlier entries' ``lora_dropout`` included, in train mode.)"""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = [(m, m.training) for m in model.modules()]  # by identity: a wrapped module is renamed
     config = PeftLoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -188,6 +192,8 @@ def _inject(model: nn.Module, names: list[str], r: int, alpha: float, dropout: f
         raise RuntimeError(f"peft added no adapter to {missing[:5]}")
     for name in names:  # new submodules (dropout) start in train mode: follow the wrapped module
         layers[name].train(layers[name].get_base_layer().training)
+    for module, training in modes:  # non-recursive: each module that was there gets its own back
+        module.training = training
     for n, p in model.named_parameters():
         base = n.replace(".base_layer.", ".")
         if n in flags:
