@@ -16,9 +16,12 @@ family through the family's own preprocessing::
 
 * **Grid choice.** A fixed ``grid=(rows, cols)``, or InternVL's rule: among the allowed grids
   (every ``(r, c)`` with ``min_tiles <= r*c <= max_tiles``, or an explicit ``grids`` list) take
-  the one whose aspect ratio ``c*tw / (r*th)`` is closest to the image's; on a tie take the
-  larger grid when the image has more than half of its pixels (InternVL's
-  ``find_closest_aspect_ratio``).
+  the one whose aspect ratio ``c*tw / (r*th)`` is closest to the image's. Candidates are
+  visited in InternVL's order (by tile count; within one count, the iteration order of
+  InternVL's Python set of ``(cols, rows)`` pairs, :func:`internvl_order`), and on an exact
+  tie a later candidate replaces the best one when the image has more than half of its pixels
+  (``h * w > 0.5 * th * tw * r * c``): InternVL's ``find_closest_aspect_ratio``, tie-breaks
+  included.
 * **Inputs** keep a fixed shape so that batches stack (as Pix2Struct's padded patches do): every
   input tensor of the expert gains a slot dimension ``S = max tiles (+1 thumbnail)``; unused
   slots are zeros and are never run. ``inputs["tile_grid"]`` ``(2,)`` holds ``(rows, cols)``.
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -119,14 +122,20 @@ class TilingPolicy:
         return self.grid is None
 
     def allowed_grids(self) -> tuple[Grid, ...]:
-        """Candidate ``(rows, cols)`` grids, by increasing tile count (InternVL's order)."""
+        """Candidate ``(rows, cols)`` grids in the order :meth:`select_grid` visits them:
+        InternVL's order (see :func:`internvl_order`)."""
         if self.grid is not None:
             return (self.grid,)
         if self.grids is not None:
-            return tuple(sorted(set(self.grids), key=lambda g: (g[0] * g[1], g)))
+            return internvl_order((c, r) for r, c in self.grids)
         lo, hi = int(self.min_tiles), int(self.max_tiles)
-        cand = {(r, c) for r in range(1, hi + 1) for c in range(1, hi + 1) if lo <= r * c <= hi}
-        return tuple(sorted(cand, key=lambda g: (g[0] * g[1], g)))
+        return internvl_order(
+            (i, j)
+            for n in range(lo, hi + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if lo <= i * j <= hi
+        )
 
     def canvas(self) -> Grid:
         """Bounding box ``(rows, cols)`` of the allowed grids: the stitched map's extent."""
@@ -157,6 +166,20 @@ class TilingPolicy:
             elif diff == best_diff and height * width > 0.5 * th * tw * r * c:
                 best = (r, c)
         return best
+
+
+def internvl_order(ratios: Iterable[Grid]) -> tuple[Grid, ...]:
+    """``(cols, rows)`` ratios to ``(rows, cols)`` grids in InternVL's visiting order.
+
+    InternVL's ``dynamic_preprocess`` builds a Python ``set`` of ``(cols, rows)`` pairs and
+    sorts it by tile count only, so grids of one count keep the set's iteration order (fixed
+    by CPython's tuple hash, not by any rule). :meth:`TilingPolicy.select_grid` replaces the
+    best grid by a later one on an exact tie (when the image is large enough), so this order
+    decides ties between equally close grids of one count, e.g. 1 x 2 against 2 x 1 for a
+    wide image with ``min_tiles=max_tiles=2``; building the same set reproduces them exactly.
+    """
+    ordered = sorted(set(ratios), key=lambda x: x[0] * x[1])  # InternVL: (cols, rows)
+    return tuple((rows, cols) for cols, rows in ordered)
 
 
 def cut_tiles(

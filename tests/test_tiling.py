@@ -59,6 +59,37 @@ def test_grid_choice_matches_internvl(max_tiles):
         assert policy.select_grid(h, w, (448, 448)) == (rows, cols), (h, w)
 
 
+def internvl_grid(w, h, min_num, max_num, image_size=448):
+    """InternVL's ``dynamic_preprocess`` grid for a ``w x h`` image, as ``(rows, cols)``."""
+    target_ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num
+    )
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+    cols, rows = internvl_closest_ratio(w / h, target_ratios, w, h, image_size)
+    return rows, cols
+
+
+def test_grid_tie_break_matches_internvl_for_every_min_and_max():
+    # the issue's case: a wide image, only 1x2 and 2x1 allowed, equally close: InternVL 1x2
+    assert TilingPolicy(min_tiles=2, max_tiles=2).select_grid(800, 1000, (448, 448)) == (1, 2)
+    assert internvl_grid(1000, 800, 2, 2) == (1, 2)
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(8, 3000, (40, 2)).tolist()
+    # exact ties: aspect ratios halfway between two grids' (e.g. 5:4 between 1:2 and 2:1)
+    sizes += [[800, 1000], [1000, 800], [448, 448], [300, 450], [450, 300], [400, 1000]]
+    sizes += [[h, w] for h, w in [[224, 560], [560, 224], [100, 250], [4, 10], [2, 5], [5, 2]]]
+    for max_tiles in range(1, 13):
+        for min_tiles in range(1, max_tiles + 1):
+            policy = TilingPolicy(min_tiles=min_tiles, max_tiles=max_tiles)
+            for h, w in sizes:
+                got = policy.select_grid(h, w, (448, 448))
+                assert got == internvl_grid(w, h, min_tiles, max_tiles), (h, w, min_tiles, max_tiles)
+
+
 def images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [  # a wide image (1x3 tiles) and a tall one (2x1): a ragged batch
