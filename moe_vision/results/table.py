@@ -195,22 +195,36 @@ def collect_rows(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
+PREDICTION_COLUMNS: tuple[str, ...] = ("cell_id", "id", "category", "answer", "score")
+"""Columns of :func:`collect_predictions`; ``answer`` (the question's first reference answer)
+is the cluster key of the seed-level tests (:mod:`moe_vision.results.stats`)."""
+
+
 def collect_predictions(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Per-question scores of every finished cell: ``cell_id``, ``id``, ``category``,
-    ``score`` (from the cells' ``predictions.json``), in spec order; what paired comparisons
-    of cells need once the sweep folder is gone (``moe-vision sweep`` saves it next to the
-    table)."""
+    """Per-question scores of every finished cell: :data:`PREDICTION_COLUMNS` (from the cells'
+    ``predictions.json``; ``answer`` is empty where a cell did not record its answers), in spec
+    order; what paired comparisons of cells need once the sweep folder is gone (``moe-vision
+    sweep`` saves it next to the table)."""
     sweep_dir = Path(sweep_dir)
     frames = []
     for row in collect_rows(sweep_dir):
         path = sweep_dir / CELLS_DIR / row["cell_id"] / PREDICTIONS_FILE
         if row["status"] == STATUS_OK and path.exists():
-            preds = pd.DataFrame(read_json(path), columns=["id", "category", "score"])
+            records = read_json(path)
+            preds = pd.DataFrame(records, columns=["id", "category", "score"])
+            preds["answer"] = [_first_answer(r) for r in records]
             frames.append(preds.assign(cell_id=row["cell_id"]))
     if not frames:
-        return pd.DataFrame(columns=["cell_id", "id", "category", "score"])
-    out = pd.concat(frames, ignore_index=True)[["cell_id", "id", "category", "score"]]
-    return out.astype({"id": str, "category": str, "score": float})
+        return pd.DataFrame(columns=list(PREDICTION_COLUMNS))
+    out = pd.concat(frames, ignore_index=True)[list(PREDICTION_COLUMNS)]
+    return out.astype({"id": str, "category": str, "answer": str, "score": float})
+
+
+def _first_answer(record: Mapping[str, Any]) -> str:
+    answers = record.get("answers")
+    if isinstance(answers, (list, tuple)) and answers:
+        return str(answers[0])
+    return str(answers) if isinstance(answers, str) else ""
 
 
 def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
