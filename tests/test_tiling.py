@@ -87,7 +87,8 @@ def test_grid_tie_break_matches_internvl_for_every_min_and_max():
             policy = TilingPolicy(min_tiles=min_tiles, max_tiles=max_tiles)
             for h, w in sizes:
                 got = policy.select_grid(h, w, (448, 448))
-                assert got == internvl_grid(w, h, min_tiles, max_tiles), (h, w, min_tiles, max_tiles)
+                want = internvl_grid(w, h, min_tiles, max_tiles)
+                assert got == want, (h, w, min_tiles, max_tiles)
 
 
 def images() -> list[Image.Image]:
