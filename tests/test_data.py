@@ -153,6 +153,40 @@ def test_index_matches_a_line_split_and_a_json_parse(chunk, tmp_path: Path, monk
     assert jindex.line[1] == 1 + json.dumps(records, indent=2).split("\n").index("  {", 2)
 
 
+@pytest.mark.parametrize("space", ["\n", "  ", "\r\n\t "])
+def test_every_block_size_reads_a_list_with_spaces_after_commas(space, tmp_path: Path) -> None:
+    """Issue 27.1: a block that ends just after a ',' (or inside the whitespace after it) whose
+    next block starts with whitespace; before, "malformed JSON ... Expecting value" after the
+    block had been regrown to the end of the file. Every block size from 1 byte up."""
+    from moe_vision.data import index as index_module
+
+    records = [{"id": "a", "v": "x" * 5}, {"id": "b"}, {"id": "c", "v": [1, 2]}]
+    text = "[" + space + ("," + space).join(json.dumps(r) for r in records) + space + "]"
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    for size in range(1, len(text) + 2):
+        index_module._INDEX_CACHE.clear()
+        index = index_file(path, block_size=size)
+        assert [index.read(i) for i in range(len(index))] == records, size
+    index_module._INDEX_CACHE.clear()
+
+
+def test_the_16_mib_block_boundary_of_issue_27(tmp_path: Path) -> None:
+    """The issue's reproduction at the default block size: a 3-record list whose second record
+    is padded so that the head, the record and its ',' are exactly 2**24 bytes."""
+    from moe_vision.data.index import CHUNK
+
+    head = '[\n {"id": 0},\n '
+    stub = '{"id": 1, "pad": ""}'
+    second = stub.replace('""', '"' + "p" * (CHUNK - len(head) - len(stub) - 1) + '"')
+    text = head + second + ',\n {"id": 2}\n]\n'
+    assert len((head + second + ",").encode()) == CHUNK
+    path = tmp_path / "big.json"
+    path.write_text(text)
+    index = index_file(path)
+    assert len(index) == 3 and index.read(2) == {"id": 2} and index.read(1)["id"] == 1
+
+
 def test_a_rewritten_file_is_read_afresh(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"id": "old"}\n')

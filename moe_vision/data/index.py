@@ -143,8 +143,12 @@ class RecordIndex:
         )
 
 
-def index_file(path: str | os.PathLike[str]) -> RecordIndex:
+def index_file(path: str | os.PathLike[str], block_size: int | None = None) -> RecordIndex:
     """Index a ``.json`` list or a ``.jsonl`` file of records (cached per process).
+
+    Args:
+        block_size: bytes read at a time (``None``: :data:`CHUNK`, 16 MiB); the index does not
+            depend on it.
 
     Raises:
         DataError: missing file, a ``.json`` file that is not a list, broken JSON structure or
@@ -154,14 +158,17 @@ def index_file(path: str | os.PathLike[str]) -> RecordIndex:
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     st = p.stat()
+    block = int(block_size) if block_size is not None else CHUNK
+    if block < 1:
+        raise ValueError(f"block_size must be >= 1 byte, got {block_size}")
     key = (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _INDEX_CACHE:
         if len(_INDEX_CACHE) >= 16:
             _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
         if p.suffix == ".jsonl":
-            offsets, lengths, lines = _scan_jsonl(p)
+            offsets, lengths, lines = _scan_jsonl(p, block)
         else:
-            offsets, lengths, lines = _scan_json(p)
+            offsets, lengths, lines = _scan_json(p, block)
         n = offsets.shape[0]
         _INDEX_CACHE[key] = RecordIndex(
             [str(p)],
@@ -175,12 +182,13 @@ def index_file(path: str | os.PathLike[str]) -> RecordIndex:
     return _INDEX_CACHE[key]
 
 
-def _scan_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Offsets, lengths and 1-based line numbers of the non-blank lines."""
+def _scan_jsonl(path: Path, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Offsets, lengths and 1-based line numbers of the non-blank lines (``block`` bytes read at
+    a time)."""
     starts, ends = [], []
     start, base = 0, 0
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+        while chunk := f.read(block):
             nl = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + base
             if nl.size:
                 starts.append(np.concatenate(([start], nl[:-1] + 1)))
@@ -207,10 +215,10 @@ def _scan_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return s[keep], length[keep], lines[keep]
 
 
-def _scan_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _scan_json(path: Path, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Offsets, lengths and lines of the elements of a top-level JSON list.
 
-    The file is read in blocks of :data:`CHUNK` bytes; each element is located with the C
+    The file is read in blocks of ``block_size`` bytes; each element is located with the C
     decoder's ``raw_decode`` inside the decoded block (a block that cuts an element is read
     again from the element's start, larger if the element is larger than a block).
     """
@@ -222,12 +230,12 @@ def _scan_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
         fd = f.fileno()
         start = 3 if os.pread(fd, 3, 0) == b"\xef\xbb\xbf" else 0
-        block = _Block(path, fd, start, size, 1, CHUNK)
+        block = _Block(path, fd, start, size, 1, block_size)
         i = block.skip(0)
         if block.text[i : i + 1] != "[":
             found = repr(block.text[i : i + 1]) if i < len(block.text) else "nothing"
             raise DataError(f"{path}: expected a JSON list of LLaVA records, found {found} first")
-        i = block.skip(i + 1)
+        block, i = block.skip_across(i + 1)
         if block.text[i : i + 1] == "]":
             return _arrays(offsets, lengths, lines)
         while True:
@@ -235,10 +243,7 @@ def _scan_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             offsets.append(block.byte_at(i))
             lengths.append(block.byte_at(end) - offsets[-1])
             lines.append(block.line_at(i))
-            i = block.skip(end)
-            if i >= len(block.text) and not block.final:
-                block = block.refill(i, block.want)
-                i = 0
+            block, i = block.skip_across(end)
             sep = block.text[i : i + 1]
             if sep == "]":
                 return _arrays(offsets, lengths, lines)
@@ -298,14 +303,26 @@ class _Block:
             i += 1
         return i
 
+    def skip_across(self, i: int) -> tuple[_Block, int]:
+        """``(block, j)``: the first character after the whitespace at ``i``, in this block or,
+        when the whitespace runs to its end, in the blocks after it."""
+        i = self.skip(i)
+        block = self
+        while i >= len(block.text) and not block.final:
+            block = block.refill(i, block.want)
+            i = block.skip(0)
+        return block, i
+
     def refill(self, i: int, want: int) -> _Block:
         """A block starting at character ``i`` of this one."""
         return _Block(self.path, self.fd, self.byte_at(i), self.size, self.line_at(i), want)
 
     def element(self, i: int, decoder: json.JSONDecoder) -> tuple[_Block, int, int]:
-        """``(block, start, end)`` of the JSON value at character ``i`` (refilled if cut)."""
+        """``(block, start, end)`` of the JSON value at or after character ``i`` (whitespace
+        skipped; refilled if cut, or if the block ends before the value starts)."""
         block = self
         while True:
+            block, i = block.skip_across(i)  # a block may end right after a ','
             try:
                 _, end = decoder.raw_decode(block.text, i)
                 if end < len(block.text) or block.final:
