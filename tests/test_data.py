@@ -187,6 +187,23 @@ def test_the_16_mib_block_boundary_of_issue_27(tmp_path: Path) -> None:
     assert len(index) == 3 and index.read(2) == {"id": 2} and index.read(1)["id"] == 1
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_byte_order_mark_keeps_the_first_record(suffix, tmp_path: Path) -> None:
+    """Issue 27.4: a ``.jsonl`` file starting with a UTF-8 BOM lost its first record (read as
+    malformed); a ``.json`` one was already accepted."""
+    records = [{"id": "first"}, {"id": "second"}]
+    text = "\n".join(map(json.dumps, records)) if suffix == ".jsonl" else json.dumps(records)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_records(path) == records
+    blank = tmp_path / "blank.jsonl"  # a BOM on an otherwise blank first line
+    blank.write_bytes(b"\xef\xbb\xbf\n" + text.encode())
+    if suffix == ".jsonl":
+        index = index_file(blank)
+        assert [index.read(i) for i in range(len(index))] == records
+        assert index.line.tolist() == [2, 3]
+
+
 def test_a_rewritten_file_is_read_afresh(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"id": "old"}\n')

@@ -97,3 +97,17 @@ def test_cli_exit_code_json_and_mixtures(data, tmp_path: Path, capsys) -> None:
     )
     assert main(["data", "check", str(mix), "--workers", "0"]) == 0
     assert "3 records in 1 file(s): 3 ok, 0 would be dropped" in capsys.readouterr().out
+
+
+def test_a_refused_file_does_not_hide_the_report_of_the_others(data, tmp_path, capsys) -> None:
+    """Issue 27.4: ``data check good.json bad.json`` exited 2 with no report for the good file."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1}, {"id": 2 oops')
+    out = tmp_path / "report.json"
+    argv = ["data", "check", str(data["clean"]), str(bad), "--image-root", str(data["root"])]
+    assert main([*argv, "--workers", "0", "--json", str(out)]) == 2
+    printed = capsys.readouterr().out
+    assert "8 records in 2 file(s): 8 ok, 0 would be dropped" in printed
+    assert f"refused file {bad}: " in printed and "malformed JSON at line 1" in printed
+    report = json.loads(out.read_text())
+    assert [r["file"] for r in report["refused_files"]] == [str(bad)]

@@ -11,7 +11,8 @@ visual tokens), in DataLoader worker processes::
 The tokenizer, visual token count and length limit come from the model of ``--run`` (a trained
 run folder) or of ``--config`` (a run config; default: the default run's model). Prints a table
 of problems (count and first examples), writes it as JSON with ``--json``, and exits 1 when
-any record would be dropped (text-only and multi-image records are counted, not dropped).
+any record would be dropped (text-only and multi-image records are counted, not dropped), 2
+when a file is refused as a whole (the other files are still checked and reported).
 """
 
 from __future__ import annotations
@@ -81,4 +82,6 @@ def run_check(args: argparse.Namespace) -> int:
         text = json.dumps(report, indent=1)
         atomic_write(args.json, lambda p: p.write_text(text, encoding="utf-8"))
         print(f"wrote {args.json}")
+    if report["refused_files"]:
+        return 2
     return 1 if report["dropped"] else 0

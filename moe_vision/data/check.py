@@ -6,10 +6,13 @@ returns a JSON-able report::
 
     {"files": [...], "records": N, "ok": n, "dropped": d,
      "layouts": {"text_only": a, "single_image": b, "multi_image": c},
-     "problems": {kind: {"count": k, "examples": [{"where": ..., "id": ..., "problem": ...}]}}}
+     "problems": {kind: {"count": k, "examples": [{"where": ..., "id": ..., "problem": ...}]}},
+     "refused_files": [{"file": ..., "problem": ...}]}
 
 ``dropped`` counts the records training would skip (or stop on); text-only and multi-image
-records are valid layouts and only counted.
+records are valid layouts and only counted. A file that cannot be read as a whole (missing,
+not a list, broken JSON structure) is listed in ``refused_files`` and the other files are still
+checked.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from moe_vision.data.llava import resolve_data
-from moe_vision.data.records import RecordProblem, record_id
+from moe_vision.data.records import DataError, RecordProblem, record_id
 from moe_vision.data.validation import RecordValidator
 
 
@@ -67,8 +70,13 @@ def check_files(
     counts: collections.Counter[str] = collections.Counter()
     found: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
     total = 0
+    refused: list[dict[str, str]] = []
     for f in files:
-        ds = _Checks(Path(f), Path(image_root) if image_root else None, validator, seed)
+        try:
+            ds = _Checks(Path(f), Path(image_root) if image_root else None, validator, seed)
+        except DataError as err:  # the file as a whole (missing, not a list, broken JSON)
+            refused.append({"file": str(f), "problem": str(err)})
+            continue
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, num_workers=workers, collate_fn=list
         )
@@ -88,6 +96,7 @@ def check_files(
         "dropped": sum(counts.values()),
         "layouts": {k: layouts.get(k, 0) for k in ("text_only", "single_image", "multi_image")},
         "problems": {k: {"count": counts[k], "examples": found[k]} for k in sorted(counts)},
+        "refused_files": refused,
     }
 
 
@@ -98,6 +107,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['dropped']} would be dropped",
         "layouts: " + ", ".join(f"{k} {v}" for k, v in report["layouts"].items()),
     ]
+    for r in report["refused_files"]:
+        lines.append(f"refused file {r['file']}: {r['problem']}")
     if report["problems"]:
         width = max(len(k) for k in report["problems"])
         lines.append(f"{'problem':<{width}}  {'count':>8}  first examples")

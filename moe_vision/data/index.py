@@ -5,7 +5,7 @@ before the first step costs minutes and gigabytes. :func:`index_file` only finds
 record lies:
 
 * ``.jsonl``: newline positions, found with numpy over 16 MB chunks (no record is decoded);
-  blank lines are not records;
+  blank lines are not records; a leading UTF-8 byte order mark is skipped (as for ``.json``);
 * ``.json`` (a list of records): each element is located with the C JSON decoder over a
   window that starts at the element (the file is never held in memory as a whole); a file
   whose structure is broken fails here, naming the line.
@@ -203,6 +203,10 @@ def _scan_jsonl(path: Path, block: int) -> tuple[np.ndarray, np.ndarray, np.ndar
         return empty, empty, empty
     s = np.concatenate(starts).astype(np.int64)
     length = np.concatenate(ends).astype(np.int64) - s
+    with open(path, "rb") as f:
+        if f.read(3) == b"\xef\xbb\xbf":  # a UTF-8 byte order mark is not part of record 0
+            s[0] += 3
+            length[0] -= 3
     lines = np.arange(1, s.shape[0] + 1, dtype=np.int64)
     keep = length > 0
     short = np.flatnonzero(keep & (length < 8))
