@@ -120,6 +120,8 @@ def test_skip_training_and_evaluation_complete_with_counts(setup, skip_run) -> N
     n = len(kinds)
     assert metrics["skipped_records/train"] == n and metrics["skipped_records/eval"] == n
     assert metrics["skipped_records"] == 2 * n and metrics["eval_samples"] == 6
+    written = {p.name for p in (skip_run / "data").glob("*.sources.json")}
+    assert written == {"align.sources.json", "instruct.sources.json"}  # one file, two names
     train = read_skips(skip_run / "skipped_train.jsonl")
     assert sorted(s.kind for s in train) == kinds
     assert {s.file for s in train} == {str(setup["train"])}

@@ -123,6 +123,7 @@ class DatasetCache:
     ) -> None:
         self.cfg, self.splits, self.image_root, self.out = cfg, splits, image_root, out
         self._built: dict[tuple, LlavaDataset] = {}
+        self._written: set[str] = set()
 
     @property
     def skip_log(self) -> Path | None:
@@ -163,14 +164,16 @@ class DatasetCache:
                 max_image_pixels=d.max_image_pixels,
                 skip_log=self.skip_log,
             )
-            if self.out is not None:
-                name = data if data in self.splits else Path(data).stem
-                counts = {"data": str(path), "records": len(ds), "sources": ds.source_counts}
-                atomic_write(
-                    self.out / "data" / f"{name}.sources.json", json.dumps(counts, indent=1)
-                )
             self._built[key] = ds
-        return self._built[key]
+        ds = self._built[key]
+        if self.out is not None:  # per stage data name: two names may share one file
+            name = data if data in self.splits else Path(data).stem
+            if name not in self._written:
+                counts = {"data": str(path), "records": len(ds), "sources": ds.source_counts}
+                target = self.out / "data" / f"{name}.sources.json"
+                atomic_write(target, json.dumps(counts, indent=1))
+                self._written.add(name)
+        return ds
 
 
 # ------------------------------------------------------------------------------ the run
