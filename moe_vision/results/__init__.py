@@ -1,21 +1,25 @@
 """Sweep results: the table of cells as a pandas DataFrame, its statistics, files and plots.
 
 The public face of ``moe_vision.results``: :mod:`.table` reads and writes sweep folders,
-:mod:`.stats` holds the intervals and tests, :mod:`.summary` aggregates seeds, :mod:`.compare`
+:mod:`.stats` holds the intervals and tests,
+:mod:`.seeds` the seed-level intervals and tests, :mod:`.summary` aggregates seeds, :mod:`.compare`
 compares two runs on the same questions, :mod:`.plots` draws them.
 """
 
 from moe_vision.results.compare import COMPARE_COLUMNS, compare, format_compare, load_scores
 from moe_vision.results.plots import plot_categories, plot_heatmap, plot_overall, plot_sweep
+from moe_vision.results.seeds import seed_difference, seed_interval, seeds_needed
 from moe_vision.results.stats import (
     CONFIDENCE,
+    adjust_p,
     crossed_bootstrap,
     detectable_difference,
     interval_metrics,
     mcnemar_exact,
     paired_bootstrap,
-    paired_p_value,
+    paired_test,
     score_interval,
+    sign_flip_exact,
     wilson_interval,
 )
 from moe_vision.results.summary import attribution_long, format_summary, summarize
@@ -75,6 +79,7 @@ __all__ = [
     "TABLE_CSV",
     "TABLE_PARQUET",
     "accuracy_columns",
+    "adjust_p",
     "atomic_write",
     "attribution_long",
     "cell_row",
@@ -93,7 +98,7 @@ __all__ = [
     "load_scores",
     "mcnemar_exact",
     "paired_bootstrap",
-    "paired_p_value",
+    "paired_test",
     "pivot_accuracy",
     "plot_categories",
     "plot_heatmap",
@@ -102,6 +107,10 @@ __all__ = [
     "read_json",
     "save",
     "score_interval",
+    "seed_difference",
+    "seed_interval",
+    "seeds_needed",
+    "sign_flip_exact",
     "summarize",
     "to_frame",
     "wilson_interval",

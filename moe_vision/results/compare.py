@@ -161,7 +161,7 @@ def compare(
                 "difference": diff,
                 "lo": lo,
                 "hi": hi,
-                "p_value": stats.paired_p_value(sa, sb, seed),
+                "p_value": stats.paired_test(sa, sb, seed)[0],
                 "a_only": int(((sa == 1) & (sb < 1)).sum()),
                 "b_only": int(((sb == 1) & (sa < 1)).sum()),
                 "significant": bool(lo > 0 or hi < 0),

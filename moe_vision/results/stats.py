@@ -7,17 +7,21 @@ Accuracy on ``n`` questions is a binomial proportion (DESIGN.md section 9), so:
   ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``. Fractional scores (VQA-style
   ``min(#matches / 3, 1)``) are not binomial: their interval is a percentile bootstrap over
   questions (``scipy.stats.bootstrap``).
-* **several seeds of one cell**: a **crossed two-level bootstrap** (:func:`crossed_bootstrap`).
-  Every seed answered the *same* questions, so seeds and questions are two crossed random
-  factors; each replicate draws seeds with replacement *and* one set of question indices with
-  replacement (shared by every drawn seed), and takes the mean. The interval therefore covers
-  both the seed-to-seed spread and the finite question sample. With one seed it reduces to the
-  ordinary bootstrap over questions.
+* **several seeds of one cell**: seed-level inference lives in :mod:`moe_vision.results.seeds`
+  (a t interval over seeds with an answer-clustered bootstrap for the questions). The older
+  **crossed two-level bootstrap** (:func:`crossed_bootstrap`: each replicate draws seeds with
+  replacement and one shared set of question indices) is kept for comparison only: with 3
+  seeds its percentile interval is about the seeds' min-max and covers the truth about 3 times
+  in 4 when seeds dominate (``tests/test_stats.py``).
 * **two models on the same questions**: the difference of accuracies with a **paired
   bootstrap** interval over questions (:func:`paired_bootstrap`) and a p-value from the
   **exact McNemar test** (:func:`mcnemar_exact`: a two-sided binomial test on the discordant
-  pairs, ``scipy.stats.binomtest(b, b + c, 0.5)``; McNemar, 1947). Non-binary scores use a
-  paired sign-flip permutation test (``scipy.stats.permutation_test``) instead.
+  pairs, ``scipy.stats.binomtest(b, b + c, 0.5)``; McNemar, 1947). Seed-averaged or VQA
+  scores use the **exact sign-flip permutation test** (:func:`sign_flip_exact`: the null
+  distribution enumerated by convolution), and a Monte Carlo sign-flip test only when the
+  differences lie on no small lattice; :func:`paired_test` returns the p-value with its test's
+  name.
+* **many tests in one table**: :func:`adjust_p` (Holm or Benjamini-Hochberg, by name).
 
 Every random draw comes from ``numpy.random.default_rng(seed)``: the same call gives the same
 interval.
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -140,37 +143,6 @@ def crossed_bootstrap(
     return float(lo), float(hi)
 
 
-@dataclass
-class SeedSummary:
-    """Accuracy of one cell over its seeds.
-
-    Attributes:
-        mean: mean over seeds of each seed's accuracy.
-        std: sample standard deviation over seeds (``nan`` with one seed).
-        n_seeds: number of seeds.
-        lo, hi: crossed bootstrap interval over seeds and questions.
-        n: questions per seed.
-    """
-
-    mean: float
-    std: float
-    n_seeds: int
-    lo: float
-    hi: float
-    n: int
-
-
-def summarize_seeds(
-    scores: np.ndarray, confidence: float = CONFIDENCE, n_boot: int = N_BOOT, seed: int = 0
-) -> SeedSummary:
-    """:class:`SeedSummary` of ``scores (S seeds, Q questions)``."""
-    scores = np.asarray(scores, dtype=float)
-    per_seed = scores.mean(axis=1)
-    lo, hi = crossed_bootstrap(scores, confidence, n_boot, seed)
-    std = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else math.nan
-    return SeedSummary(float(per_seed.mean()), std, len(per_seed), lo, hi, scores.shape[1])
-
-
 # ---------------------------------------------------------------------------- paired
 def paired_bootstrap(
     a: Sequence[float],
@@ -218,14 +190,61 @@ def mcnemar_exact(a: Sequence[float], b: Sequence[float]) -> tuple[float, int, i
     return float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue), a_only, b_only
 
 
-def paired_p_value(a: Sequence[float], b: Sequence[float], seed: int = 0) -> float:
-    """Two-sided p-value for "same mean score": exact McNemar for 0/1 scores, otherwise a
-    sign-flip permutation test of the per-question differences (``scipy.stats``)."""
-    if is_binary(a) and is_binary(b):
-        return mcnemar_exact(a, b)[0]
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if not np.any(d):
+TEST_MCNEMAR = "exact McNemar"
+TEST_SIGN_FLIP_EXACT = "exact sign-flip permutation"
+TEST_SIGN_FLIP_MC = "sign-flip permutation (Monte Carlo)"
+LATTICE_MAX = 120
+"""Largest denominator of per-question differences the exact sign-flip test enumerates
+(seed-averaged 0/1 answers of S seeds are multiples of 1/S; VQA scores of 1/3 of that)."""
+
+
+def _lattice(d: np.ndarray) -> int | None:
+    """Smallest ``L <= LATTICE_MAX`` with every ``d * L`` an integer, or ``None``."""
+    for scale in range(1, LATTICE_MAX + 1):
+        if np.allclose(d * scale, np.round(d * scale), atol=1e-9, rtol=0):
+            return scale
+    return None
+
+
+def sign_flip_exact(d: Sequence[float]) -> float | None:
+    """Exact two-sided p-value of the paired sign-flip test of mean(d) == 0, or ``None`` when
+    the differences ``d (Q,)`` lie on no lattice of step ``1/L``, ``L <= LATTICE_MAX``.
+
+    Under the null each ``d_i`` keeps or flips its sign with probability 1/2; with ``k_i =
+    |d_i| L`` integers the null distribution of ``sum(sign_i k_i)`` is the convolution of the
+    two-point laws ``{-k_i, +k_i}``, computed exactly; ``p = P(|T| >= |t_obs|)``.
+    """
+    d = np.asarray(d, dtype=float)
+    scale = _lattice(d)
+    if scale is None:
+        return None
+    k = np.abs(np.round(d * scale)).astype(np.int64)
+    k = k[k > 0]
+    observed = abs(int(np.round(d * scale).sum()))
+    if k.size == 0:
         return 1.0
+    total = int(k.sum())
+    pmf = np.zeros(2 * total + 1)  # index j holds P(T = j - total)
+    pmf[total] = 1.0
+    for value, count in zip(*np.unique(k, return_counts=True)):
+        for _ in range(int(count)):
+            pmf = 0.5 * (np.roll(pmf, int(value)) + np.roll(pmf, -int(value)))
+    t = np.arange(-total, total + 1)
+    return float(min(1.0, pmf[np.abs(t) >= observed].sum()))
+
+
+def paired_test(a: Sequence[float], b: Sequence[float], seed: int = 0) -> tuple[float, str]:
+    """``(p, test)``: two-sided p-value for "same mean score" on the same questions and the
+    name of the test that gave it: :data:`TEST_MCNEMAR` for 0/1 scores, else
+    :data:`TEST_SIGN_FLIP_EXACT` when the differences lie on a lattice (seed-averaged answers),
+    else :data:`TEST_SIGN_FLIP_MC` (``scipy.stats.permutation_test``, :data:`N_BOOT`
+    resamples, so its p-value floor is ``1 / (N_BOOT + 1)``)."""
+    if is_binary(a) and is_binary(b):
+        return mcnemar_exact(a, b)[0], TEST_MCNEMAR
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    exact = sign_flip_exact(d)
+    if exact is not None:
+        return exact, TEST_SIGN_FLIP_EXACT
     res = stats.permutation_test(
         (d,),
         np.mean,
@@ -234,7 +253,7 @@ def paired_p_value(a: Sequence[float], b: Sequence[float], seed: int = 0) -> flo
         alternative="two-sided",
         rng=np.random.default_rng(seed),
     )
-    return float(res.pvalue)
+    return float(res.pvalue), TEST_SIGN_FLIP_MC
 
 
 # ---------------------------------------------------------------------------- planning
@@ -273,3 +292,38 @@ def detectable_difference(
     if gap(high) > 0:  # not even the largest possible difference is detectable
         return float(high)
     return float(optimize.brentq(gap, 1e-9, high))
+
+
+# ---------------------------------------------------------------------------- many tests
+CORRECTIONS: dict[str, str] = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
+"""Multiple-comparison corrections by name: ``holm`` controls the family-wise error rate
+(Holm, 1979), ``bh`` the false discovery rate (Benjamini & Hochberg, 1995)."""
+
+
+def adjust_p(p_values: Sequence[float], method: str = "holm") -> np.ndarray:
+    """Corrected p-values ``(m,)`` of a family of tests, in the input order; NaNs (tests not
+    made) stay NaN and do not count in the family.
+
+    ``holm``: the ``i``-th smallest of the ``m`` p-values becomes ``max_{j <= i} min(1, (m - j
+    + 1) p_(j))``; ``bh``: ``scipy.stats.false_discovery_control(p, method="bh")``.
+    """
+    if method not in CORRECTIONS:
+        raise ValueError(f"unknown correction {method!r}; expected one of {sorted(CORRECTIONS)}")
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, math.nan)
+    made = ~np.isnan(p)
+    if not made.any():
+        return out
+    if np.any((p[made] < 0) | (p[made] > 1)):
+        raise ValueError(f"adjust_p: p-values must lie in [0, 1], got {p[made].tolist()}")
+    if method == "bh":
+        out[made] = stats.false_discovery_control(p[made], method="bh")
+        return out
+    q = p[made]
+    order = np.argsort(q, kind="stable")
+    m = q.size
+    stepped = np.maximum.accumulate((m - np.arange(m)) * q[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    out[made] = adjusted
+    return out
