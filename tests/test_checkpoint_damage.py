@@ -11,6 +11,8 @@ bitwise the weights of an uninterrupted run. The RNG case is a hostile pickle: i
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -79,11 +81,31 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _zero_64k(path: Path) -> None:
+    """Overwrite 64 KiB in the middle of ``path`` with zeros (size and structure unchanged)."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    data[start : start + 65536] = bytes(65536)
+    path.write_bytes(bytes(data))
+
+
 def _damage(kind: str, newest: Path, marker: Path) -> Path:
     """Damage ``newest`` in one way; the file the skip message must name."""
+    acc = newest / "accelerate"
     if kind == "truncated weights":
-        bad = newest / "accelerate" / "model.safetensors"
+        bad = acc / "model.safetensors"
         _truncate(bad)
+    elif kind in ("missing optimizer", "missing scheduler"):
+        bad = acc / f"{kind.split()[1]}.bin"
+        bad.unlink()
+    elif kind in ("zeroed weights", "zeroed optimizer"):
+        bad = acc / ("model.safetensors" if "weights" in kind else "optimizer.bin")
+        _zero_64k(bad)
+    elif kind == "trainer_state out of range":
+        bad = newest / "trainer_state.json"
+        state = json.loads(bad.read_text())
+        state.update(epoch=-3, batches_done=1e9)
+        bad.write_text(json.dumps(state))
     elif kind == "empty trainer_state":
         bad = newest / "trainer_state.json"
         bad.write_text("")
@@ -99,7 +121,19 @@ def _damage(kind: str, newest: Path, marker: Path) -> Path:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "kind",
-    ["truncated weights", "empty trainer_state", "deleted trainer_state", "hostile RNG pickle"],
+    [
+        "truncated weights",
+        "empty trainer_state",
+        "deleted trainer_state",
+        "hostile RNG pickle",
+        # These passed validation before checksums (issue 27, item 13): the first two crashed
+        # every resume, the others resumed with exit 0 and ended with other weights.
+        "missing optimizer",
+        "missing scheduler",
+        "zeroed weights",
+        "zeroed optimizer",
+        "trainer_state out of range",
+    ],
 )
 def test_resume_skips_a_damaged_newest_checkpoint(runs, tmp_path, caplog, kind) -> None:
     ref, template, ref_metrics = runs
@@ -145,6 +179,86 @@ def test_a_damaged_base_makes_its_mid_checkpoint_unusable(runs, tmp_path, caplog
     text = "\n".join(caplog.messages)
     assert "ckpt-000001/model.safetensors" in text and "random_states_0.pkl" in text
     assert ckpt.next_checkpoint_dir(root)[0].name == "ckpt-000003"
+
+
+def test_every_checkpoint_has_a_manifest_of_its_files(runs) -> None:
+    """manifest.json lists every other file of the checkpoint with its size and sha256."""
+    import hashlib
+
+    _, template, _ = runs
+    for folder in sorted((template / "checkpoints").iterdir()):
+        files = json.loads((folder / ckpt.MANIFEST_FILE).read_text())["files"]
+        on_disk = sorted(
+            p.relative_to(folder).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != ckpt.MANIFEST_FILE
+        )
+        assert sorted(files) == on_disk and ckpt.STATE_FILE in files
+        for rel, entry in files.items():
+            data = (folder / rel).read_bytes()
+            assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_stray_file_or_a_missing_manifest_is_damage(runs, tmp_path) -> None:
+    _, template, _ = runs
+    folder = tmp_path / "ckpt-000002"
+    shutil.copytree(template / "checkpoints" / "ckpt-000002", folder)
+    ckpt.validate(folder)
+    (folder / "accelerate" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ckpt.CheckpointError, match=r"extra.bin: not listed in manifest.json"):
+        ckpt.validate(folder)
+    (folder / "accelerate" / "extra.bin").unlink()
+    (folder / ckpt.MANIFEST_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"manifest.json: missing"):
+        ckpt.validate(folder)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"epoch": -3}, "epoch=-3"),
+        ({"batches_done": 1e9}, "batches_done=1000000000.0"),
+        ({"global_step": True}, "global_step=True"),
+        ({"train_time_s": float("nan")}, "train_time_s=nan"),
+        ({"base": "../../etc"}, "base='../../etc'"),
+    ],
+)
+def test_trainer_state_numbers_are_range_checked(runs, tmp_path, change, expected) -> None:
+    _, template, _ = runs
+    folder = tmp_path / "ckpt-000002"
+    shutil.copytree(template / "checkpoints" / "ckpt-000002", folder)
+    state = json.loads((folder / ckpt.STATE_FILE).read_text())
+    state.update(change)
+    (folder / ckpt.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state.json: out of range: .*"):
+        ckpt.TrainerState.load(folder)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.TrainerState.load(folder)
+    assert expected in str(err.value)
+
+
+def test_a_checkpoint_that_does_not_fit_the_recipe_is_refused(runs, tmp_path) -> None:
+    """Checksums pass (the manifest rewritten), but the state names an epoch the unit does
+    not have: the trainer's check refuses it and find_resumable falls back to its base."""
+    from moe_vision.training.recipe_presets import get_recipe
+    from moe_vision.training.resume import check_fits_units
+    from moe_vision.training.units import expand_units
+
+    _, template, _ = runs
+    root = tmp_path / "checkpoints"
+    shutil.copytree(template / "checkpoints", root)
+    newest = root / "ckpt-000002"
+    state = json.loads((newest / ckpt.STATE_FILE).read_text())
+    state["epoch"] = 7
+    (newest / ckpt.STATE_FILE).write_text(json.dumps(state))
+    ckpt.write_manifest(newest)
+    units = expand_units(get_recipe("llava"), 1)
+    found = ckpt.find_resumable(root, 1, functools.partial(check_fits_units, units))
+    assert found is not None and found[0].name == "ckpt-000001"
+    assert (root / "ckpt-000002.damaged-0").is_dir()
+    bad = ckpt.TrainerState.load(root / "ckpt-000002.damaged-0")
+    with pytest.raises(ckpt.CheckpointError, match="epoch 7 out of range"):
+        check_fits_units(units, bad, Path("trainer_state.json"))
 
 
 def test_checkpoint_errors_name_the_file(runs, tmp_path) -> None:

@@ -12,10 +12,17 @@ unit, epoch, batch position, counters) and either
   being trained (model weights as safetensors, optimiser, scheduler, RNG states of every
   process), plus ``base``, the ``unit_end`` checkpoint the unit started from.
 
+Every checkpoint also holds ``manifest.json``, written last (atomically, before the folder is
+renamed into place): the size and sha256 of every other file in it (:func:`write_manifest`).
+
 Resuming (:func:`find_resumable`) takes the newest checkpoint that validates completely
-(:func:`validate`: every expected file present, ``trainer_state.json`` parses, every safetensors
-file's header parses and its tensors load, every accelerate state file loads with
-``weights_only=True``), and the ``base`` it needs as well. A damaged one is moved aside to
+(:func:`validate`: the manifest lists exactly the files present and each one's size and sha256
+match, so a missing file, a stray one or a single flipped byte anywhere is caught; the files a
+resume needs are all there (a ``mid`` one: model weights, optimiser, scheduler, one RNG file
+per process); ``trainer_state.json`` parses and its numbers are in range (:class:`TrainerState`;
+the trainer checks them against the recipe too); every safetensors file's header parses and its
+tensors load; every accelerate state file loads with ``weights_only=True``), and the ``base``
+it needs as well. A damaged one is moved aside to
 ``ckpt-<seq>.damaged-<n>/`` (kept for inspection, never read again) and the reason is logged,
 naming the file; new checkpoints are numbered past every folder ever written, damaged ones
 included, so a write never collides with a damaged folder. Every error here names the file
@@ -34,11 +41,14 @@ is shared as ``model/`` (safetensors + JSON), which
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +59,9 @@ STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 ACCELERATE_DIR = "accelerate"
+MANIFEST_FILE = "manifest.json"
+_COUNTERS = ("epoch", "batches_done", "optimizer_steps", "global_step", "samples_seen")
+_COUNTERS += ("nonfinite_skipped",)
 _NAME = re.compile(r"^ckpt-(\d{6})$")
 _ANY_NAME = re.compile(r"^ckpt-(\d{6})(?:\.damaged-\d+)?$")
 
@@ -111,7 +124,33 @@ class TrainerState:
             raise CheckpointError(
                 f"{path}: unexpected fields {sorted(set(data) - names)} or kind {data['kind']!r}"
             )
-        return cls(**data)
+        state = cls(**data)
+        state.check_ranges(path)
+        return state
+
+    def check_ranges(self, path: Path) -> None:
+        """Raise :class:`CheckpointError` (naming ``path``) unless every field has its type and
+        a possible value: counters and ``unit`` non-negative integers, ``train_time_s`` finite
+        and non-negative, ``base`` a checkpoint name or ``None``. Limits that depend on the
+        recipe (unit count, epochs, batches per epoch) are checked by the trainer."""
+        bad: list[str] = []
+        for name in ("unit", *_COUNTERS):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                bad.append(f"{name}={value!r} (expected an integer >= 0)")
+        t = self.train_time_s
+        if type(t) not in (int, float) or not math.isfinite(t) or t < 0:
+            bad.append(f"train_time_s={t!r} (expected a finite number >= 0)")
+        if not isinstance(self.unit_name, str) or not self.unit_name:
+            bad.append(f"unit_name={self.unit_name!r} (expected a unit's name)")
+        if self.base is not None and not (isinstance(self.base, str) and _NAME.match(self.base)):
+            bad.append(f"base={self.base!r} (expected a checkpoint name like 'ckpt-000001')")
+        if not isinstance(self.unit_reports, list) or not all(
+            isinstance(r, dict) for r in self.unit_reports
+        ):
+            bad.append("unit_reports (expected a list of objects)")
+        if bad:
+            raise CheckpointError(f"{path}: out of range: {'; '.join(bad)}")
 
 
 # ------------------------------------------------------------------------------ reading files
@@ -177,15 +216,95 @@ def check_rng_restored(state_dir: Path, process_index: int) -> None:
         raise CheckpointError(f"{path}: the RNG state was not restored by accelerator.load_state")
 
 
+# ------------------------------------------------------------------------------ manifest
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder`` except the manifest, as sorted POSIX relative paths."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE
+    )
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and sha256 of every file of ``folder`` in ``folder/manifest.json``.
+
+    Called once every other file is written; the manifest goes to a temporary name first and
+    is renamed, so a manifest that exists is complete.
+    """
+    files = {
+        rel: {"size": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)}
+        for rel in _files(folder)
+    }
+    tmp = folder / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def verify_manifest(folder: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first file that does not match the manifest:
+    missing, not listed, of another size or another sha256 (the manifest missing or
+    unreadable is an error too)."""
+    path = folder / MANIFEST_FILE
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        listed = {rel: (int(e["size"]), str(e["sha256"])) for rel, e in files.items()}
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: missing (every checkpoint lists its files' sha256 there)"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a checkpoint manifest ({err!r})") from None
+    present = set(_files(folder))
+    for rel in sorted(set(listed) - present):
+        raise CheckpointError(f"{folder / rel}: missing (listed in {MANIFEST_FILE})")
+    for rel in sorted(present - set(listed)):
+        raise CheckpointError(f"{folder / rel}: not listed in {MANIFEST_FILE} (not written here)")
+    for rel, (size, digest) in sorted(listed.items()):
+        actual = (folder / rel).stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"{folder / rel}: {actual} bytes, {MANIFEST_FILE} recorded {size} (damaged)"
+            )
+        if _sha256(folder / rel) != digest:
+            raise CheckpointError(
+                f"{folder / rel}: sha256 differs from the one {MANIFEST_FILE} recorded (damaged)"
+            )
+
+
 # ------------------------------------------------------------------------------ validation
+def _required_state_files(acc: Path, num_processes: int) -> None:
+    """Raise unless ``acc`` (accelerate's state) holds what a resume loads: model weights, an
+    optimiser and a scheduler (under DeepSpeed both are inside its ``pytorch_model*`` folder)
+    and one RNG file per process."""
+    names = [p.name for p in acc.iterdir()]
+    for r in range(num_processes):
+        if f"random_states_{r}.pkl" not in names:
+            raise CheckpointError(f"{acc / f'random_states_{r}.pkl'}: missing")
+    if not any(n.startswith(("model", "pytorch_model")) for n in names):
+        raise CheckpointError(f"{acc}: no model weights (model*.safetensors) in it")
+    if any(n.startswith("pytorch_model") and (acc / n).is_dir() for n in names):
+        return  # DeepSpeed: optimiser and scheduler are saved in the engine's folder
+    for what in ("optimizer", "scheduler"):
+        if not any(n.startswith(what) for n in names):
+            raise CheckpointError(f"{acc / (what + '.bin')}: missing (a resume loads it)")
+
+
 def validate(folder: Path, num_processes: int = 1) -> TrainerState:
     """Check one checkpoint completely; its state, or :class:`CheckpointError` naming the file.
 
-    ``unit_end``: the weights (one file or the shards of the index). ``mid``: every file of
-    ``accelerate/`` (safetensors read, pickles loaded with ``weights_only=True``), with the
-    model weights and one RNG file per process required. The ``base`` of a ``mid`` checkpoint
-    is checked by :func:`find_resumable`.
+    Every file must match the manifest (:func:`verify_manifest`). ``unit_end``: the weights
+    (one file or the shards of the index). ``mid``: every file of ``accelerate/`` (safetensors
+    read, pickles loaded with ``weights_only=True``), with the model weights, optimiser,
+    scheduler and one RNG file per process required. The ``base`` of a ``mid`` checkpoint is
+    checked by :func:`find_resumable`.
     """
+    verify_manifest(folder)
     state = TrainerState.load(folder)
     if state.kind == "unit_end":
         for path in weight_files(folder):
@@ -194,19 +313,12 @@ def validate(folder: Path, num_processes: int = 1) -> TrainerState:
     acc = folder / ACCELERATE_DIR
     if not acc.is_dir():
         raise CheckpointError(f"{acc}: missing (a 'mid' checkpoint needs accelerate's state)")
-    required = [acc / f"random_states_{r}.pkl" for r in range(num_processes)]
-    for path in required:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing")
-    if not any(p.name.startswith(("model", "pytorch_model")) for p in acc.iterdir()):
-        raise CheckpointError(f"{acc}: no model weights (model*.safetensors) in it")
+    _required_state_files(acc, num_processes)
     for path in sorted(acc.iterdir()):
         if path.suffix == ".safetensors":
             read_safetensors(path)
         elif path.suffix in (".bin", ".pkl") and path.is_file():
             load_pickled_state(path)
-    if state.base is not None and not _NAME.match(state.base):
-        raise CheckpointError(f"{folder / STATE_FILE}: base {state.base!r} is not a checkpoint")
     return state
 
 
@@ -220,17 +332,26 @@ def quarantine(folder: Path, reason: str) -> Path:
     return target
 
 
-def find_resumable(root: str | Path, num_processes: int = 1) -> tuple[Path, TrainerState] | None:
+def find_resumable(
+    root: str | Path,
+    num_processes: int = 1,
+    check: Callable[[TrainerState, Path], None] | None = None,
+) -> tuple[Path, TrainerState] | None:
     """The newest checkpoint under ``root`` that validates, with its ``base``; ``None``: none.
 
-    Newer damaged ones (and ``mid`` ones whose ``base`` is damaged or gone) are moved aside
-    with :func:`quarantine`, each logged with the reason. Call on the main process only.
+    ``check(state, state_file)`` may refuse a checkpoint that validates but does not fit the
+    run (the trainer checks the unit, its name and the epoch against the recipe) by raising
+    :class:`CheckpointError`. Newer damaged or refused ones (and ``mid`` ones whose ``base`` is
+    damaged or gone) are moved aside with :func:`quarantine`, each logged with the reason.
+    Call on the main process only.
     """
     root = Path(root)
     bad: dict[str, str] = {}
     for _, folder in reversed(_checkpoints(root)):
         try:
             state = validate(folder, num_processes)
+            if check is not None:
+                check(state, folder / STATE_FILE)
         except CheckpointError as err:
             bad[folder.name] = str(err)
             continue
@@ -241,8 +362,13 @@ def find_resumable(root: str | Path, num_processes: int = 1) -> tuple[Path, Trai
                 bad[folder.name] = f"its base checkpoint is unusable ({why})"
                 continue
             try:
-                if validate(base, num_processes).kind != "unit_end":
-                    raise CheckpointError(f"{base / STATE_FILE}: base is not a 'unit_end' one")
+                base_state = validate(base, num_processes)
+                if base_state.kind != "unit_end" or base_state.unit >= state.unit:
+                    raise CheckpointError(
+                        f"{base / STATE_FILE}: not a 'unit_end' checkpoint of an earlier unit"
+                    )
+                if check is not None:
+                    check(base_state, base / STATE_FILE)
             except CheckpointError as err:
                 bad[state.base] = str(err)
                 bad[folder.name] = f"its base checkpoint is unusable ({err})"
@@ -297,7 +423,9 @@ def write_state(folder: Path, state: TrainerState) -> None:
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """Make a fully written temporary checkpoint folder visible (atomic rename)."""
+    """Record every file's checksum (:func:`write_manifest`), then make the fully written
+    temporary checkpoint folder visible (atomic rename)."""
+    write_manifest(tmp)
     os.replace(tmp, final)
     files = sorted(p.name for p in final.iterdir())
     logger.info("checkpoint written: %s (%s)", final, ", ".join(files))

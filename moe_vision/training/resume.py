@@ -3,7 +3,8 @@
 :func:`checkpoint_due` says when a mid-unit checkpoint is due, :func:`save_checkpoint` writes
 one collectively (every process calls it: accelerate gathers FSDP/DeepSpeed shards and every
 rank writes its RNG state), :func:`find_restore_point` lets the main process pick the newest
-usable checkpoint and tells the others, :func:`last_unit_end` names the checkpoint a mid-unit
+usable checkpoint (one that also fits the run's units: :func:`check_fits_units`) and tells the
+others, :func:`last_unit_end` names the checkpoint a mid-unit
 one builds on, and :func:`load_weights` loads saved weights into a model. The files themselves
 (atomic folders, validation, pruning) are :mod:`moe_vision.training.checkpoint`'s;
 :class:`~moe_vision.training.trainer.Trainer` uses these helpers and re-exports
@@ -13,6 +14,7 @@ one builds on, and :func:`load_weights` loads saved weights into a model. The fi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from torch import nn
 
 from moe_vision.training import checkpoint as ckpt
 from moe_vision.training.options import TrainOptions
+from moe_vision.training.units import TrainUnit
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
@@ -110,20 +113,44 @@ def checkpoint_due(
     return due
 
 
+def check_fits_units(units: Sequence[TrainUnit], state: ckpt.TrainerState, path: Path) -> None:
+    """Refuse (:class:`~.checkpoint.CheckpointError` naming ``path``) a checkpoint whose unit,
+    unit name or epoch does not exist among ``units`` (the run's expanded recipe)."""
+    if state.unit >= len(units) or units[state.unit].name != state.unit_name:
+        raise ckpt.CheckpointError(
+            f"{path}: unit {state.unit} {state.unit_name!r} is not one of this run's units "
+            f"{[u.name for u in units]}"
+        )
+    epochs = units[state.unit].stage.epochs
+    if state.kind == "mid" and state.epoch >= epochs:
+        raise ckpt.CheckpointError(
+            f"{path}: epoch {state.epoch} out of range (unit {state.unit_name!r} has {epochs} "
+            "epochs)"
+        )
+    if state.optimizer_steps > state.global_step:
+        raise ckpt.CheckpointError(
+            f"{path}: optimizer_steps {state.optimizer_steps} exceeds global_step "
+            f"{state.global_step}"
+        )
+
+
 def find_restore_point(
-    acc: Accelerator, root: Path
+    acc: Accelerator,
+    root: Path,
+    check: Callable[[ckpt.TrainerState, Path], None] | None = None,
 ) -> tuple[ckpt.TrainerState, Path, Path | None] | None:
     """The newest usable checkpoint under ``root``: ``(its state, its folder, the unit_end
     folder whose weights to load)``, or ``None`` when there is none.
 
-    The main process picks it (:func:`~.checkpoint.find_resumable`: damaged newer ones are
-    logged and moved aside) and tells the others. The weights to load are the checkpoint's own
-    for a ``unit_end`` one, else those of the ``unit_end`` checkpoint it builds on (``None``
-    when it builds on none: a mid-unit checkpoint of the first unit).
+    The main process picks it (:func:`~.checkpoint.find_resumable`: damaged newer ones, and
+    ones that ``check`` refuses, are logged and moved aside) and tells the others. The weights
+    to load are the checkpoint's own for a ``unit_end`` one, else those of the ``unit_end``
+    checkpoint it builds on (``None`` when it builds on none: a mid-unit checkpoint of the
+    first unit).
     """
     names = [None]
     if acc.is_main_process:
-        found = ckpt.find_resumable(root, acc.num_processes)
+        found = ckpt.find_resumable(root, acc.num_processes, check)
         names = [found[0].name if found else None]
     if acc.num_processes > 1:
         import torch.distributed as dist

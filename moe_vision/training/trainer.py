@@ -39,6 +39,7 @@ checkpoints and finding where to resume is :mod:`~.resume`. Their public names a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ from tqdm.auto import tqdm
 from moe_vision.data.llava import LlavaDataset
 from moe_vision.training import checkpoint as ckpt
 from moe_vision.training.cache import FeatureCache, expert_cache_key
+from moe_vision.training.checkpoint import CheckpointError
 from moe_vision.training.frozen_experts import cached_experts, served_maps, store_maps
 from moe_vision.training.lora import add_stage_adapters
 from moe_vision.training.options import (  # noqa: F401 - re-exported: the trainer's API
@@ -65,6 +67,7 @@ from moe_vision.training.options import (  # noqa: F401 - re-exported: the train
 )
 from moe_vision.training.recipes import Recipe, apply_stage
 from moe_vision.training.resume import (  # load_weights: also the trainer's API
+    check_fits_units,
     checkpoint_due,
     find_restore_point,
     last_unit_end,
@@ -166,7 +169,8 @@ class Trainer:
         The main process picks it (:func:`~.resume.find_restore_point`: damaged newer ones are
         logged and moved aside) and tells the others.
         """
-        found = find_restore_point(self.accelerator, self.ckpt_root)
+        check = functools.partial(check_fits_units, self.units)
+        found = find_restore_point(self.accelerator, self.ckpt_root, check)
         if found is None:
             return None
         state, latest, end = found
@@ -248,11 +252,23 @@ class Trainer:
         )
         return sampler, loader
 
-    def _start_position(self, unit: TrainUnit, mid: Path | None) -> tuple[int, int]:
+    def _start_position(
+        self, unit: TrainUnit, mid: Path | None, batches: int, total_steps: int
+    ) -> tuple[int, int]:
         """``(epoch, batches to skip)`` where the unit starts: a mid-unit checkpoint's position
-        (its accelerate state loaded), else the start (state reset, RNGs seeded for the unit)."""
+        (its accelerate state loaded), else the start (state reset, RNGs seeded for the unit).
+
+        ``batches`` (per epoch) and ``total_steps`` bound the checkpoint's position: one past
+        them is refused (:class:`~.checkpoint.CheckpointError` naming its state file)."""
         acc = self.accelerator
         if mid is not None:
+            st = self.state
+            if st.batches_done > batches or st.optimizer_steps > total_steps:
+                raise CheckpointError(
+                    f"{mid / ckpt.STATE_FILE}: batches_done {st.batches_done} / optimizer_steps "
+                    f"{st.optimizer_steps} out of range (unit {unit.name!r} has {batches} "
+                    f"batches per epoch, {total_steps} optimiser steps)"
+                )
             acc.load_state(str(mid / "accelerate"))
             ckpt.check_rng_restored(mid / "accelerate", acc.process_index)
             return self.state.epoch, self.state.batches_done
@@ -296,7 +312,7 @@ class Trainer:
         acc.gradient_accumulation_steps = stage.grad_accum
         prepared, optimizer, scheduler, loader = acc.prepare(model, optimizer, scheduler, loader)
 
-        start_epoch, skip = self._start_position(unit, mid)
+        start_epoch, skip = self._start_position(unit, mid, len(sampler), total_steps)
         base = self.state.base if mid is not None else last_unit_end(self.ckpt_root)
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         bar = tqdm(
