@@ -4,6 +4,7 @@ patched expert, the drop table equals hand-computed differences; staged experts;
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -41,17 +42,15 @@ def _seeing(config: ModelConfig) -> MoEVisionModel:
     return seeing_model(config)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _make_run(root: Path, config: ModelConfig) -> Path:
     """A finished run folder as `moe-vision train` leaves it (config.yaml, model/,
     predictions.json, metrics.json), with a model that sees."""
-    root = tmp_path_factory.mktemp("attr")
     bench = generate_benchmark(root / "bench", seed=0, sizes=SIZES)
     run = root / "run"
-    model = _seeing(CONFIG)
+    model = _seeing(config)
     model.save_pretrained(run / "model")
     cfg = RunConfig(
-        model=CONFIG,
+        model=config,
         recipe="llava",
         data=DataConfig(benchmark_sizes=SIZES.to_dict(), benchmark_dir=str(bench.root)),
         cache_dir=str(root / "cache"),
@@ -62,6 +61,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     results.write_json(run / results.PREDICTIONS_FILE, result.predictions)
     results.write_json(run / results.METRICS_FILE, result.to_metrics())
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_run(tmp_path_factory.mktemp("attr"), CONFIG)
 
 
 def _inputs(model: MoEVisionModel, run: Path) -> list[dict]:
@@ -180,3 +184,71 @@ def test_cli_and_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFix
         attribute(tmp_path)
     with pytest.raises(ValueError, match="mode must be one of"):
         attribute(run_dir, mode="drop")
+
+
+TILED = {"clip-tiny": {"tiling": {"max_tiles": 3, "thumbnail": True}}}
+RAGGED = {  # the experts that tell an image's aspect ratio through their mask or tile grid
+    "pix2struct/channel_concat": ModelConfig(
+        experts=["pix2struct-tiny"],
+        fusion="channel_concat",
+        fusion_options={"grid": [4, 4]},
+        llm="tiny-qwen2",
+    ),
+    "tiled/sequence_append": ModelConfig(
+        experts=["clip-tiny", "pix2struct-tiny"],
+        expert_options={"clip-tiny": {"tiling": {"max_tiles": 3}}},
+        fusion="sequence_append",
+        fusion_options={"per_expert_grid": True},
+        llm="tiny-qwen2",
+    ),
+    "tiled+thumbnail/sequence_append": ModelConfig(
+        experts=["clip-tiny"],
+        expert_options=TILED,
+        fusion="sequence_append",
+        fusion_options={"per_expert_grid": True},
+        llm="tiny-qwen2",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+@pytest.mark.parametrize("case", sorted(RAGGED))
+def test_every_expert_ablated_gives_every_image_the_same_tokens(case: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model = MoEVisionModel(RAGGED[case]).eval()
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (30, 100, 3), dtype=np.uint8))  # 1 x 3 tiles
+    tall = Image.fromarray(rng.integers(0, 256, (90, 40, 3), dtype=np.uint8))  # 2 x 1 tiles
+    inputs = [collate_inputs([pre(wide), pre(tall)]) for pre in model.preprocessors]
+    with torch.no_grad():
+        before = model.encode_images(inputs)
+        assert not torch.equal(before[0], before[1])
+        with record_means(model) as means:
+            model.encode_images(inputs)
+        with contextlib.ExitStack() as stack:
+            for i in range(len(model.experts)):
+                stack.enter_context(ablate_expert(model, i, mode, means[i]))
+            ablated = model.encode_images(inputs)
+        # no aspect ratio, tile grid or thumbnail reaches the LLM: the two images are one
+        torch.testing.assert_close(ablated[0], ablated[1], rtol=0, atol=0)
+        torch.testing.assert_close(model.encode_images(inputs), before, rtol=0, atol=0)
+    if "thumbnail" in case:
+        assert ("forward", None, 0, "thumbnail") in means[0].sums
+
+
+def test_cli_attributes_a_tiled_expert_with_a_thumbnail(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = ModelConfig(
+        experts=["clip-tiny", "convnext-tiny"],
+        expert_options=TILED,
+        fusion="sequence_append",
+        fusion_options={"grid": [4, 4]},  # 3 maps x 16 tokens
+        llm="tiny-qwen2",
+    )
+    run = _make_run(tmp_path, config)
+    args = ["attribute", "--run", str(run), "--limit", "4", "--n-boot", "200"]
+    assert main(args) == 0
+    assert "clip-tiny" in capsys.readouterr().out
+    data = results.read_json(run / results.ATTRIBUTION_FILE)
+    assert data["mode"] == "mean" and "drop/clip-tiny/overall" in data["metrics"]

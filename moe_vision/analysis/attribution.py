@@ -9,6 +9,14 @@ and exact McNemar p-value, :func:`moe_vision.results.compare`) is the expert's *
 ``relative_drop = drop / intact accuracy`` is the conditional utilisation rate of "Investigating
 Redundancy in MLLMs with Multiple Vision Encoders" (ICLR 2026).
 
+A ragged expert (Pix2Struct's variable grid, a dynamically tiled expert's canvas) also tells
+the LLM an image's aspect ratio or tile grid through its validity mask, and a tiled expert may
+carry a thumbnail map. Ablation removes all of it: the mean is taken per cell over the images
+valid there, the mask becomes a fixed **reference mask** (the cells valid in at least half of
+the evaluation images), and the thumbnail is recorded and replaced the same way, so an ablated
+expert gives every image the same map, mask and thumbnail. ``mode="zero"`` gives zeros with no
+mask.
+
 Why the mean map and not zeros or dropped tokens: zeros are far outside the distribution the
 fusion and projector saw (a LayerNorm-free channel concatenation turns them into a constant
 shift the LLM never met), which mixes "the expert's information is missing" with "the input is
@@ -31,6 +39,7 @@ and ``/hi``, and the table) and ``<run>/attribution.csv``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -102,16 +111,25 @@ def _intercept(expert: nn.Module, transform: Any) -> Iterator[None]:
         del expert.finish
 
 
+THUMBNAIL: tuple[str] = ("thumbnail",)
+"""Appended to a call's key for the thumbnail a tiled expert's map carries."""
+
+
 @dataclass
 class MeanMaps:
-    """Running sums of one expert's maps per call key; :meth:`mean` gives ``(C, H, W)``."""
+    """Running sums of one expert's maps per call key (a tiled expert's thumbnail under
+    ``key + ("thumbnail",)``): :meth:`mean` ``(C, H, W)`` and :meth:`reference_mask`."""
 
     expert: str
     sums: dict[Key, torch.Tensor] = field(default_factory=dict)
+    valid: dict[Key, torch.Tensor] = field(default_factory=dict)
     counts: dict[Key, int] = field(default_factory=dict)
+    masked: dict[Key, bool] = field(default_factory=dict)
 
     def add(self, key: Key, fmap: FeatureMap) -> FeatureMap:
-        x = fmap.features.detach().to(torch.float64).sum(0)  # (C, H, W)
+        feats = fmap.features.detach().to(torch.float64)  # (B, C, H, W)
+        valid = fmap.valid().to(feats.device, torch.float64)  # (B, H, W)
+        x = (feats * valid[:, None]).sum(0)  # (C, H, W), valid cells only
         if key in self.sums and self.sums[key].shape != x.shape:
             raise ValueError(
                 f"attribution: expert {self.expert!r} returned maps of shape {tuple(x.shape)} "
@@ -119,16 +137,33 @@ class MeanMaps:
                 f"grid (use mode='zero')"
             )
         self.sums[key] = self.sums.get(key, 0) + x
+        self.valid[key] = self.valid.get(key, 0) + valid.sum(0)  # (H, W)
         self.counts[key] = self.counts.get(key, 0) + fmap.features.shape[0]
+        self.masked[key] = self.masked.get(key, False) or fmap.mask is not None
+        if fmap.thumbnail is not None:
+            self.add(key + THUMBNAIL, fmap.thumbnail)
         return fmap
 
-    def mean(self, key: Key) -> torch.Tensor:
+    def _check(self, key: Key) -> None:
         if key not in self.sums:
             raise KeyError(
                 f"attribution: no mean map of expert {self.expert!r} for call {key}; "
                 f"recorded: {sorted(self.sums, key=str)}"
             )
-        return self.sums[key] / self.counts[key]
+
+    def mean(self, key: Key) -> torch.Tensor:
+        """``(C, H, W)``: per cell, the mean over the images whose map is valid there (0 where
+        none is)."""
+        self._check(key)
+        return self.sums[key] / self.valid[key].clamp(min=1)
+
+    def reference_mask(self, key: Key) -> torch.Tensor | None:
+        """``(H, W)`` bool: the cells valid in at least half of the recorded images (a fixed
+        grid for a ragged expert), or ``None`` when every recorded map was unmasked."""
+        self._check(key)
+        if not self.masked[key]:
+            return None
+        return 2 * self.valid[key] >= self.counts[key]
 
 
 @contextlib.contextmanager
@@ -141,12 +176,30 @@ def record_means(model: nn.Module) -> Iterator[list[MeanMaps]]:
         yield means
 
 
+def _ablated(key: Key, fmap: FeatureMap, mode: str, means: MeanMaps | None) -> FeatureMap:
+    """``fmap`` (and its thumbnail) with features and mask that are the same for every image."""
+    x = fmap.features
+    b = x.shape[0]
+    if mode == "zero":
+        new, mask = torch.zeros_like(x), None
+    else:
+        assert means is not None
+        new = means.mean(key).to(x.dtype).to(x.device).expand_as(x).contiguous()
+        ref = means.reference_mask(key)
+        mask = None if ref is None else ref.to(x.device).expand(b, *ref.shape).contiguous()
+    thumb = fmap.thumbnail
+    if thumb is not None:
+        thumb = _ablated(key + THUMBNAIL, thumb, mode, means)
+    return dataclasses.replace(fmap, features=new, mask=mask, thumbnail=thumb)
+
+
 @contextlib.contextmanager
 def ablate_expert(
     model: nn.Module, index: int, mode: str = "mean", means: MeanMaps | None = None
 ) -> Iterator[None]:
-    """Within the block, expert ``index``'s maps are replaced by ``means``' mean maps
-    (``mode="mean"``) or by zeros (``"zero"``); validity masks are kept."""
+    """Within the block, expert ``index``'s maps (a tiled expert's thumbnail too) are replaced
+    by ``means``' mean maps on its reference mask (``mode="mean"``) or by zeros with no mask
+    (``"zero"``): every image then gives the same map and mask (module docstring)."""
     if mode not in MODES:
         raise ValueError(f"attribution mode must be one of {MODES}, got {mode!r}")
     if not 0 <= index < len(model.experts):
@@ -155,12 +208,7 @@ def ablate_expert(
         raise ValueError("mode='mean' needs the expert's MeanMaps (see record_means)")
 
     def replace(key: Key, fmap: FeatureMap) -> FeatureMap:
-        x = fmap.features
-        if mode == "zero":
-            new = torch.zeros_like(x)
-        else:
-            new = means.mean(key).to(x.dtype).to(x.device).expand_as(x).contiguous()  # type: ignore[union-attr]
-        return FeatureMap(new, fmap.stride, fmap.source, fmap.mask)
+        return _ablated(key, fmap, mode, means)
 
     with _intercept(model.experts[index], replace):
         yield
