@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_checks.sh"
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU node, run the script itself")
 def test_gpu_checks_script_runs_and_writes_its_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PYTEST_S": "240"}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PYTEST_S": "240", "BENCH_S": "240"}
     done = subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=400
     )
@@ -34,4 +34,7 @@ def test_gpu_checks_script_runs_and_writes_its_files(tmp_path: Path) -> None:
     log = (out / "pytest-gpu.log").read_text()
     assert " skipped" in log and "passed" not in log and "failed" not in log and "error" not in log
     rows = list(csv.DictReader((out / "bench-gpu.csv").open()))
-    assert [(r["section"], r["metric"]) for r in rows] == [("gpu", "skipped")]
+    metrics = [(r["section"], r["metric"]) for r in rows]
+    assert metrics[0] == ("gpu", "skipped")
+    # the dry run says what a GPU would train: parameters per shape, then the shape per size
+    assert metrics[1:] == [("gpu", "plan_params")] * 4 + [("gpu", "plan_shape_index")] * 2

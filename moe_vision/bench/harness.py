@@ -3,18 +3,23 @@
 A bench section is a function ``fn(cfg, device, work_dir) -> rows`` registered under a name
 (:func:`register_section`); :func:`run_bench` runs the chosen ones in registration order on one
 device, in one scratch folder, and writes their rows (:func:`bench_row`) to the long-format CSV
-(:data:`CSV_COLUMNS`). :class:`BenchConfig` holds every section's sizes: its defaults are the
-reported run, tests and ``--quick`` shrink them.
+(:data:`CSV_COLUMNS`) as they come: a section may return its rows or yield them one by one, and
+each row is appended to the CSV (and flushed) the moment it exists, so a run killed by a time
+limit keeps what it measured. At the end the whole table is written again atomically.
+:class:`BenchConfig` holds every section's sizes: its defaults are the reported run, tests and
+``--quick`` shrink them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import csv
 import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +44,17 @@ REAL_MODEL: dict[str, Any] = {
 }
 
 
-BenchSection = Callable[["BenchConfig", torch.device, Path], list[dict]]
+BenchSection = Callable[["BenchConfig", torch.device, Path], Iterable[dict]]
 _SECTIONS: dict[str, BenchSection] = {}
 
 
 def register_section(name: str) -> Callable[[BenchSection], BenchSection]:
     """Register ``fn(cfg, device, work_dir) -> rows`` as the bench section ``name``.
 
-    A new section is one module under :mod:`moe_vision.bench` that registers itself (imported by
-    the package); rows come from :func:`bench_row`. Sections run in registration order.
+    ``rows`` is a list or a generator of :func:`bench_row` dicts; a generator's rows reach the
+    CSV one by one, as they are measured. A new section is one module under
+    :mod:`moe_vision.bench` that registers itself (imported by the package). Sections run in
+    registration order.
     """
 
     def deco(fn: BenchSection) -> BenchSection:
@@ -168,7 +175,8 @@ def run_bench(
     device: str | torch.device | None = None,
     work_dir: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
-    """Run the benchmark ``sections`` and write the long-format CSV to ``out`` (atomically).
+    """Run the benchmark ``sections`` and write the long-format CSV to ``out``: each row as
+    it is measured (appended and flushed), then the whole table atomically.
 
     Args:
         cfg: sizes (default: :class:`BenchConfig`, the reported run).
@@ -184,12 +192,25 @@ def run_bench(
         raise ValueError(f"unknown bench sections {bad}; valid sections are {list_sections()}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    streamed = Path(out).suffix == ".csv"  # a Parquet table is written at the end only
+    with (
+        tempfile.TemporaryDirectory(dir=work_dir) as tmp,
+        open(out, "w", newline="") if streamed else contextlib.nullcontext() as stream,
+    ):
+        writer = csv.DictWriter(stream, fieldnames=list(CSV_COLUMNS)) if stream else None
+        if writer:
+            writer.writeheader()
+            stream.flush()
         work = Path(tmp)
         for name, fn in _SECTIONS.items():
             if name in sections:
                 logger.info("bench: %s", name)
-                rows += fn(cfg, dev, work)
+                for row in fn(cfg, dev, work):
+                    rows.append(row)
+                    if writer:
+                        writer.writerow({k: row.get(k) for k in CSV_COLUMNS})
+                        stream.flush()
     df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    results.save(df, out)
+    results.save(df, out)  # the whole table again, atomically
     return df

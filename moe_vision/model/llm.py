@@ -136,8 +136,15 @@ def _build_tiny(preset: TinyLLMPreset, overrides: dict[str, Any]):
             f"unknown {preset.config_class.__name__} options {bad}; "
             "see the transformers config class for valid ones"
         )
+    # a larger embedding than the tokenizer is valid (real LLMs pad their vocabularies): the
+    # GPU bench sets a real model's vocabulary so that its LM head costs what it costs
+    vocab_size = int(arch.pop("vocab_size", len(tokenizer)))
+    if vocab_size < len(tokenizer):
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+        )
     config = preset.config_class(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
