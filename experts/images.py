@@ -11,21 +11,42 @@ never a half-grey image), and their pixel count is checked from the header *befo
 a 12 KB PNG that claims 10000x10000 pixels is refused without allocating them. The limit is
 :data:`MAX_IMAGE_PIXELS` (default 50 megapixels, about 7071x7071; environment variable
 ``MOE_VISION_MAX_IMAGE_PIXELS``), per call ``load_image(path, max_pixels=N)``, or globally
-:func:`set_max_image_pixels`.
+:func:`set_max_image_pixels`. A JPEG's EXIF orientation is applied (``ImageOps.exif_transpose``),
+so a portrait photo stored sideways is read upright.
+
+Before an image file is opened or hashed, :func:`check_image_file` looks at what the path is
+(following symbolic links): only a regular file is read -- a FIFO would block the reader
+forever and ``/dev/zero`` never ends -- and one larger than :data:`MAX_IMAGE_BYTES` (default
+256 MiB; ``MOE_VISION_MAX_IMAGE_BYTES`` or :func:`set_max_image_bytes`) is refused unread, so a
+huge sparse file costs nothing. :func:`image_content_key` (the feature cache's key of an image:
+the sha256 of its bytes) reads at most that many bytes and remembers the key of each path by
+``(device, inode, size, modification time)``, so a million records over a few hundred images
+hash each file once per process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS: int = int(os.environ.get("MOE_VISION_MAX_IMAGE_PIXELS", 50_000_000))
 """Largest width x height accepted from an image file (checked before decoding)."""
+
+MAX_IMAGE_BYTES: int = int(os.environ.get("MOE_VISION_MAX_IMAGE_BYTES", 256 * 2**20))
+"""Largest image file read, in bytes (checked before reading; default 256 MiB)."""
+
+KEY_MEMO_SIZE = 1_000_000
+"""Paths whose content key :func:`image_content_key` remembers (oldest forgotten first)."""
+
+_KEYS: dict[str, tuple[tuple[int, int, int, int], str]] = {}  # path -> (stamp, sha256)
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(ValueError):
@@ -48,23 +69,124 @@ def set_max_image_pixels(limit: int) -> None:
     MAX_IMAGE_PIXELS = limit
 
 
-def open_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
-    """Read and fully decode an image file, refusing oversized images before decoding.
+def set_max_image_bytes(limit: int) -> None:
+    """Change :data:`MAX_IMAGE_BYTES` (the size limit of image files) for this process."""
+    global MAX_IMAGE_BYTES
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"the image file size limit must be a positive int, got {limit!r}")
+    MAX_IMAGE_BYTES = limit
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def _checked(path: Path, st: os.stat_result, max_bytes: int | None) -> os.stat_result:
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(
+            f"image {path} is not a regular file ({_file_kind(st.st_mode)}); expected an image file"
+        )
+    limit = MAX_IMAGE_BYTES if max_bytes is None else int(max_bytes)
+    if st.st_size > limit:
+        raise ImageTooLargeError(
+            f"image file {path} is {st.st_size} bytes, more than the limit of {limit} bytes "
+            f"({limit / 2**20:.0f} MiB; raise it with MOE_VISION_MAX_IMAGE_BYTES or "
+            "experts.images.set_max_image_bytes)"
+        )
+    if st.st_size == 0:
+        raise ImageError(f"cannot read image {path}: the file is empty (0 bytes)")
+    return st
+
+
+def check_image_file(path: str | os.PathLike, max_bytes: int | None = None) -> os.stat_result:
+    """What ``path`` is, checked before it is opened: a regular, non-empty file (symbolic links
+    followed) of at most ``max_bytes`` bytes (``None``: :data:`MAX_IMAGE_BYTES`).
+
+    Returns:
+        its ``os.stat`` result.
+
+    Raises:
+        ImageNotFoundError: nothing at ``path`` (or a dangling link).
+        ImageTooLargeError: more bytes than the limit (nothing is read).
+        ImageError: a FIFO, device, socket or folder ("not a regular file"), or an empty file.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as err:
+        raise ImageNotFoundError(f"image file not found: {path}") from err
+    except OSError as err:
+        raise ImageError(f"cannot read image {path}: {err}") from err
+    return _checked(path, st, max_bytes)
+
+
+def image_content_key(path: str | os.PathLike, max_bytes: int | None = None) -> str:
+    """Stable content hash of an image file (sha256 of its bytes): the feature cache's key.
+
+    The file is checked first (:func:`check_image_file`), opened without blocking and checked
+    again on the open descriptor, and read in 1 MiB blocks up to the size limit. The key is
+    remembered per path with the file's ``(device, inode, size, mtime)``: a file changed since
+    is hashed again.
+
+    Raises:
+        ImageError: see :func:`check_image_file`; also when the file grows past the limit while
+            it is read.
+    """
+    path = Path(path)
+    limit = MAX_IMAGE_BYTES if max_bytes is None else int(max_bytes)
+    st = check_image_file(path, limit)
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    name = str(path)
+    known = _KEYS.get(name)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise ImageError(f"cannot read image {path}: {err}") from err
+    with os.fdopen(fd, "rb") as f:
+        st = _checked(path, os.fstat(fd), limit)  # the file opened is the file checked
+        h, read = hashlib.sha256(), 0
+        while block := f.read(min(2**20, limit + 1 - read)):
+            read += len(block)
+            if read > limit:
+                raise ImageTooLargeError(
+                    f"image file {path} grew past the limit of {limit} bytes while it was read"
+                )
+            h.update(block)
+    key = h.hexdigest()
+    if len(_KEYS) >= KEY_MEMO_SIZE:
+        _KEYS.pop(next(iter(_KEYS)))
+    _KEYS[name] = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), key)
+    return key
+
+
+def open_image_file(
+    path: str | os.PathLike, max_pixels: int | None = None, max_bytes: int | None = None
+) -> Image.Image:
+    """Read and fully decode an image file, refusing oversized images before decoding; the
+    EXIF orientation is applied.
 
     Args:
         path: the image file.
         max_pixels: largest ``width * height`` (``None``: :data:`MAX_IMAGE_PIXELS`).
+        max_bytes: largest file size (``None``: :data:`MAX_IMAGE_BYTES`).
 
     Raises:
-        ImageError: missing, empty, unreadable, truncated or corrupt file, or more pixels than
-            the limit (the message says the limit and how to change it).
+        ImageError: missing, empty, unreadable, truncated or corrupt file, not a regular file,
+            more bytes or pixels than the limits (the message says the limit and how to change
+            it).
     """
     path = Path(path)
     limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
-    if not path.is_file():
-        raise ImageNotFoundError(f"image file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ImageError(f"cannot read image {path}: the file is empty (0 bytes)")
+    check_image_file(path, max_bytes)
     try:
         with warnings.catch_warnings():  # the limit below replaces PIL's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -78,7 +200,7 @@ def open_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> I
                     "experts.images.set_max_image_pixels)"
                 )
             im.load()  # full decode: truncated and corrupt files fail here
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # a copy, upright
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -141,6 +263,8 @@ def load_image(
         )
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{what}: empty image of size {image.size}")
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a PIL image opened by the caller
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode == "RGB":
         return image

@@ -326,3 +326,138 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch) -> None:
             load_image(bomb)
     finally:
         images.set_max_image_pixels(50_000_000)
+
+
+# ---------------------------------------------------------------------------- special files
+def _png_head(path) -> bytes:
+    Image.fromarray(_rng_image((8, 9, 3))).save(path)
+    return path.read_bytes()
+
+
+@pytest.mark.timeout(60)
+def test_special_and_huge_files_are_refused_unread(tmp_path) -> None:
+    """Issue 27 item 10: a sparse file past the size limit is refused before any byte is read
+    (it begins with a valid PNG), a FIFO is "not a regular file" (never opened for a blocking
+    read), and a link to /dev/zero too; the limit is configurable and named."""
+    import os
+
+    from experts import images
+
+    sparse = tmp_path / "sparse.png"
+    _png_head(sparse)
+    with open(sparse, "r+b") as f:
+        f.truncate(300 * 2**20)  # 300 MiB, nearly all holes
+    for fn in (images.image_content_key, load_image):
+        with pytest.raises(
+            images.ImageTooLargeError,
+            match=r"sparse.png is 314572800 bytes, more than the limit of 268435456 bytes "
+            r"\(256 MiB; raise it with MOE_VISION_MAX_IMAGE_BYTES",
+        ):
+            fn(sparse)
+    images.set_max_image_bytes(2**30)
+    try:
+        assert len(images.image_content_key(sparse)) == 64  # under a raised limit it is read
+        with pytest.raises(images.ImageTooLargeError, match="limit of 100 bytes"):
+            images.image_content_key(sparse, max_bytes=100)
+    finally:
+        images.set_max_image_bytes(256 * 2**20)
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.png"
+    zero.symlink_to("/dev/zero")
+    for path, kind in ((fifo, "a FIFO"), (zero, "a character device")):
+        for fn in (images.image_content_key, load_image, images.check_image_file):
+            with pytest.raises(ImageError, match=f"{path.name} is not a regular file \\({kind}"):
+                fn(path)
+    with pytest.raises(images.ImageNotFoundError, match="not found"):
+        images.image_content_key(tmp_path / "nothing.png")
+
+
+def test_an_image_is_hashed_once_per_path_until_it_changes(tmp_path, monkeypatch) -> None:
+    """1M records over 300 images: each file is read once per process, not once per record."""
+    import hashlib
+
+    from experts import images
+
+    path = tmp_path / "a.png"
+    first = hashlib.sha256(_png_head(path)).hexdigest()
+    hashed: list[int] = []
+    real = hashlib.sha256
+    monkeypatch.setattr(images.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    assert [images.image_content_key(path) for _ in range(1000)] == [first] * 1000
+    assert len(hashed) == 1
+    Image.new("RGB", (5, 5)).save(path)  # new bytes, new size: hashed again
+    assert images.image_content_key(path) == real(path.read_bytes()).hexdigest() != first
+    assert len(hashed) == 2
+
+
+def test_symlink_leaving_the_image_root_is_refused(tmp_path) -> None:
+    from moe_vision.data.records import RecordProblem
+    from moe_vision.data.validation import resolve_image_path
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    outside = tmp_path / "secret.png"
+    _png_head(outside)
+    _png_head(root / "sub" / "inside.png")
+    (root / "link.png").symlink_to(outside)
+    (root / "ok.png").symlink_to(root / "sub" / "inside.png")  # stays inside: followed
+    (root / "dir").symlink_to(tmp_path)
+    assert resolve_image_path(root, "ok.png") == root / "ok.png"
+    for name in ("link.png", "dir/secret.png"):
+        with pytest.raises(RecordProblem, match="resolves outside the image root") as err:
+            resolve_image_path(root, name)
+        assert err.value.kind == "outside_root"
+        assert resolve_image_path(root, name, allow_outside_root=True) == root / name
+
+
+@pytest.mark.timeout(120)
+def test_data_check_and_training_data_call_a_fifo_not_a_regular_file(tmp_path) -> None:
+    """`data check` said "missing" for a FIFO, and training hung on it; both name it now."""
+    import json
+    import os
+
+    import experts
+    from moe_vision.data.check import check_files
+    from moe_vision.data.llava import LlavaDataset
+    from moe_vision.data.validation import RecordValidator
+    from moe_vision.model.llm import build_tokenizer
+
+    root = tmp_path / "images"
+    root.mkdir()
+    _png_head(root / "good.png")
+    os.mkfifo(root / "pipe.png")
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    records = [{"id": n, "image": f"{n}.png", "conversations": conv} for n in ("pipe", "good")]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    tokenizer = build_tokenizer()
+    report = check_files([data], root, RecordValidator(tokenizer, num_visual_tokens=4), workers=0)
+    assert "missing_image" not in report["problems"]
+    (example,) = report["problems"]["corrupt_image"]["examples"]
+    assert "pipe.png is not a regular file (a FIFO" in example["problem"]
+    pre = [experts.create_expert("clip-tiny").preprocessor]
+    ds = LlavaDataset(data, root, pre, tokenizer, num_visual_tokens=4, on_bad_record="skip")
+    assert ds[0]["id"] == "good"  # the FIFO's record skipped, not waited on
+    assert "not a regular file" in ds.skipped[0].reason
+
+
+# ---------------------------------------------------------------------------- EXIF orientation
+def test_exif_orientation_is_applied_where_images_enter(tmp_path) -> None:
+    """A portrait photo stored as a landscape JPEG with orientation 6 ("rotate 90 clockwise to
+    display") is read upright: 40 wide, 60 high, the stored left half (white) at the top."""
+    arr = np.zeros((40, 60, 3), np.uint8)
+    arr[:, :30] = 255
+    stored = Image.fromarray(arr)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.jpg"
+    stored.save(path, exif=exif, quality=95)
+    with Image.open(path) as raw:
+        assert raw.size == (60, 40)  # what a reader that ignores EXIF sees
+        from_pil = np.asarray(load_image(raw))
+    for out in (np.asarray(load_image(path)), from_pil):
+        assert out.shape == (60, 40, 3)
+        assert out[:28].mean() > 240 and out[32:].mean() < 15
+    upright = load_image(path)
+    assert load_image(upright).size == (40, 60)  # applied once, not again

@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from experts.base import ExpertInputs, collate_inputs
-from experts.images import ImageError, open_image_file
+from experts.images import ImageError, check_image_file, image_content_key, open_image_file
 from moe_vision.data.index import RecordIndex, index_file
 from moe_vision.data.mixture import Mixture, is_mixture
 from moe_vision.data.records import (  # noqa: F401 - re-exported: the data layer's names
@@ -88,15 +87,9 @@ def load_records(json_path: str | os.PathLike[str]) -> list[Any]:
 def check_image(path: Path, verify: bool = True, max_pixels: int | None = None) -> None:
     """Raise :class:`~experts.images.ImageError` if ``path`` is missing or (``verify``) cannot be
     fully decoded under the pixel limit."""
-    if not path.is_file():
-        raise ImageError(f"image file not found: {path}")
+    check_image_file(path)  # missing, not a regular file, over the size limit
     if verify:
         open_image_file(path, max_pixels)
-
-
-def image_content_key(path: str | os.PathLike[str]) -> str:
-    """Stable content hash of an image file (sha256 of its bytes): the feature-cache key."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def append_skips(path: str | os.PathLike[str], skipped: Sequence[SkippedRecord]) -> None:
@@ -299,8 +292,8 @@ class LlavaDataset(Dataset):
     def _content_key(self, path: Path) -> str:
         """The image's cache key; an unreadable file is the validator's problem to name."""
         try:
-            return image_content_key(path)
-        except OSError as err:
+            return image_content_key(path)  # checks the file type and size before reading
+        except (OSError, ImageError) as err:
             self.validator.open(path)  # raises RecordProblem (missing_image, ...)
             raise RecordProblem("corrupt_image", f"cannot read {path}: {err}") from err
 

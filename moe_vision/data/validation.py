@@ -7,8 +7,8 @@
    (:func:`~moe_vision.data.records.to_messages`);
 2. image paths stay inside the image root: absolute paths and ``..`` that leave the root are
    refused (``outside_root``) unless ``allow_outside_root=True``; nothing outside the root is
-   opened. Paths are checked as written (symbolic links inside the root are the user's own and
-   are followed);
+   opened. A symbolic link inside the root that resolves outside it is refused too
+   (``outside_root``: "resolves outside the image root");
 3. tokenisation with the chat template, the length limit (text tokens + visual tokens of every
    image, ``over_length``), and that something is left to train on;
 4. every image is opened and fully decoded (``missing_image``, ``corrupt_image`` for corrupt
@@ -84,7 +84,16 @@ def resolve_image_path(root: Path, image: str, allow_outside_root: bool = False)
             f"image path {image!r} leaves the image root {root} (absolute paths and '..' are "
             "refused; set allow_outside_root: true in the data config to allow them)",
         )
-    return root / image
+    path = root / image
+    if not allow_outside_root:
+        real, real_root = os.path.realpath(path), os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise RecordProblem(
+                "outside_root",
+                f"image path {image!r} resolves outside the image root {root} (to {real}, through "
+                "a symbolic link); set allow_outside_root: true in the data config to allow it",
+            )
+    return path
 
 
 class RecordValidator:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from experts import FeatureMap, collate_inputs, load_image
-from moe_vision.data.llava import image_content_key
+from experts.images import ImageError, image_content_key
 from moe_vision.training.cache import FeatureCache, expert_cache_key
 
 
@@ -59,8 +59,12 @@ class CachedMaps:
         return len(self.served) == len(self.model.experts)
 
     def is_stored(self, path: Path) -> bool:
-        """Whether every served expert's map of ``path`` was stored when the evaluation began."""
-        key = self.key(path)
+        """Whether every served expert's map of ``path`` was stored when the evaluation began
+        (``False`` for a file that cannot be hashed: the validator names its problem)."""
+        try:
+            key = self.key(path)
+        except ImageError:  # missing, not a regular file, over the size limit
+            return False
         return all(key in keys for keys in self._stored)
 
     def maps(self, paths: Sequence[Path]) -> dict[int, FeatureMap]:
