@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moe_vision.commands import check_at_least, check_output_file
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -69,6 +71,10 @@ def run_check(args: argparse.Namespace) -> int:
     from moe_vision.data.check import check_files, format_report
     from moe_vision.results import atomic_write
 
+    check_at_least("--workers", args.workers, 0)  # before the check runs, not after
+    check_at_least("--examples", args.examples, 0)
+    check_at_least("--max-image-pixels", args.max_image_pixels, 1)
+    check_output_file("--json", args.json)
     report = check_files(
         args.files,
         args.image_root,
