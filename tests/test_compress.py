@@ -129,3 +129,46 @@ def test_eagle2_real_size_token_count_on_meta():
     canvas = policy.canvas()
     comp = create_compressor("pixel_shuffle", fuse.out_dim, fuse.num_tokens, fuse.token_grids)
     assert comp.num_tokens == (canvas[0] * canvas[1] + 1) * 256 + 256
+
+
+@pytest.mark.parametrize("tiling", [{"grid": (2, 3)}, {"max_tiles": 3, "thumbnail": True}])
+def test_tiles_order_equals_internvl_per_tile_shuffle(tiling):
+    """``token_order="tiles"``: InternVL/Eagle 2 run pixel shuffle on each tile's tokens and
+    concatenate tile after tile; the default ``"canvas"`` order holds the same tokens."""
+    torch.manual_seed(0)
+    plain = experts.create_expert("clip-tiny").eval()
+    tiled = experts.create_expert("clip-tiny", tiling=tiling).eval()
+    tiled.load_state_dict(plain.state_dict())
+    (gh, gw), (th, tw) = plain.spec.grid, plain.spec.input_size
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (30, 100, 3), dtype=np.uint8))  # wide
+    with torch.no_grad():
+        fmap = tiled(tiled.preprocess([im]))  # (1, C, R*gh, Cc*gw) on the canvas
+        policy = tiled.spec.tiling
+        rows, cols = policy.select_grid(im.height, im.width, (th, tw))
+        big = im.resize((cols * tw, rows * th), Image.Resampling.BICUBIC)
+        ref = []  # InternVL: each tile through the encoder, shuffled, tiles concatenated
+        for r in range(rows):
+            for c in range(cols):
+                tile = big.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th))
+                x = plain(plain.preprocess(tile)).features  # (1, C, gh, gw)
+                ref.append(internvl_pixel_shuffle(x.permute(0, 2, 3, 1)).flatten(1, 2))
+        ref = torch.cat(ref, 1)  # (1, rows*cols*gh*gw/4, 4C)
+    c, grid = fmap.channels, fmap.grid
+    n = grid[0] * grid[1]
+    tiles = create_compressor("pixel_shuffle", c, n, [grid], token_order="tiles", tile=[gh, gw])
+    canvas = create_compressor("pixel_shuffle", c, n, [grid])
+    y, y_canvas = tiles(fmap.tokens()), canvas(fmap.tokens())
+    assert tiles.out_grids == [(gh // 2, gw // 2)] * (n // (gh * gw))
+    assert y.shape == y_canvas.shape == (1, tiles.num_tokens, 4 * c)
+    # the valid tiles (every tile of a fixed grid) in InternVL's order; padding tiles are zeros
+    valid = tiles(fmap.valid().flatten(1)[..., None].float())[0].all(-1).bool()  # (N',)
+    torch.testing.assert_close(y[0, valid], ref[0], atol=1e-5, rtol=1e-4)
+    assert not y[0, ~valid].any()
+    # the same tokens as the canvas order, in another order
+    assert not torch.equal(y, y_canvas)
+    torch.testing.assert_close(y[0].sort(0).values, y_canvas[0].sort(0).values, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs tile"):
+        create_compressor("pixel_shuffle", c, n, [grid], token_order="tiles")
+    with pytest.raises(ValueError, match="token_order must be one of"):
+        create_compressor("pixel_shuffle", c, n, [grid], token_order="tile")

@@ -11,6 +11,16 @@ High-resolution and tiled experts multiply the visual tokens; these cut them bef
                       --reshape--> (B, (h/r)*(w/r), r*r*D)
 
   Eagle 2's 448-px SigLIP tile (32 x 32 patches) becomes 16 x 16 = 256 tokens with ``r = 2``.
+
+  **Token order.** A tiled expert's stitched canvas is one run; ``token_order="canvas"`` (the
+  default) gives its tokens row-major over the whole canvas. InternVL and Eagle 2 shuffle each
+  tile on its own and concatenate tile after tile: ``token_order="tiles"`` with ``tile=(h, w)``
+  (one tile's token grid) gives that order, so that their projector and LLM weights see tokens
+  where they expect them. The two orders hold the same tokens. A run whose sides are not
+  multiples of ``tile`` (another expert's map) is shuffled whole; a thumbnail is one tile, the
+  same in both orders. On a dynamic canvas padding tiles (zeros, masked) stay in their canvas
+  place, so the valid tiles keep InternVL's relative order. ``out_grids`` lists one grid per
+  tile.
 * ``"avg_pool"``: ``r x r`` average pooling (adaptive, so sides need not divide):
   ``(B, h*w, D) -> (B, ceil(h/r)*ceil(w/r), D)``.
 * ``"none"``: the identity (the default; no parameters, no change to any model).
@@ -97,12 +107,33 @@ def _check_factor(name: str, factor: int) -> int:
     return factor
 
 
+TOKEN_ORDERS: tuple[str, ...] = ("canvas", "tiles")
+"""Orders of :class:`PixelShuffle`'s output tokens (see the module docstring)."""
+
+
 class PixelShuffle(TokenCompressor):
-    """Space to channels by ``factor`` (InternVL's order): ``D' = factor**2 * D``."""
+    """Space to channels by ``factor`` (InternVL's order): ``D' = factor**2 * D``.
+
+    Args:
+        factor: ``r``; must divide every run's grid (and ``tile``).
+        token_order: ``"canvas"`` (default): row-major over each run's whole grid;
+            ``"tiles"``: a run whose sides are multiples of ``tile`` is cut into tiles of
+            ``tile`` tokens, each shuffled on its own, tile after tile (InternVL/Eagle 2).
+        tile: ``(h, w)`` tokens of one tile (needed by ``"tiles"``), e.g. ``(32, 32)`` for
+            Eagle 2's 448-px SigLIP tiles.
+    """
 
     name = "pixel_shuffle"
 
-    def __init__(self, in_dim: int, num_tokens: int, grids: Sequence[Grid] | None, factor=2):
+    def __init__(
+        self,
+        in_dim: int,
+        num_tokens: int,
+        grids: Sequence[Grid] | None,
+        factor: int = 2,
+        token_order: str = "canvas",
+        tile: Sequence[int] | None = None,
+    ) -> None:
         super().__init__(in_dim, num_tokens, _needs_grids(self.name, grids))
         r = self.factor = _check_factor(self.name, factor)
         bad = [g for g in self.grids if g[0] % r or g[1] % r]
@@ -111,15 +142,63 @@ class PixelShuffle(TokenCompressor):
                 f"compressor {self.name!r}: factor {r} must divide every token grid; "
                 f"{bad} do not (grids {self.grids}); change the fusion grid or the factor"
             )
-        self.out_grids = [(h // r, w // r) for h, w in self.grids]
+        if token_order not in TOKEN_ORDERS:
+            raise ValueError(
+                f"compressor {self.name!r}: token_order must be one of {TOKEN_ORDERS}, "
+                f"got {token_order!r}"
+            )
+        self.token_order = token_order
+        self.tile = self._check_tile(tile) if token_order == "tiles" else None
+        if token_order == "canvas" and tile is not None:
+            raise ValueError(
+                f"compressor {self.name!r}: tile={tile!r} is read only with token_order='tiles'"
+            )
+        self.out_grids = [g for grid in self.grids for g in self._out_grids(grid)]
         self.out_dim = self.in_dim * r * r
         self.num_tokens = sum(h * w for h, w in self.out_grids)
 
-    def compress(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    def _check_tile(self, tile: Sequence[int] | None) -> Grid:
+        r = self.factor
+        if (
+            tile is None
+            or len(tile) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in tile)
+            or tile[0] % r
+            or tile[1] % r
+        ):
+            raise ValueError(
+                f"compressor {self.name!r}: token_order='tiles' needs tile=(h, w), the token "
+                f"grid of one tile, positive ints divisible by factor {r}; got {tile!r}"
+            )
+        return int(tile[0]), int(tile[1])
+
+    def _tiles(self, grid: Grid) -> Grid | None:
+        """``(rows, cols)`` of tiles a run on ``grid`` is cut into, or ``None`` (whole run)."""
+        if self.tile is None or grid[0] % self.tile[0] or grid[1] % self.tile[1]:
+            return None
+        return grid[0] // self.tile[0], grid[1] // self.tile[1]
+
+    def _out_grids(self, grid: Grid) -> list[Grid]:
+        r, tiles = self.factor, self._tiles(grid)
+        if tiles is None:
+            return [(grid[0] // r, grid[1] // r)]
+        return [(self.tile[0] // r, self.tile[1] // r)] * (tiles[0] * tiles[1])  # type: ignore[index]
+
+    def _shuffle(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         b, _, d = x.shape
         r, (h, w) = self.factor, grid
         x = x.reshape(b, h // r, r, w // r, r, d).permute(0, 1, 3, 2, 4, 5)  # (B, h', w', r, r, D)
         return x.reshape(b, (h // r) * (w // r), r * r * d)
+
+    def compress(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        tiles = self._tiles(grid)
+        if tiles is None:
+            return self._shuffle(x, grid)
+        b, _, d = x.shape
+        (rows, cols), (th, tw) = tiles, self.tile
+        x = x.reshape(b, rows, th, cols, tw, d).permute(0, 1, 3, 2, 4, 5)  # (B, R, C, th, tw, D)
+        y = self._shuffle(x.reshape(b * rows * cols, th * tw, d), (th, tw))  # (B*R*C, n', r*r*D)
+        return y.reshape(b, -1, y.shape[-1])  # tile after tile, row-major over tiles
 
 
 class AvgPool(TokenCompressor):
