@@ -1,5 +1,5 @@
 """``moe-vision sweep`` end to end: real cells (tiny sizes), the failed-cell row, the outputs,
-the default sweep's definition, and the YAML copy of it in ``sweeps/``."""
+the default sweep's definition and where it ships, and bad spec files."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ TINY_RUN = {
 TINY_DATA = {"benchmark_sizes": {"align": 8, "instruct": 8, "val": 2, "test": 12}}
 
 
-def test_default_sweep_definition_and_yaml_copy() -> None:
+def test_default_sweep_definition() -> None:
     """Eagle's question on the mini zoo: the CLIP base alone and with each specialist, under
-    two fusions or more, three seeds or more, every expert with its shipped weights."""
+    two fusions or more, three seeds or more, every expert with its shipped weights, and each
+    specialist's random-init twin beside it (same fusion, same seeds)."""
     import experts
 
     spec = default_sweep()
@@ -35,11 +36,36 @@ def test_default_sweep_definition_and_yaml_copy() -> None:
     roles = {experts.get_spec(c[1]).role for c in combos if len(c) == 2}
     assert {"ocr", "high-resolution"} <= roles, roles
     assert len({c.fusion for c in cells}) >= 2 and len(spec.seeds) >= 3
-    for c in cells:
+    pretrained = [c for c in cells if c.control is None]
+    for c in pretrained:
         options = c.config["model"]["expert_options"]
         assert all(e.endswith("-mini") and options[e] == {"pretrained": True} for e in c.experts)
+    twins = [c for c in cells if c.control == "random_init"]
+    for specialist in ("convnext-mini", "pix2struct-mini"):
+        mine = [c for c in twins if c.experts == (base, specialist)]
+        assert {c.seed for c in mine} == set(spec.seeds), specialist
+        for c in mine:
+            assert c.config["model"]["expert_options"][specialist] == {"pretrained": False}
+            assert any(p.experts == c.experts and p.fusion == c.fusion for p in pretrained)
+            assert f"{specialist} (random init)" in c.settings()["experts"]
     assert "splits" not in spec.data  # the built-in benchmark
-    assert SweepSpec.from_yaml(REPO / "sweeps" / "default.yaml") == spec
+
+
+def test_default_sweep_ships_as_package_data() -> None:
+    """The default spec is one YAML inside the package (found by a non-editable install too:
+    pyproject's package-data names it); sweeps/default.yaml is that file."""
+    import tomllib
+
+    from moe_vision.sweeps.default import default_sweep_file
+
+    shipped = default_sweep_file()
+    package = Path(__import__("moe_vision").__file__).parent
+    assert shipped.is_file() and shipped.resolve().is_relative_to(package.resolve())
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["moe_vision"]
+    relative = shipped.resolve().relative_to(package.resolve())
+    assert any(relative.match(p) for p in patterns), patterns
+    assert (REPO / "sweeps" / "default.yaml").resolve() == shipped.resolve()
 
 
 def test_example_sweep_specs_expand() -> None:
@@ -50,8 +76,50 @@ def test_example_sweep_specs_expand() -> None:
 def test_dry_run_lists_cells(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sweep", "--dry-run", "--fusions", "channel_concat", "--seeds", "0,1"]) == 0
     ids = capsys.readouterr().out.split()
-    assert len(ids) == 2 * len(default_sweep().experts.expand())
-    assert all("__channel_concat__" in i for i in ids)
+    narrowed = default_sweep().with_overrides({"fusions": ["channel_concat"], "seeds": [0, 1]})
+    assert ids == [c.cell_id for c in narrowed.expand()]
+    assert all("__channel_concat__" in i for i in ids) and any("random_init" in i for i in ids)
+
+
+BAD_SPECS = {
+    "run: 5\n": "run must be a mapping of RunConfig options, got 5",
+    "executor: 5\n": "executor must be an executor kind or a mapping",
+    "fusions: 5\n": "fusions must be a fusion name, or a list",
+    "seeds: [a]\n": "seeds must hold int values, got ['a']",
+    "controls: [twins]\n": "unknown controls ['twins']",
+    "experts: [[clip-mini]\nfusions: x\n": "invalid YAML at line 3",
+    "- just\n- a list\n": "expected a mapping of keys",
+}
+
+
+@pytest.mark.parametrize("text", list(BAD_SPECS))
+def test_bad_spec_file_is_a_short_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """A spec whose keys hold the wrong types, bad YAML or not a mapping: 'error: sweep spec
+    <file>: <key> must be <what>, got <value>' in at most two lines, exit 2 (tracebacks before)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"error: sweep spec {path}") and BAD_SPECS[text] in "\n".join(err)
+    assert len(err) <= 3 and "Traceback" not in "\n".join(err)  # + the '-v' hint
+
+
+def test_spec_that_is_no_text_file_is_a_short_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary = tmp_path / "bad.yaml"
+    binary.write_bytes(b"name: \xff\xfe\x00sweep\n")
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    for path, expected in ((binary, "is not UTF-8 text"), (folder, "is a folder")):
+        assert main(["sweep", str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0] == f"error: sweep spec {path} {expected}" + (
+            " (byte 6); expected a YAML file" if path == binary else "; expected a YAML file"
+        )
+        assert len(err) == 2
 
 
 def test_sweep_cli_runs_real_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -441,3 +441,144 @@ def test_workers_start_before_the_grid_expands_and_close_after(
     with pytest.raises(KeyError, match="no_such_fusion"):
         run_sweep(spec, tmp_path / "bad", executor=_RecordingExecutor(events), progress=False)
     assert events == [("start", 4, ("test_sweep",)), ("expand",), ("close",)]
+
+
+# ---------------------------------------------------------------------------- controls
+MINI = {"clip-mini": {"pretrained": True}, "convnext-mini": {"pretrained": True}}
+MINI_OCR = {**MINI, "pix2struct-mini": {"pretrained": True}}
+
+
+def _controlled(**extra: object) -> SweepSpec:
+    return SweepSpec.from_dict(
+        {
+            "experts": {"base": "clip-mini", "pool": ["convnext-mini", "pix2struct-mini"]},
+            "fusions": ["channel_concat", "sequence_append"],
+            "controls": ["random_init", "equal_tokens"],
+            "model": {"expert_options": MINI_OCR},
+            "seeds": [0, 1],
+            "entrypoint": ENTRY,
+            **extra,
+        }
+    )
+
+
+def test_controls_add_a_twin_and_an_equal_token_base_per_added_expert() -> None:
+    """Every cell that adds an expert to the base gets its random-init twin (that expert at
+    pretrained: false, the rest as in the cell) and the base repeated to the mixture's fused
+    shape; each is its own setting (labels), with ``control`` in its settings."""
+    spec = _controlled()
+    cells = spec.expand()
+    assert len(cells) <= spec.max_cells()
+    by_name = {c.name: c for c in cells}
+    twin = by_name["clip-mini+convnext-mini (random init)__channel_concat__llava__s1"]
+    assert twin.control == "random_init" and twin.experts == ("clip-mini", "convnext-mini")
+    assert twin.config["model"]["expert_options"] == {
+        "clip-mini": {"pretrained": True},
+        "convnext-mini": {"pretrained": False},
+    }
+    assert twin.settings()["experts"] == ["clip-mini", "convnext-mini (random init)"]
+    assert twin.settings()["control"] == "random_init"
+    # CLIP-mini's 96 channels x3 = CLIP-mini + ConvNeXt-mini's 96 + 192 under channel_concat
+    wide = by_name["clip-mini x3 (equal tokens: +convnext-mini)__channel_concat__llava__s0"]
+    assert wide.config["model"]["experts"] == ["clip-mini"] * 3 and wide.fusion_options == {}
+    # sequence_append: as many tokens (2 x 64), and the mixture's width (192) through dim
+    seq = by_name["clip-mini x2 (equal tokens: +convnext-mini)__sequence_append__llava__s0"]
+    assert seq.config["model"]["experts"] == ["clip-mini"] * 2 and seq.fusion_options == {
+        "dim": 192
+    }
+    ocr = by_name["clip-mini x2 (equal tokens: +pix2struct-mini)__channel_concat__llava__s0"]
+    assert ocr.config["model"]["experts"] == ["clip-mini"] * 2 and ocr.fusion_options == {}
+    assert not [c for c in cells if c.experts == ("clip-mini",) and c.control]  # no controls
+    # k unset: sizes 1..3, so the triple too, with one twin per added expert
+    per_mixture = [
+        c for c in cells if c.experts == ("clip-mini", "convnext-mini", "pix2struct-mini")
+    ]
+    triple_twins = {
+        c.name.split("__")[0]
+        for c in per_mixture
+        if c.control == "random_init" and c.fusion == "channel_concat"
+    }
+    assert triple_twins == {
+        "clip-mini+convnext-mini (random init)+pix2struct-mini",
+        "clip-mini+convnext-mini+pix2struct-mini (random init)",
+    }
+    assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_exclude_names_a_control_and_a_left_out_cell_takes_its_controls() -> None:
+    spec = _controlled(
+        experts={"base": "clip-mini", "pool": ["convnext-mini", "pix2struct-mini"], "k": [2]},
+        exclude=[
+            {"experts": ["clip-mini", "convnext-mini"], "fusion": "sequence_append"},
+            {"experts": ["clip-mini", "pix2struct-mini"], "control": "equal_tokens"},
+        ],
+    )
+    cells = spec.expand()
+    assert not [
+        c for c in cells if c.experts[-1] == "convnext-mini" and c.fusion == "sequence_append"
+    ]
+    ocr = [c for c in cells if c.experts == ("clip-mini", "pix2struct-mini")]
+    assert {c.control for c in ocr} == {None, "random_init"}
+    assert not [c for c in cells if c.control == "equal_tokens" and "pix2struct" in c.name]
+    assert len(cells) == 2 * (3 + 2 + 2)  # convnext cc: cell, twin, equal; ocr: cell, twin x2
+
+
+def test_control_errors_name_the_key_and_what_was_expected() -> None:
+    with pytest.raises(ValueError, match=r"unknown controls \['twin'\]\n  valid controls"):
+        _controlled(controls=["twin"])
+    with pytest.raises(ValueError, match="controls must be a list of control names"):
+        _controlled(controls={"random_init": True})
+    random = {**MINI_OCR, "convnext-mini": {}}
+    with pytest.raises(ValueError, match="random_init needs 'convnext-mini' to load weights"):
+        _controlled(model={"expert_options": random}).expand()
+    with pytest.raises(ValueError, match="exclude entry"):
+        _controlled(exclude=[{"controls": "random_init"}])
+
+
+def test_random_init_twin_starts_where_its_cell_does() -> None:
+    """Built under the same seed, the twin's model equals its cell's in every tensor but the
+    twin expert's: same fusion, projector and LLM init, same untrained expert the pretrained
+    one started from (the claim 'same architecture, same init, no pretraining')."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from moe_vision.model.mllm import MoEVisionModel
+
+    spec = SweepSpec.from_dict(
+        {
+            "experts": {"base": "clip-mini", "pool": ["convnext-mini"], "k": [2]},
+            "fusions": ["channel_concat"],
+            "controls": ["random_init"],
+            "model": {"expert_options": MINI},
+            "entrypoint": ENTRY,
+        }
+    )
+    cell, twin = spec.expand()
+    states = []
+    for c in (cell, twin):
+        set_seed(0)
+        states.append(MoEVisionModel.from_config(c.config["model"]).state_dict())
+    differ = {k.split(".")[1] for k in states[0] if not torch.equal(states[0][k], states[1][k])}
+    assert [k for k in states[0] if not k.startswith("experts.")]  # the rest is compared too
+    assert differ == {"1"}  # experts.1, ConvNeXt-mini, and nothing else
+
+
+def test_control_column_and_settings_in_the_table(tmp_path: Path) -> None:
+    spec = SweepSpec.from_dict(
+        {
+            "experts": {"base": "clip-mini", "pool": ["convnext-mini"], "k": [2]},
+            "fusions": ["channel_concat"],
+            "controls": ["random_init", "equal_tokens"],
+            "model": {"expert_options": MINI},
+            "run": {"log": str(tmp_path / "calls.log")},
+            "entrypoint": ENTRY,
+        }
+    )
+    df = run_sweep(spec, tmp_path / "sweep", progress=False)
+    assert list(df["control"].fillna("")) == ["", "random_init", "equal_tokens"]
+    assert list(df["experts"]) == [
+        "clip-mini+convnext-mini",
+        "clip-mini+convnext-mini (random init)",
+        "clip-mini x3 (equal tokens: +convnext-mini)",
+    ]
+    assert len(results.summarize(df)) == 3  # each control its own setting

@@ -52,8 +52,10 @@ SETTINGS_COLUMNS: tuple[str, ...] = (
     "fusion_options",
     "recipe",
     "seed",
+    "control",
 )
-"""The cell's settings, first in every row."""
+"""The cell's settings, first in every row (``control``: the control a cell is,
+``random_init`` or ``equal_tokens`` (:mod:`moe_vision.sweeps.controls`), empty otherwise)."""
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "accuracy/overall",
@@ -147,6 +149,7 @@ def cell_row(
         "fusion_options": json.dumps(settings.get("fusion_options") or {}, sort_keys=True),
         "recipe": settings.get("recipe"),
         "seed": settings.get("seed"),
+        "control": settings.get("control") or "",
         "status": status,
         "error": error,
     }

@@ -110,13 +110,17 @@ class Cell:
     """One run of a sweep.
 
     Attributes:
-        experts: the expert combination, in order.
+        experts: the expert combination the model builds, in order.
         fusion: the fusion column label (the strategy's name unless labelled).
         fusion_options: the strategy's resolved options.
         recipe: recipe preset name or YAML path.
         seed: random seed.
         config: the run config handed to the entrypoint (``moe_vision.training.run.RunConfig`` as a
             dict); its hash is the id's suffix.
+        control: ``None``, or the control this cell is (:mod:`moe_vision.sweeps.controls`:
+            ``random_init``, ``equal_tokens``).
+        labels: how the tables name the experts when not by their names (a control's
+            ``convnext-mini (random init)``); ``None``: ``experts``.
     """
 
     experts: tuple[str, ...]
@@ -125,12 +129,14 @@ class Cell:
     recipe: str
     seed: int
     config: dict[str, Any]
+    control: str | None = None
+    labels: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
-        """Readable name: ``experts__fusion__recipe__s<seed>``."""
+        """Readable name: ``experts__fusion__recipe__s<seed>`` (the experts by their labels)."""
         recipe = Path(self.recipe).stem if self.recipe.endswith((".yaml", ".yml")) else self.recipe
-        return f"{'+'.join(self.experts)}__{self.fusion}__{recipe}__s{self.seed}"
+        return f"{'+'.join(self.labels or self.experts)}__{self.fusion}__{recipe}__s{self.seed}"
 
     @functools.cached_property
     def cell_id(self) -> str:
@@ -139,13 +145,15 @@ class Cell:
         return f"{_slug(self.name)}-{config_hash(self.config)[:10]}"
 
     def settings(self) -> dict[str, Any]:
-        """The manifest entry (the settings columns of the results row)."""
+        """The manifest entry (the settings columns of the results row): ``experts`` are the
+        labels, so that a control is a setting of its own; ``control`` says which it is."""
         return {
             "cell_id": self.cell_id,
             "name": self.name,
-            "experts": list(self.experts),
+            "experts": list(self.labels or self.experts),
             "fusion": self.fusion,
             "fusion_options": self.fusion_options,
             "recipe": self.recipe,
             "seed": self.seed,
+            "control": self.control or "",
         }

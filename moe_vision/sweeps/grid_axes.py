@@ -15,25 +15,43 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-EXCLUDE_KEYS = ("experts", "fusion", "recipe", "seed")
+EXCLUDE_KEYS = ("experts", "fusion", "recipe", "seed", "control")
 
 
-def _as_list(value: Any, what: str) -> list[Any]:
+class SweepSpecError(ValueError):
+    """A sweep spec that cannot be read: says which key, what it holds and what was expected
+    (``sweep spec[ <file>]: <key> ...``)."""
+
+
+def as_list(value: Any, what: str, item: type | tuple[type, ...] | None = None) -> list[Any]:
+    """``value`` as a list (a lone string or integer becomes one item); with ``item``, every
+    item must be of that type (``bool`` is not an ``int`` here)."""
     if value is None:
         return []
-    if isinstance(value, (str, int)):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise TypeError(f"sweep spec: {what} must be a value or a list, got {type(value).__name__}")
+    items = [value] if isinstance(value, (str, int)) else value
+    if not isinstance(items, (list, tuple)):
+        raise SweepSpecError(
+            f"sweep spec: {what} must be a value or a list, got {value!r} ({type(value).__name__})"
+        )
+    if item is not None:
+        bad = [v for v in items if not isinstance(v, item) or (isinstance(v, bool) and item is int)]
+        if bad:
+            names = item.__name__ if isinstance(item, type) else "/".join(t.__name__ for t in item)
+            raise SweepSpecError(f"sweep spec: {what} must hold {names} values, got {bad!r}")
+    return list(items)
 
 
-def _check_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+def check_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    """Raise unless ``data`` is a mapping whose keys are all in ``valid`` (which are listed)."""
     if not isinstance(data, Mapping):
-        raise TypeError(f"sweep spec: {where} must be a mapping, got {type(data).__name__}")
+        raise SweepSpecError(
+            f"sweep spec: {where} must be a mapping, got {data!r} ({type(data).__name__})"
+        )
     bad = sorted(set(data) - set(valid))
     if bad:
-        raise ValueError(f"sweep spec: unknown keys {bad} in {where}; valid keys are {list(valid)}")
+        raise SweepSpecError(
+            f"sweep spec: unknown keys {bad} in {where}; valid keys are {list(valid)}"
+        )
 
 
 @dataclass
@@ -59,13 +77,19 @@ class ExpertCombos:
         """From YAML: a mapping with the fields above, or a plain list of combinations."""
         if isinstance(data, (list, tuple)):
             data = {"combinations": data}
-        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "experts")
-        combos = [_as_list(c, "experts.combinations[i]") for c in data.get("combinations") or []]
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "experts")
+        combos = [
+            as_list(c, "experts.combinations[i]", str)
+            for c in as_list(data.get("combinations"), "experts.combinations")
+        ]
+        base = data.get("base")
+        if base is not None and not isinstance(base, str):
+            raise SweepSpecError(f"sweep spec: experts.base must be an expert name, got {base!r}")
         return cls(
-            combinations=[[str(e) for e in c] for c in combos],
-            pool=[str(e) for e in _as_list(data.get("pool"), "experts.pool")],
-            k=[int(k) for k in _as_list(data.get("k"), "experts.k")],
-            base=data.get("base"),
+            combinations=combos,
+            pool=as_list(data.get("pool"), "experts.pool", str),
+            k=as_list(data.get("k"), "experts.k", int),
+            base=base,
         )
 
     def expand(self) -> list[tuple[str, ...]]:
@@ -117,22 +141,30 @@ class FusionChoice:
     def from_dict(cls, data: str | Mapping[str, Any]) -> FusionChoice:
         if isinstance(data, str):
             return cls(name=data)
-        _check_keys(data, ["name", "options", "label"], "fusions[i]")
+        check_keys(data, ["name", "options", "label"], "fusions[i]")
         if "name" not in data:
-            raise ValueError(f"sweep spec: fusion entry {dict(data)} has no 'name'")
-        return cls(str(data["name"]), dict(data.get("options") or {}), data.get("label"))
+            raise SweepSpecError(f"sweep spec: fusion entry {dict(data)} has no 'name'")
+        options = data.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise SweepSpecError(
+                f"sweep spec: fusion {data['name']!r}: options must be a mapping, got {options!r}"
+            )
+        return cls(str(data["name"]), dict(options), data.get("label"))
 
     @property
     def column(self) -> str:
         return self.label or self.name
 
 
-def _exclusion(entry: Any) -> dict[str, Any]:
-    """An ``exclude`` entry, checked: a mapping of some of experts, fusion, recipe, seed."""
+def exclusion(entry: Any) -> dict[str, Any]:
+    """An ``exclude`` entry, checked: a mapping of some of experts, fusion, recipe, seed and
+    control (a control kind: the entry then matches only that control's cells)."""
     if not isinstance(entry, Mapping) or not entry:
-        raise ValueError(f"sweep spec: an exclude entry must be a non-empty mapping, got {entry!r}")
-    _check_keys(entry, list(EXCLUDE_KEYS), "an exclude entry")
+        raise SweepSpecError(
+            f"sweep spec: an exclude entry must be a non-empty mapping, got {entry!r}"
+        )
+    check_keys(entry, list(EXCLUDE_KEYS), "an exclude entry")
     out = dict(entry)
     if "experts" in out:
-        out["experts"] = [str(e) for e in _as_list(out["experts"], "exclude.experts")]
+        out["experts"] = as_list(out["experts"], "exclude.experts", str)
     return out

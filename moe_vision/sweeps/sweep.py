@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from moe_vision import results
-from moe_vision.sweeps.default import DEFAULT_SWEEP, default_sweep  # noqa: F401 - re-exported
+from moe_vision.sweeps.default import default_sweep  # noqa: F401 - re-exported
 from moe_vision.sweeps.executors import Executor, create_executor
 from moe_vision.sweeps.spec import (  # noqa: F401 - re-exported: the sweep API in one place
     DEFAULT_ENTRYPOINT,
