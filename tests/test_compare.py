@@ -12,6 +12,7 @@ import pytest
 
 from moe_vision import results
 from moe_vision.cli import main
+from moe_vision.results import seeds, stats
 
 
 def _preds(correct: dict[str, list[int]]) -> list[dict]:
@@ -34,7 +35,11 @@ def _exact(k: int, n: int) -> float:
 def test_compare_matches_hand_computation() -> None:
     table = results.compare(_preds(A), _preds(B), n_boot=1000, seed=3)
     assert list(table["category"]) == ["color", "ocr", "overall"]
-    assert list(table.columns) == list(results.COMPARE_COLUMNS)
+    columns = list(results.COMPARE_COLUMNS)
+    cut = columns.index("test") + 1
+    assert list(table.columns) == [*columns[:cut], "p_holm", *columns[cut:]]
+    assert set(table["test"]) == {stats.TEST_MCNEMAR}  # one seed a side: the exact test
+    assert table["p_holm"].to_numpy() == pytest.approx(stats.adjust_p(table["p_value"], "holm"))
     for cat in ("color", "ocr"):
         a, b = np.array(A[cat], dtype=float), np.array(B[cat], dtype=float)
         row = table.set_index("category").loc[cat]
@@ -68,6 +73,53 @@ def test_sides_from_folders_and_seed_lists(tmp_path: Path) -> None:
     color = seeds.set_index("category").loc["color"]
     mean_a = (np.array(A["color"], float) + np.array(B["color"], float)) / 2
     assert color["accuracy_a"] == pytest.approx(mean_a.mean())
+
+
+def _seed_cells(root: Path, name: str, acc: dict[str, float], rng) -> list[Path]:
+    """Three seed cells (``cell.json`` names the seed) of one setting: 0/1 answers to 80
+    questions per category, 8 reference answers per category."""
+    dirs = []
+    for s in range(3):
+        preds = [
+            {
+                "id": f"{cat}-{i}",
+                "category": cat,
+                "answers": [f"{cat}{i % 8}"],
+                "score": float(rng.random() < p + 0.1 * (s - 1)),
+            }
+            for cat, p in acc.items()
+            for i in range(80)
+        ]
+        cell = root / f"{name}-s{s}"
+        results.write_json(cell / results.PREDICTIONS_FILE, preds)
+        results.write_json(cell / results.CELL_FILE, {"seed": s})
+        dirs.append(cell)
+    return dirs
+
+
+def test_seeds_on_both_sides_give_seed_level_tests(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    a = _seed_cells(tmp_path, "a", {"color": 0.8, "ocr": 0.3}, rng)
+    b = _seed_cells(tmp_path, "b", {"color": 0.5, "ocr": 0.3}, rng)
+    table = results.compare(a, b[::-1], n_boot=500, correction="bh").set_index("category")
+    assert set(table["test"]) == {seeds.TEST_HIERARCHICAL} and "p_bh" in table.columns
+    frames = [results.load_scores(d).query("category == 'color'") for d in (*a, *b)]
+    mat = np.stack([f["score"].to_numpy() for f in frames])  # (6, 80)
+    ref = seeds.seed_difference(
+        mat[:3], mat[3:], frames[0]["answer"].to_numpy(object), [0, 1, 2], [0, 1, 2], n_boot=500
+    )
+    color = table.loc["color"]
+    assert ref.paired and (color["lo"], color["hi"], color["p_value"]) == pytest.approx(
+        (ref.lo, ref.hi, ref.p_value)
+    )
+    welch = seeds.welch_seeds(mat[:3].mean(1), mat[3:].mean(1))
+    assert color["p_welch_seeds"] == pytest.approx(welch)
+    # the question-level test on seed-averaged answers is exact (no Monte Carlo floor of
+    # 1 / 2001) and says so: before, a sign-flip permutation p was labelled McNemar
+    assert color["questions_test"] == stats.TEST_SIGN_FLIP_EXACT
+    assert color["p_questions"] < 1 / 2001
+    text = results.format_compare(table.reset_index())
+    assert seeds.TEST_HIERARCHICAL in text and "Benjamini-Hochberg" in text
 
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:

@@ -253,15 +253,28 @@ def test_summary_aggregates_seeds_and_marks_best(sweep_dir: Path) -> None:
     assert row["accuracy/overall"] == pytest.approx(seeds["accuracy/overall"].mean())
     assert row["accuracy/overall/std"] == pytest.approx(seeds["accuracy/overall"].std(ddof=1))
     assert row["accuracy/overall/lo"] < row["accuracy/overall"] < row["accuracy/overall/hi"]
-    # two seeds: the crossed bootstrap over seeds and questions
+    # two seeds: the seed-level interval over seeds and questions
     matrix = np.stack(
         [
             [p["score"] for p in results.read_json(sweep_dir / "cells" / c / "predictions.json")]
             for c in seeds["cell_id"]
         ]
     )
-    lo, hi = results.crossed_bootstrap(matrix, n_boot=500)
-    assert (row["accuracy/overall/lo"], row["accuracy/overall/hi"]) == pytest.approx((lo, hi))
+    est = results.seed_interval(matrix, n_boot=500)
+    assert (row["accuracy/overall/lo"], row["accuracy/overall/hi"]) == pytest.approx(
+        (est.lo, est.hi)
+    )
+    # against the baseline (the first setting): differences, p-values named by test and
+    # Holm-corrected over the settings x categories shown
+    assert list(summary["baseline"]) == [True, False, False]
+    assert np.isnan(row["accuracy/overall/diff"])
+    assert summary.loc[2, "accuracy/color/diff"] == pytest.approx(
+        summary.loc[2, "accuracy/color"] - row["accuracy/color"]
+    )
+    family = summary[[f"{c}/p_hier" for c in results.accuracy_columns(summary)]].to_numpy()
+    holm = summary[[f"{c}/p_hier_holm" for c in results.accuracy_columns(summary)]].to_numpy()
+    assert holm.T.ravel() == pytest.approx(results.adjust_p(family.T.ravel()), nan_ok=True)
+    assert "accuracy/overall/p_welch" in summary and "accuracy/ocr/seeds_for_10pt" in summary
     # one seed: the cell's Wilson interval
     single = summary.iloc[2]
     assert single["accuracy/ocr/lo"] == pytest.approx(df.loc[2, "accuracy/ocr/lo"])
@@ -275,7 +288,7 @@ def test_summary_aggregates_seeds_and_marks_best(sweep_dir: Path) -> None:
     assert summary.loc[0, "diff_vs_best"] == pytest.approx(overall["difference"])
     assert summary.loc[0, "p_vs_best"] == pytest.approx(overall["p_value"])
     text = results.format_summary(summary)
-    assert "best" in text and "worse" in text
+    assert "best" in text and "worse" in text and "Holm-corrected" in text
 
 
 def test_attribution_long_reshapes_drop_columns() -> None:

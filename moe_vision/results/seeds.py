@@ -26,6 +26,7 @@ spread. Coverage is checked in ``tests/test_stats.py`` (seed-dominated simulatio
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,16 @@ def _noise(x: np.ndarray) -> float:
     return float((r**2).sum() / ((s - 1) * (q - 1)) / (s * q))
 
 
+@functools.lru_cache(maxsize=4)
+def _cluster_draws(c: int, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap counts ``(B, C)``: row ``b`` counts how often each of ``C`` clusters is drawn
+    in ``C`` draws with replacement (shared by the categories of one size, read-only)."""
+    w = np.random.default_rng(seed).multinomial(c, np.full(c, 1.0 / c), size=n_boot)
+    w = w.astype(np.float64)
+    w.flags.writeable = False
+    return w
+
+
 def _question_variance(ybar: np.ndarray, codes: np.ndarray, n_boot: int, seed: int) -> float:
     """Cluster-bootstrap variance of the mean of ``ybar (Q,)``: each replicate draws ``C``
     clusters with replacement and takes the mean over their questions."""
@@ -106,7 +117,7 @@ def _question_variance(ybar: np.ndarray, codes: np.ndarray, n_boot: int, seed: i
         return 0.0
     totals = np.bincount(codes, weights=ybar, minlength=c)  # (C,)
     sizes = np.bincount(codes, minlength=c).astype(float)  # (C,)
-    w = np.random.default_rng(seed).multinomial(c, np.full(c, 1.0 / c), size=n_boot)  # (B, C)
+    w = _cluster_draws(c, n_boot, seed)  # (B, C)
     reps = (w @ totals) / (w @ sizes)  # (B,)
     return float(reps.var(ddof=1))
 
@@ -124,6 +135,8 @@ def _estimate(
     paired: bool,
     test: bool,
 ) -> SeedEstimate:
+    """The estimate with its interval, clipped to what the quantity can be (an accuracy in
+    [0, 1], a difference in [-1, 1]; clipping keeps the coverage)."""
     v_q = max(_question_variance(ybar, codes, n_boot, seed) - noise, 0.0)
     parts = [*seed_parts, (v_q, int(codes.max()))]  # (variance, degrees of freedom)
     var = sum(v for v, _ in parts)
@@ -134,7 +147,9 @@ def _estimate(
     se = math.sqrt(var)
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
     p = float(2 * stats.t.sf(abs(estimate) / se, df)) if test else math.nan
-    return SeedEstimate(estimate, estimate - half, estimate + half, se, df, p, n_seeds, paired)
+    low = -1.0 if test else 0.0
+    lo, hi = max(estimate - half, low), min(estimate + half, 1.0)
+    return SeedEstimate(estimate, lo, hi, se, df, p, n_seeds, paired)
 
 
 def seed_interval(
