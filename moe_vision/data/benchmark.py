@@ -1,6 +1,9 @@
 """The built-in benchmark: procedurally generated images with questions and answers.
 
-Six categories, each pulling on a different kind of expert (DESIGN.md section 6):
+Six categories, each pulling on a different kind of expert (DESIGN.md section 6), and opt-in
+ones (``BenchmarkSizes(categories=...)``): wide images for tiling
+(:mod:`moe_vision.data.benchmark_tiling`) and *texture*, whose answer is absent at 64 px
+(:mod:`moe_vision.data.benchmark_resolution`):
 
 ==========  ======================================================  ==========================
 category    image                                                   answer set
@@ -46,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_vision.data.benchmark_resolution import SCENES as RESOLUTION_SCENES
+from moe_vision.data.benchmark_resolution import TEXTURE_STREAM
 from moe_vision.data.benchmark_scenes import (  # noqa: F401 - re-exported: the benchmark's names
     DETAIL_SIZE,
     IMAGE_SIZE,
@@ -76,7 +81,9 @@ from moe_vision.data.benchmark_tasks import (  # noqa: F401 - re-exported: the b
     QUESTIONS,
     RELATION_PHRASES,
     RELATIONS,
+    RESOLUTION_CATEGORIES,
     SHAPES,
+    TEXTURES,
     WORDS,
     corpus,
 )
@@ -108,7 +115,7 @@ class BenchmarkSizes:
                 raise ValueError(f"BenchmarkSizes.{name} must be a non-negative int, got {n!r}")
         cats = (self.categories,) if isinstance(self.categories, str) else self.categories
         object.__setattr__(self, "categories", tuple(cats))
-        known = CATEGORIES + tuple(_extra().SCENES)
+        known = CATEGORIES + tuple(_extra().SCENES) + RESOLUTION_CATEGORIES
         bad = [c for c in self.categories if c not in known]
         if bad or not self.categories or len(set(self.categories)) != len(self.categories):
             raise ValueError(
@@ -135,7 +142,13 @@ def _extra() -> Any:
 
 def _base(category: str) -> str:
     """The category whose questions, captions and answers ``category`` uses."""
-    return category if category in CATEGORIES else _extra().EXTRA_CATEGORIES[category]
+    return category if category in QUESTIONS else _extra().EXTRA_CATEGORIES[category]
+
+
+def _own_stream(category: str) -> bool:
+    """Whether ``category`` draws from a random stream of its own (the resolution categories),
+    not from the split's shared one."""
+    return category in RESOLUTION_SCENES
 
 
 @dataclass(frozen=True)
@@ -196,10 +209,21 @@ def _split_records(
     seen: set[str],
     categories: tuple[str, ...] = CATEGORIES,
 ) -> Iterator[dict[str, Any]]:
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    shared = np.random.default_rng([seed, SPLITS.index(split)])
+    own = {  # categories with a stream of their own leave the shared one as it was
+        c: np.random.default_rng([seed, SPLITS.index(split), TEXTURE_STREAM])
+        for c in categories
+        if _own_stream(c)
+    }
     for i in range(n):
         category = categories[i % len(categories)]
-        draw = SCENES[category] if category in SCENES else _extra().SCENES[category]
+        rng = own.get(category, shared)
+        if category in SCENES:
+            draw = SCENES[category]
+        elif _own_stream(category):
+            draw = RESOLUTION_SCENES[category]
+        else:
+            draw = _extra().SCENES[category]
         for _ in range(100):
             img, scene = draw(rng)
             digest = hashlib.sha256(img.tobytes()).hexdigest()

@@ -1,10 +1,13 @@
 """The built-in benchmark's tasks as words: categories, answer sets, question and caption templates.
 
-Each of the six categories (:mod:`moe_vision.data.benchmark`) asks about one property of a
-scene and answers from a finite set (:data:`ANSWERS`), so chance accuracy is defined
-(:data:`CHANCE`). Questions and captions are templates filled with the scene's fields
+Each of the six default categories (:mod:`moe_vision.data.benchmark`), and the opt-in
+*texture* (:mod:`moe_vision.data.benchmark_resolution`), asks about one property of a scene and
+answers from a finite set (:data:`ANSWERS`), so chance accuracy is defined (:data:`CHANCE`).
+Questions and captions are templates filled with the scene's fields
 (:mod:`moe_vision.data.benchmark_scenes` draws the scenes); :func:`corpus` lists every string
-they can produce, for the offline tokenizer of the tiny LLMs.
+the six default categories can produce, for the offline tokenizer of the tiny LLMs (the opt-in
+categories' words are left out, so the tokenizer, and every default run, stay unchanged; the
+byte-level tokenizer still encodes them).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ WORDS: tuple[str, ...] = (
     "CAT", "DOG", "SUN", "BOX", "MAP", "TOP", "ZIP", "JAM",
 )  # fmt: skip
 MARKER_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+TEXTURES: tuple[str, ...] = ("plain", "horizontal", "vertical", "checkered")
+"""The *texture* marker's pattern: none, 1-px rows, 1-px columns or a 1-px checkerboard."""
+RESOLUTION_CATEGORIES: tuple[str, ...] = ("texture",)
+"""Opt-in categories whose answer is absent at 64 px (``benchmark_resolution``)."""
 
 ANSWERS: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
@@ -37,6 +44,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "spatial": RELATIONS,
     "ocr": WORDS,
     "detail": MARKER_COLORS,
+    "texture": TEXTURES,
 }
 """The finite answer set of each category."""
 
@@ -72,6 +80,10 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
         "What color is the small marker?",
         "Which color is the tiny square among the gray shapes?",
     ),
+    "texture": (
+        "What pattern does the small marker have?",
+        "Is the tiny square plain, horizontal, vertical or checkered?",
+    ),
 }
 """Question templates per category; fields come from the scene."""
 
@@ -87,6 +99,7 @@ CAPTIONS: dict[str, str] = {
     "spatial": "A {color} {shape} {relation_phrase} a {color2} {shape2}.",
     "ocr": 'The text "{word}".',
     "detail": "Gray shapes and a small {marker} marker.",
+    "texture": "Gray shapes and a small marker with a {texture} pattern.",
 }
 RELATION_PHRASES: dict[str, str] = {
     "left": "left of",
@@ -101,11 +114,12 @@ ANSWER_FIELD: dict[str, str] = {
     "spatial": "relation",
     "ocr": "word",
     "detail": "marker",
+    "texture": "texture",
 }
 
 
 def corpus() -> list[str]:
-    """Every string the benchmark can produce (templates filled with every value).
+    """Every string the six default categories can produce (templates filled with every value).
 
     Used to train the offline tokenizer of the tiny LLMs (:mod:`moe_vision.model.llm`).
     """
@@ -120,9 +134,10 @@ def corpus() -> list[str]:
         "marker": list(MARKER_COLORS),
     }
     texts: list[str] = list(CAPTION_PROMPTS)
-    for answers in ANSWERS.values():
-        texts.extend(answers)
-    for template in [t for ts in QUESTIONS.values() for t in ts] + list(CAPTIONS.values()):
+    for category in CATEGORIES:
+        texts.extend(ANSWERS[category])
+    templates = [t for c in CATEGORIES for t in QUESTIONS[c]] + [CAPTIONS[c] for c in CATEGORIES]
+    for template in templates:
         # Two passes over the values give every word in every slot without a full product.
         for i in range(max(len(v) for v in fields.values())):
             values = {k: v[i % len(v)] for k, v in fields.items()}
