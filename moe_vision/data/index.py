@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_vision.data.records import DataError, RecordProblem
+from moe_vision.data.records import DataError, RecordProblem, apply_layout
 
 CHUNK = 1 << 24
 """Bytes read at a time while scanning a JSONL file."""
@@ -53,6 +53,8 @@ class RecordIndex:
         line: ``(N,)`` int64, the line it starts on (1-based).
         stamps: per file, ``(inode, size, mtime_ns)`` when indexed: a file replaced since is
             opened afresh, never read through a stale descriptor.
+        layouts: per file, its :data:`~moe_vision.data.records.LAYOUTS` entry (empty: every
+            file ``llava``); :meth:`read` applies it.
     """
 
     files: list[str]
@@ -62,6 +64,7 @@ class RecordIndex:
     position: np.ndarray
     line: np.ndarray
     stamps: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    layouts: list[str] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.offset.shape[0])
@@ -85,11 +88,20 @@ class RecordIndex:
             fd = _FDS[key] = os.open(path, os.O_RDONLY)
         return os.pread(fd, int(self.length[i]), int(self.offset[i]))
 
+    def layout(self, i: int) -> str:
+        """The layout of record ``i``'s file."""
+        return self.layouts[int(self.file_id[i])] if self.layouts else "llava"
+
+    def with_layout(self, layout: str) -> RecordIndex:
+        """This index with every file read in ``layout``."""
+        return dataclasses.replace(self, layouts=[layout] * len(self.files))
+
     def read(self, i: int) -> Any:
-        """Record ``i`` parsed.
+        """Record ``i`` parsed (and read in its file's layout).
 
         Raises:
-            RecordProblem: ``not_utf8`` or ``malformed`` (with the line and column).
+            RecordProblem: ``not_utf8`` or ``malformed`` (with the line and column; also JSON
+                nested past Python's recursion limit and integers past its digit limit).
         """
         data = self.raw(i)
         line = int(self.line[i])
@@ -104,12 +116,19 @@ class RecordIndex:
                 f"({data[err.start : err.end]!r}); expected UTF-8 text",
             ) from err
         try:
-            return json.loads(text)
+            record = json.loads(text)
         except json.JSONDecodeError as err:
             raise RecordProblem(
                 "malformed",
                 f"malformed JSON on line {line + err.lineno - 1} column {err.colno}: {err.msg}",
             ) from err
+        except RecursionError as err:
+            raise RecordProblem(
+                "malformed", f"JSON on line {line} is nested too deeply to parse"
+            ) from err
+        except ValueError as err:  # e.g. an integer of more than 4300 digits
+            raise RecordProblem("malformed", f"JSON on line {line} cannot be read: {err}") from err
+        return apply_layout(record, self.layout(i))
 
     def select(self, rows: np.ndarray) -> RecordIndex:
         """The records at ``rows`` (an int array; repeats allowed), in that order."""
@@ -122,6 +141,7 @@ class RecordIndex:
             self.position[rows],
             self.line[rows],
             list(self.stamps),
+            list(self.layouts),
         )
 
     @staticmethod
@@ -140,6 +160,7 @@ class RecordIndex:
             np.concatenate([p.position for p in parts]),
             np.concatenate([p.line for p in parts]),
             [s for p in parts for s in p.stamps],
+            [lay for p in parts for lay in (p.layouts or ["llava"] * len(p.files))],
         )
 
 
@@ -226,7 +247,7 @@ def _scan_json(path: Path, block_size: int) -> tuple[np.ndarray, np.ndarray, np.
     decoder's ``raw_decode`` inside the decoded block (a block that cuts an element is read
     again from the element's start, larger if the element is larger than a block).
     """
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_int=str)  # locates elements only: no digit limit
     size = path.stat().st_size
     offsets: list[int] = []
     lengths: list[int] = []
@@ -331,6 +352,10 @@ class _Block:
                 _, end = decoder.raw_decode(block.text, i)
                 if end < len(block.text) or block.final:
                     return block, i, end
+            except RecursionError as err:
+                raise DataError(
+                    f"{block.path}: JSON nested too deeply to parse at line {block.line_at(i)}"
+                ) from err
             except json.JSONDecodeError as err:
                 if block.final:
                     raise DataError(

@@ -335,7 +335,7 @@ def resolve_data(
 ) -> tuple[RecordIndex, list[Path], list[dict[str, Any]]]:
     """``(index, roots, source counts)`` of a data file or mixture YAML (see :class:`Mixture`)."""
     if is_mixture(json_path):
-        return Mixture.from_yaml(json_path).resolve(seed, image_root)
+        return Mixture.from_file(json_path).resolve(seed, image_root)
     if image_root is None:
         raise DataError(f"{json_path}: no image root given")
     index = index_file(json_path)

@@ -12,6 +12,24 @@ image root per source and a weight::
         sampling_strategy: random:10%
         weight: 2                         # every selected record twice (0.5: a random half)
 
+A source may say ``layout: internvl`` (see :mod:`moe_vision.data.records`; default ``llava``).
+
+**InternVL ``meta.json`` and Eagle 2 recipes** (a ``.json`` file holding an object, not a list)
+are read as mixtures too, one source per entry::
+
+    {"ai2d": {"root": "data/ai2d/", "annotation": "data/ai2d.jsonl",
+              "repeat_time": 2, "length": 12413, "data_augment": false}}
+
+``annotation`` is the source's records, ``root`` its image root (``""``: the run's) and
+``repeat_time`` its weight (InternVL repeats a source ``repeat_time`` times and takes a random
+fraction below 1, which is what a weight does). ``length``, Eagle's curriculum ``weight`` and
+``modality`` and InternVL's augmentation keys are not used. Sources of such a file read in the
+``internvl`` layout. A relative path is taken from the file's folder when it exists there, else
+from the working directory, as InternVL and Eagle resolve them.
+
+A weight must be finite, above 0 and at most :data:`MAX_WEIGHT` (a source repeated a thousand
+times is a typo, and would make the run, and ``data check``, walk it that often).
+
 Relative paths are relative to the YAML file's folder. ``P%`` takes ``ceil(P * n / 100)``
 records, as LLaVA-OneVision does; asking for more records than a source holds is an error.
 ``random`` picks without replacement and keeps file order; a fractional weight adds a random
@@ -23,6 +41,7 @@ writes to its folder.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -34,17 +53,29 @@ import numpy as np
 import yaml
 
 from moe_vision.data.index import RecordIndex, index_file
-from moe_vision.data.records import DataError
+from moe_vision.data.records import LAYOUTS, DataError
 
 MIXTURE_SUFFIXES = (".yaml", ".yml")
-"""File suffixes read as mixtures (everything else is one data file)."""
+"""File suffixes read as mixtures (and a ``.json`` holding an object: InternVL / Eagle)."""
+
+MAX_WEIGHT = 1000.0
+"""Largest source weight accepted (see the module docstring)."""
 
 _STRATEGY = re.compile(r"^(all|(first|end|random):(\d+)(%?))$")
 
 
 def is_mixture(path: str | os.PathLike[str]) -> bool:
-    """True for a mixture YAML (by suffix)."""
-    return str(path).endswith(MIXTURE_SUFFIXES)
+    """True for a mixture YAML (by suffix) or a ``.json`` file whose top level is an object (an
+    InternVL ``meta.json`` or Eagle recipe; a data file is a list)."""
+    return str(path).endswith(MIXTURE_SUFFIXES) or _json_object(Path(path))
+
+
+def _json_object(path: Path) -> bool:
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"{")
 
 
 @dataclass
@@ -56,13 +87,16 @@ class Source:
         image_root: folder of its images (``None``: the mixture's, else the run's).
         sampling_strategy: ``all``, ``first:N``, ``first:P%``, ``end:N``, ``end:P%``,
             ``random:N`` or ``random:P%``.
-        weight: repeats of the selected records (``> 0``; fractional part: a random subset).
+        weight: repeats of the selected records (finite, in ``(0, MAX_WEIGHT]``; fractional
+            part: a random subset).
+        layout: how its records read (:data:`~moe_vision.data.records.LAYOUTS`).
     """
 
     json_path: str
     image_root: str | None = None
     sampling_strategy: str = "all"
     weight: float = 1.0
+    layout: str = "llava"
 
     def __post_init__(self) -> None:
         self.sampling_strategy = str(self.sampling_strategy).strip()
@@ -71,8 +105,22 @@ class Source:
                 f"source {self.json_path}: sampling_strategy {self.sampling_strategy!r}; expected "
                 "all, first:N, first:P%, end:N, end:P%, random:N or random:P%"
             )
-        if not isinstance(self.weight, (int, float)) or not self.weight > 0:
-            raise DataError(f"source {self.json_path}: weight must be > 0, got {self.weight!r}")
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise DataError(
+                f"source {self.json_path}: weight must be a finite number, got {self.weight!r}"
+            )
+        if not w > 0:
+            raise DataError(f"source {self.json_path}: weight must be > 0, got {w!r}")
+        if w > MAX_WEIGHT:
+            raise DataError(
+                f"source {self.json_path}: weight {w!r} is above the maximum {MAX_WEIGHT:g} (a "
+                "weight repeats the source's selected records that many times)"
+            )
+        if self.layout not in LAYOUTS:
+            raise DataError(
+                f"source {self.json_path}: layout {self.layout!r}; expected one of {LAYOUTS}"
+            )
 
     def count(self, available: int) -> int:
         """Records the strategy takes from ``available``."""
@@ -118,6 +166,52 @@ class Mixture:
     path: str | None = None
 
     @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Mixture:
+        """A mixture YAML, or an InternVL ``meta.json`` / Eagle recipe (see the module doc)."""
+        if str(path).endswith(MIXTURE_SUFFIXES):
+            return cls.from_yaml(path)
+        return cls.from_meta_json(path)
+
+    @classmethod
+    def from_meta_json(cls, path: str | os.PathLike[str]) -> Mixture:
+        """Read an InternVL ``meta.json`` or an Eagle 2 recipe (see the module docstring)."""
+        p = Path(path)
+        where = f"InternVL/Eagle meta file {p}"
+        try:
+            data = json.loads(p.read_bytes().decode("utf-8-sig"))
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{where}: invalid JSON: {err}") from err
+        if not isinstance(data, dict) or not data:
+            raise DataError(f"{where}: expected an object of datasets, got {type(data).__name__}")
+
+        def rel(value: Any) -> str | None:
+            if value is None or not str(value).strip():
+                return None
+            here = p.parent / Path(str(value)).expanduser()
+            return str(here if here.exists() or not Path(str(value)).exists() else value)
+
+        sources = []
+        for name, entry in data.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("annotation"), str):
+                raise DataError(
+                    f"{where}: dataset {name!r} must be an object with an 'annotation' path "
+                    f"(and 'root', 'repeat_time'), got {entry!r:.120}"
+                )
+            weight = entry.get("repeat_time", 1)
+            try:
+                sources.append(
+                    Source(
+                        json_path=str(rel(entry["annotation"])),
+                        image_root=rel(entry.get("root")),
+                        weight=weight,
+                        layout="internvl",
+                    )
+                )
+            except DataError as err:
+                raise DataError(f"{where}: dataset {name!r}: {err}") from err
+        return cls(sources, None, str(p))
+
+    @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Mixture:
         """Read a mixture YAML; relative paths are made relative to its folder."""
         p = Path(path)
@@ -147,7 +241,7 @@ class Mixture:
             return None if value is None else str(base / Path(str(value)).expanduser())
 
         sources = []
-        valid = {"json_path", "image_root", "sampling_strategy", "weight"}
+        valid = {"json_path", "image_root", "sampling_strategy", "weight", "layout"}
         for k, s in enumerate(data["datasets"]):
             if not isinstance(s, dict) or "json_path" not in s or set(s) - valid:
                 raise DataError(
@@ -160,6 +254,7 @@ class Mixture:
                     image_root=rel(s.get("image_root")),
                     sampling_strategy=s.get("sampling_strategy", "all"),
                     weight=s.get("weight", 1.0),
+                    layout=s.get("layout", "llava"),
                 )
             )
         if not sources:
@@ -190,7 +285,7 @@ class Mixture:
                 )
             index = index_file(source.json_path)
             rows = source.select(len(index), np.random.default_rng([seed, k]))
-            parts.append(index.select(rows))
+            parts.append(index.select(rows).with_layout(source.layout))
             roots.append(Path(root))
             counts.append(
                 {
@@ -198,6 +293,7 @@ class Mixture:
                     "image_root": str(root),
                     "sampling_strategy": source.sampling_strategy,
                     "weight": source.weight,
+                    "layout": source.layout,
                     "available": len(index),
                     "selected": int(rows.shape[0]),
                 }

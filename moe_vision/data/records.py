@@ -7,6 +7,20 @@ LLaVA-OneVision, Li et al., arXiv 2408.03326; Cambrian-1; Eagle)::
     text-only      no "image" key, or "image" in ("", "None", "none", "nan")   (ShareGPT, Cambrian)
     multi-image    {"image": ["a.png", "b.png"], ...}: one <image> placeholder per image, in order
 
+Eagle 2 / 2.5 ``sft_jsonl`` records (Li et al., arXiv 2501.14818; 2504.15271) name their images
+under ``"data": [{"type": "image", "image_list": ["a.png", ...]}, ...]``; the images of every
+``image`` entry, in order, are the record's images (as ``"image": [...]`` would be).
+
+Video is refused by name (kind ``video``: "video records are not supported"), never read as
+text: a ``"video"`` key (LLaVA-Video, InternVL), a ``<video>`` placeholder in any turn, or an
+Eagle 2.5 ``{"type": "video"}`` entry.
+
+Layouts of a whole file (:data:`LAYOUTS`): ``llava`` (default) takes the placeholders as
+written, and a single-image record without ``<image>`` is an error. ``internvl`` (InternVL
+``meta.json`` and Eagle 2 recipe sources, or ``layout: internvl`` in a mixture) does what
+InternVL's loader does: a single-image record with no ``<image>`` gets ``"<image>\\n"`` put in
+front of its first human turn (:func:`apply_layout`).
+
 ``<image>`` may stand anywhere in a human turn ("Describe the photo.\\n<image>", LLaVA-558K) and
 conversations may have many turns. The number of placeholders must equal the number of images;
 otherwise the error says what the record is ("text-only record", "multi-image record with 3
@@ -44,6 +58,15 @@ TEXT_ONLY_MARKERS: frozenset[str] = frozenset({"", "None", "none", "nan", "null"
 
 BadRecordPolicy = Literal["error", "skip"]
 
+LAYOUTS = ("llava", "internvl")
+"""File layouts (see the module docstring)."""
+
+IMAGE_PLACEHOLDER = "<image>"
+"""The placeholder the LLaVA, InternVL and Eagle formats write (what ``internvl`` prepends)."""
+
+VIDEO_PLACEHOLDER = "<video>"
+"""The video placeholder of LLaVA-Video / InternVL records (refused)."""
+
 
 class DataError(ValueError):
     """A data file or record that cannot be used; names the file, the record and the problem.
@@ -62,7 +85,8 @@ class DataError(ValueError):
 class RecordProblem(ValueError):
     """What is wrong with one record, with a machine-readable ``kind`` (the caller adds where).
 
-    Kinds: ``malformed`` (not JSON / not an object), ``not_utf8``, ``bad_conversation``,
+    Kinds: ``malformed`` (not JSON / not an object), ``not_utf8``, ``video`` (a video record:
+    not supported), ``duplicate_id``, ``bad_conversation``,
     ``placeholder_mismatch``, ``missing_image``, ``corrupt_image``, ``image_too_large``,
     ``outside_root``, ``over_length``, ``no_answer``.
     """
@@ -98,12 +122,29 @@ def record_id(record: Any, index: int) -> str:
     return f"#{index}"
 
 
+def video_problem(what: str) -> RecordProblem:
+    """The refusal of a video record (kind ``video``)."""
+    return RecordProblem(
+        "video", f"video records are not supported ({what}); moe-vision trains on images only"
+    )
+
+
 def record_images(record: dict[str, Any]) -> list[str]:
     """The record's image paths, in placeholder order (``[]`` for a text-only record).
 
     Raises:
-        RecordProblem: ``image`` is neither a path, a text-only marker nor a list of paths.
+        RecordProblem: ``video`` for a video record; ``bad_conversation`` when ``image`` is
+            neither a path, a text-only marker nor a list of paths, or Eagle's ``data`` list is
+            not a list of ``{"type": "image", "image_list": [...]}`` entries.
     """
+    if record.get("video") not in (None, "", []):
+        raise video_problem(f"'video' key {record['video']!r}")
+    if "data" in record:
+        if record.get("image") not in (None, "", []):
+            raise RecordProblem(
+                "bad_conversation", "record has both 'image' and Eagle's 'data' list; expected one"
+            )
+        return _eagle_images(record["data"])
     image = record.get("image")
     if image is None:
         return []
@@ -117,6 +158,55 @@ def record_images(record: dict[str, Any]) -> list[str]:
         "bad_conversation",
         f"'image' must be a path, a list of paths or absent, got {image!r}",
     )
+
+
+def _eagle_images(data: Any) -> list[str]:
+    """The images of an Eagle 2 / 2.5 ``data`` list, in order."""
+    if not isinstance(data, list):
+        raise RecordProblem("bad_conversation", f"Eagle 'data' must be a list, got {data!r:.80}")
+    images: list[str] = []
+    for k, entry in enumerate(data):
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind == "video":
+            raise video_problem(f"Eagle 'data' entry {k} has type 'video'")
+        paths = entry.get("image_list") if isinstance(entry, dict) else None
+        if kind != "image" or not isinstance(paths, list):
+            raise RecordProblem(
+                "bad_conversation",
+                f"Eagle 'data' entry {k} must be {{'type': 'image', 'image_list': [paths]}}, "
+                f"got {entry!r:.120}",
+            )
+        if not all(isinstance(p, str) and p.strip() for p in paths):
+            raise RecordProblem(
+                "bad_conversation", f"Eagle 'data' entry {k}: image_list holds a non-path"
+            )
+        images.extend(paths)
+    return images
+
+
+def apply_layout(record: Any, layout: str) -> Any:
+    """``record`` as the file's layout reads it (see the module docstring; a record the layout
+    does not change, or cannot read, is returned as is, for the validator to judge)."""
+    if layout == "llava" or not isinstance(record, dict):
+        return record
+    if layout != "internvl":
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    conv = record.get("conversations")
+    try:
+        single = len(record_images(record)) == 1
+    except RecordProblem:
+        return record
+    if not single or not isinstance(conv, list):
+        return record
+    turns = [t for t in conv if isinstance(t, dict) and isinstance(t.get("value"), str)]
+    if len(turns) != len(conv) or any(IMAGE_PLACEHOLDER in t["value"] for t in turns):
+        return record
+    first = next((k for k, t in enumerate(turns) if ROLES.get(str(t.get("from"))) == "user"), None)
+    if first is None:
+        return record
+    conv = list(conv)
+    conv[first] = {**conv[first], "value": IMAGE_PLACEHOLDER + "\n" + conv[first]["value"]}
+    return {**record, "conversations": conv}
 
 
 def describe(n_images: int) -> str:
@@ -159,6 +249,8 @@ def to_messages(record: Any, image_token: str, n_images: int | None = None) -> l
                 "bad_conversation",
                 f"turn {t} must be an object with a string 'value', got {turn!r}",
             )
+        if VIDEO_PLACEHOLDER in turn["value"]:
+            raise video_problem(f"{VIDEO_PLACEHOLDER!r} placeholder in turn {t}")
         role = ROLES.get(str(turn.get("from")))
         if role is None:
             raise RecordProblem(
