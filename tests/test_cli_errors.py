@@ -101,3 +101,108 @@ def test_a_bad_record_names_the_file_and_record(capsys, tmp_path) -> None:
     argv += ["--image-root", str(tmp_path), "--out", str(tmp_path / "run")]
     line = _bad_input(capsys, argv)
     assert str(bad) in line and "'r1'" in line and f"not found: {tmp_path / 'missing.png'}" in line
+
+
+# ------------------------------------------------------------------ options checked before work
+def _no_work(monkeypatch) -> None:
+    """Any training, pretraining or data check that starts fails the test."""
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr("moe_vision.training.run.run_experiment", started)
+    monkeypatch.setattr("moe_vision.zoo.pretrain", started)
+    monkeypatch.setattr("moe_vision.data.check.check_files", started)
+
+
+def test_bad_train_options_are_refused_before_training(capsys, tmp_path, monkeypatch) -> None:
+    _no_work(monkeypatch)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out = str(tmp_path / "run")
+    line = _bad_input(capsys, ["train", "--out", str(a_file)])
+    assert line == f"error: --out {a_file}: is a file; expected a folder (existing or new)"
+    line = _bad_input(capsys, ["train", "--out", str(a_file / "run")])
+    assert f"lies under the file {a_file}" in line
+    assert _bad_input(capsys, ["train", "--out", out, "--seed", "-1"]) == (
+        "error: --seed -1: expected a number >= 0"
+    )
+    line = _bad_input(capsys, ["train", "--out", out, "--max-image-pixels", "0"])
+    assert line == "error: --max-image-pixels 0: expected a number >= 1"
+    binary = tmp_path / "run.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    line = _bad_input(capsys, ["train", "--config", str(binary), "--out", out])
+    assert line.startswith(f"error: run config {binary}: not UTF-8 text")
+    empty = tmp_path / "empty-llm"
+    empty.mkdir()
+    line = _bad_input(capsys, ["train", "--llm", str(empty), "--out", out])
+    assert line.startswith(f"error: --llm {empty}: a folder without config.json")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_a_folder_without_a_run_says_there_is_nothing_to_resume(
+    capsys, tmp_path, monkeypatch
+) -> None:
+    _no_work(monkeypatch)
+    for out in (tmp_path / "never-made", tmp_path):
+        line = _bad_input(capsys, ["train", "--out", str(out), "--resume"])
+        assert line == (
+            f"error: --resume: nothing to resume in {out} (no config.yaml, no checkpoint); drop "
+            "--resume to start a new run there"
+        )
+
+
+def test_a_second_train_on_the_same_folder_is_told_another_run_trains_there(
+    capsys, tmp_path, monkeypatch
+) -> None:
+    """Before, the second run deleted the first's .tmp-ckpt as stale and the first died."""
+    from moe_vision.sweeps.sweep import file_lock
+
+    _no_work(monkeypatch)
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text("seed: 0\n")
+    with file_lock(out / ".run.lock"):  # the first `train` holds it while it trains
+        for extra in ([], ["--resume"]):
+            line = _bad_input(capsys, ["train", "--out", str(out), *extra])
+            assert line == (
+                f"error: another run is training in {out} (it holds .run.lock); wait for it to "
+                "finish, or give this one another --out"
+            )
+
+
+def test_bad_eval_devices_are_refused(capsys, tmp_path) -> None:
+    line = _bad_input(capsys, ["eval", "--run", str(tmp_path), "--device", "bogus"])
+    assert line == "error: --device 'bogus': not a torch device; expected cpu, cuda, cuda:N or mps"
+    if not torch.cuda.is_available():
+        line = _bad_input(capsys, ["eval", "--run", str(tmp_path), "--device", "cuda"])
+        assert line.startswith("error: --device cuda: this machine has no cuda device")
+
+
+def test_bad_data_check_options_are_refused_before_the_check(capsys, tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    line = _bad_input(capsys, ["data", "check", str(data), "--workers", "-1"])
+    assert line == "error: --workers -1: expected a number >= 0"
+    line = _bad_input(capsys, ["data", "check", str(data), "--json", str(tmp_path)])
+    assert line == f"error: --json {tmp_path}: is a folder; expected a file name to write"
+
+
+def test_bad_pretrain_options_are_refused_before_training(capsys, tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    argv = ["pretrain", "clip-mini", "--steps", "1", "--out", str(tmp_path)]
+    for lr, shown in (("-1", "-1.0"), ("nan", "nan")):
+        line = _bad_input(capsys, [*argv, "--lr", lr])
+        assert line == f"error: --lr {shown}: expected a finite number > 0"
+    line = _bad_input(capsys, [*argv, "--threads", "0"])
+    assert line == "error: --threads 0: expected a number >= 1"
+    line = _bad_input(capsys, ["pretrain", "clip-mini", "--steps", "1", "--out", str(a_file)])
+    assert line == f"error: --out {a_file}: is a file; expected a folder (existing or new)"
+
+
+def test_a_sweep_setting_of_the_wrong_type_is_an_error(capsys) -> None:
+    line = _bad_input(capsys, ["sweep", "--set", "run=5"])
+    assert "run must be a mapping" in line

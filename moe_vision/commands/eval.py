@@ -7,7 +7,8 @@ split); ``--data`` + ``--image-root`` evaluate any LLaVA-format file (records wi
     moe-vision eval --run runs/x
     moe-vision eval --run runs/x --data val.json --image-root data/images --limit 200
 
-Writes ``<run>/eval/<data file stem>.json`` (scores and predictions) and prints the scores.
+Writes ``<run>/eval/<data file stem>.json`` (scores, the prompt format: chat template and
+rendered prompt, and predictions) and prints the scores.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from moe_vision.commands import UsageError
+from moe_vision.commands import UsageError, check_at_least, check_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from moe_vision.model.mllm import MoEVisionModel
     from moe_vision.training.run import RunConfig, cache_root
 
+    check_device("--device", args.device)
+    check_at_least("--batch-size", args.batch_size, 1)
+    check_at_least("--limit", args.limit, 1)
+    check_at_least("--max-image-pixels", args.max_image_pixels, 1)
     model_dir = args.run / "model"
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{args.run} holds no trained model ({model_dir}); has training finished?")
@@ -105,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "data": str(data),
                 "scores": scores,
+                "prompt_format": result.prompt_format,
                 "skipped": [dataclasses.asdict(s) for s in result.skipped],
                 "predictions": result.predictions,
             },

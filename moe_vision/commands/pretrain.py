@@ -31,7 +31,13 @@ import dataclasses
 import logging
 import sys
 
-from moe_vision.commands import comma_list
+from moe_vision.commands import (
+    UsageError,
+    check_at_least,
+    check_folder,
+    check_positive,
+    comma_list,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.categories and not args.probe_only:
         print("moe-vision pretrain: --categories goes with --probe-only", file=sys.stderr)
         return 2
+    check_at_least("--seed", args.seed, 0)
+    check_positive("--lr", args.lr)
+    check_at_least("--threads", args.threads, 1)
+    check_folder("--out", args.out)  # before training: a file there would lose the weights
+    for name in names:  # every name before the first is trained
+        if name not in MINI_RECIPES:
+            raise UsageError(f"no pretraining recipe for {name!r}; valid: {sorted(MINI_RECIPES)}")
     torch.set_num_threads(args.threads)
     out = args.out or MINI_DIR
     if args.probe_only:

@@ -18,12 +18,17 @@ LLM-frozen stages and 10 SFT epochs); ``--override`` changes fields on top of th
 0.445 on the test split).
 
 The run folder holds ``config.yaml`` (resolved), ``checkpoints/``, ``model/``,
-``predictions.json`` and ``metrics.json``.
+``predictions.json`` and ``metrics.json``. While ``train`` runs it holds an exclusive lock on
+``<out>/.run.lock`` (released by the OS when the process ends, however it ends); a second
+``train`` on the same ``--out`` stops with an error instead of touching the first's
+checkpoints. ``--resume`` on a folder that holds no run (no ``config.yaml``, no checkpoint) is
+an error; one killed before its first checkpoint starts again from its ``config.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -32,9 +37,12 @@ from typing import Any
 
 import yaml
 
-from moe_vision.commands import UsageError, comma_list
+from moe_vision.commands import UsageError, check_at_least, check_folder, comma_list
 
 logger = logging.getLogger(__name__)
+
+RUN_LOCK = ".run.lock"
+"""Held (``flock``) in the run folder by the ``train`` process training there."""
 
 
 def _override(text: str) -> tuple[str, str, Any]:
@@ -200,23 +208,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_run_arguments(args: argparse.Namespace) -> None:
+    """Refuse impossible values of :func:`add_run_arguments`' flags before any work
+    (:class:`~moe_vision.commands.UsageError`, naming the flag)."""
+    check_at_least("--seed", args.seed, 0)
+    check_at_least("--benchmark-seed", args.benchmark_seed, 0)
+    check_at_least("--num-workers", args.num_workers, 0)
+    check_at_least("--checkpoint-every", args.checkpoint_every, 0)
+    check_at_least("--max-image-pixels", args.max_image_pixels, 1)
+    check_folder("--cache-dir", args.cache_dir)
+
+
+def check_llm_folder(llm: str) -> None:
+    """A local LLM folder must hold a transformers ``config.json`` (a name that is no folder is
+    a preset or hub id, checked where the LLM is built)."""
+    folder = Path(llm).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise UsageError(
+            f"--llm {llm}: a folder without config.json; expected a transformers model folder "
+            "(config.json, weights, tokenizer), a tiny preset or a hub id"
+        )
+
+
+def _nothing_to_resume(out: Path) -> bool:
+    """Whether ``out`` holds no run at all: no ``config.yaml`` and no checkpoint."""
+    return not (out / "config.yaml").is_file() and not any((out / "checkpoints").glob("ckpt-*"))
+
+
 def run(args: argparse.Namespace) -> int:
     from moe_vision.console import RUN_LOG
+    from moe_vision.sweeps.sweep import file_lock
     from moe_vision.training.run import run_experiment
 
     # the console was set by moe_vision.cli.main; INFO goes to <out>/train.log
-
+    check_folder("--out", args.out)
+    check_run_arguments(args)
+    if args.resume and _nothing_to_resume(args.out):
+        raise UsageError(
+            f"--resume: nothing to resume in {args.out} (no config.yaml, no checkpoint); "
+            "drop --resume to start a new run there"
+        )
     if args.resume and args.config is None and (args.out / "config.yaml").is_file():
         args.config = args.out / "config.yaml"  # resume what was started, flags still win
     cfg = build_config(args)
-    if not args.resume and (args.out / "checkpoints").is_dir():
-        raise UsageError(
-            f"{args.out} already holds a run; pass --resume to continue it or pick another --out"
+    check_llm_folder(cfg.model.llm)
+    with contextlib.ExitStack() as held:
+        try:  # released by the OS if this process dies
+            held.enter_context(file_lock(args.out / RUN_LOCK, blocking=False))
+        except BlockingIOError:
+            raise UsageError(
+                f"another run is training in {args.out} (it holds {RUN_LOCK}); wait for it to "
+                "finish, or give this one another --out"
+            ) from None
+        if not args.resume and (args.out / "checkpoints").is_dir():
+            raise UsageError(
+                f"{args.out} already holds a run; pass --resume to continue it or pick another "
+                "--out"
+            )
+        args.interrupt_hint = (
+            f"`moe-vision train --out {args.out} --resume` continues from the run's last "
+            "checkpoint"
         )
-    args.interrupt_hint = (
-        f"`moe-vision train --out {args.out} --resume` continues from the run's last checkpoint"
-    )
-    metrics = run_experiment(cfg, args.out, resume=args.resume)
+        metrics = run_experiment(cfg, args.out, resume=args.resume)
     if metrics:
         print(json.dumps(metrics, indent=1))
     print(f"run folder: {args.out} (log: {args.out / RUN_LOG})", file=sys.stderr)  # stdout: JSON

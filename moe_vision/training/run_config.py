@@ -215,9 +215,13 @@ class RunConfig:
         if not p.is_file():
             raise FileNotFoundError(f"run config not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"run config {p}: invalid YAML: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"run config {p}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
         if not isinstance(data, dict):
             raise ValueError(f"run config {p}: expected a mapping, got {type(data).__name__}")
         return cls.from_dict(data)
