@@ -186,3 +186,62 @@ def test_evaluation_through_the_feature_cache_gives_the_same_answers(
     second = evaluate(model, bench.split("test"), bench.images, batch_size=5, cache=warm)
     assert (warm.misses, warm.hits) == (0, 2 * 12)
     assert [p["prediction"] for p in second.predictions] == answers
+
+
+def test_answers_do_not_depend_on_the_batch_size_and_the_prompt_format_is_recorded(
+    tmp_path: Path,
+) -> None:
+    """`moe-vision eval` at batch 1 and at batch 16 (prompts of different lengths, so left
+    padding, attention mask and position ids matter), each in a fresh process, gives the same
+    answers for every fusion strategy; the run folder records the prompt format."""
+    import os
+    import subprocess
+    import sys
+
+    from synthetic import seeing_model
+
+    import fusion
+    from moe_vision.evaluation.evaluate import QUESTION_FIELD
+
+    bench = generate_benchmark(
+        tmp_path / "bench", seed=0, sizes=BenchmarkSizes(align=1, instruct=1, val=0, test=16)
+    )
+    runs = {}
+    for name in fusion.list_fusions():
+        model = seeing_model(
+            ModelConfig(experts=["clip-tiny", "convnext-tiny"], fusion=name, llm="tiny-qwen2")
+        )
+        model.save_pretrained(tmp_path / name / "model")
+        runs[name] = tmp_path / name
+    data = ["--data", str(bench.split("test")), "--image-root", str(bench.images)]
+    answers: dict[int, dict[str, list[str]]] = {}
+    for batch in (1, 16):
+        script = (
+            "import sys\nfrom moe_vision.cli import main\n"
+            f"for run in {[str(r) for r in runs.values()]!r}:\n"
+            f"    assert main(['eval', '--run', run, '--batch-size', '{batch}'] + {data!r}) == 0\n"
+        )
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers[batch] = {}
+        for name, run in runs.items():
+            out = json.loads((run / "eval" / "test.json").read_text())
+            answers[batch][name] = [p["prediction"] for p in out["predictions"]]
+            fmt = out["prompt_format"]
+            assert fmt["chat_template"] == model.tokenizer.chat_template
+            question = out["predictions"][0]["prompt"]
+            assert fmt["prompt"].replace(QUESTION_FIELD, question) == (
+                model.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": question}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            )
+    prompts = [p["prompt"] for p in out["predictions"]]
+    assert len({len(model.prompt_ids(p)) for p in prompts}) > 1  # batch 16 pads
+    for name in runs:
+        assert len(set(answers[1][name])) > 1, name  # answers depend on the image
+        assert answers[16][name] == answers[1][name], name
