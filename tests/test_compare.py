@@ -150,3 +150,86 @@ def test_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert list(written["category"]) == ["color", "ocr", "overall"]
     assert main(["compare", str(tmp_path / "a")]) == 2
     assert "error: moe-vision compare: give two runs" in capsys.readouterr().err
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "results"
+
+
+def _copy_reference(dest: Path, flip_first_setting: bool) -> str:
+    """A copy of the committed reference (table and answers); with ``flip_first_setting``
+    every answer of the first setting's cells is flipped. Returns that setting's label."""
+    dest.mkdir()
+    table = pd.read_csv(REFERENCE / "default.csv")
+    first = table.iloc[0]
+    preds = pd.read_parquet(REFERENCE / "default_predictions.parquet")
+    if flip_first_setting:
+        same = (table["experts"] == first["experts"]) & (table["fusion"] == first["fusion"])
+        flip = preds["cell_id"].isin(table.loc[same, "cell_id"])
+        preds.loc[flip, "score"] = 1.0 - preds.loc[flip, "score"]
+    preds.to_parquet(dest / "default_predictions.parquet")
+    table.to_csv(dest / "default.csv", index=False)
+    return f"{first['experts']}, {first['fusion']}:"
+
+
+def test_reference_check_self_consistent_and_flipped_setting_inconsistent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _copy_reference(tmp_path / "same", flip_first_setting=False)
+    args = ["compare", "--reference", str(REFERENCE), "--n-boot", "300"]
+    assert main([*args, str(tmp_path / "same")]) == 0
+    text = capsys.readouterr().out
+    assert "verdict: CONSISTENT" in text and "INCONSISTENT" not in text
+    label = _copy_reference(tmp_path / "flipped", flip_first_setting=True)
+    assert main([*args, str(tmp_path / "flipped")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [x for x in lines if x.startswith(label)][0].startswith(f"{label} INCONSISTENT")
+    assert sum("INCONSISTENT" in x for x in lines) == 1  # only that setting
+    assert lines[-1].startswith("verdict: NOT CONSISTENT")
+
+
+def _synthetic_sweep(root: Path, gain: float) -> None:
+    """Two settings x 3 seeds, 60 questions in each of two categories; the second setting
+    answers ``ocr`` right with probability 0.2 + ``gain`` (the first: 0.2)."""
+    rng = np.random.default_rng(1)
+    cells, preds = [], []
+    for experts, acc in (("base", 0.2), ("base+ocr", 0.2 + gain)):
+        for seed in range(3):
+            cid = f"{experts}-s{seed}"
+            cell = {"cell_id": cid, "experts": experts, "fusion": "f", "fusion_options": "{}"}
+            cells.append({**cell, "recipe": "r", "seed": seed, "status": "ok"})
+            for cat, p in (("ocr", acc), ("color", 0.7)):
+                for i in range(60):
+                    score = float(rng.random() < p)
+                    preds.append({"cell_id": cid, "id": f"{cat}-{i}", "category": cat,
+                                  "answer": f"{cat}{i % 6}", "score": score})  # fmt: skip
+    table = pd.DataFrame(cells)
+    frame = pd.DataFrame(preds)
+    for cat in ("ocr", "color", "overall"):
+        sel = frame if cat == "overall" else frame[frame["category"] == cat]
+        table[f"accuracy/{cat}"] = table["cell_id"].map(sel.groupby("cell_id")["score"].mean())
+    root.mkdir()
+    table.to_csv(root / "default.csv", index=False)
+    frame.to_parquet(root / "default_predictions.parquet")
+
+
+def test_reference_findings_are_data_and_checked_on_both_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _synthetic_sweep(tmp_path / "ref", gain=0.7)
+    (tmp_path / "ref" / "default_findings.yaml").write_text(
+        "baseline: {experts: base}\n"
+        "findings:\n"
+        "  - {name: ocr gain, setting: {experts: base+ocr}, category: ocr, direction: higher}\n"
+    )
+    _synthetic_sweep(tmp_path / "fresh_same", gain=0.7)
+    _synthetic_sweep(tmp_path / "fresh_lost", gain=0.0)
+    args = ["compare", "--reference", str(tmp_path / "ref"), "--n-boot", "300"]
+    assert main([*args, str(tmp_path / "fresh_same")]) == 0
+    assert "finding 'ocr gain': holds" in capsys.readouterr().out
+    assert main([*args, str(tmp_path / "fresh_lost")]) == 1
+    out = capsys.readouterr().out
+    assert "finding 'ocr gain': NO LONGER HOLDS" in out
+    findings = tmp_path / "ref" / "default_findings.yaml"
+    findings.write_text("baseline: {experts: base}\nfindings: [x]\n")
+    assert main([*args, str(tmp_path / "fresh_same")]) == 2
+    assert "default_findings.yaml: finding 0 needs name, setting" in capsys.readouterr().err

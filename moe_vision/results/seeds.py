@@ -249,10 +249,13 @@ def seeds_needed(
         return math.inf
     if seed_sd == 0:
         return 2.0
-    n = np.arange(2, max_seeds + 1)
-    df = n - 1 if paired else 2 * n - 2
-    ncp = abs(effect) / seed_sd * (np.sqrt(n) if paired else np.sqrt(n / 2))
-    crit = stats.t.ppf(1 - alpha / 2, df)
-    achieved = stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp)
-    hit = np.flatnonzero(achieved >= power)
-    return float(n[hit[0]]) if hit.size else math.inf
+    for start, stop in ((2, 64), (65, max_seeds)):  # most answers are small: look there first
+        n = np.arange(start, stop + 1)
+        df = n - 1 if paired else 2 * n - 2
+        ncp = abs(effect) / seed_sd * (np.sqrt(n) if paired else np.sqrt(n / 2))
+        crit = stats.t.ppf(1 - alpha / 2, df)
+        achieved = stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp)
+        hit = np.flatnonzero(achieved >= power)
+        if hit.size:
+            return float(n[hit[0]])
+    return math.inf
