@@ -23,8 +23,9 @@ from moe_vision.data.benchmark import (
     BenchmarkSizes,
     generate_benchmark,
 )
+from moe_vision.data.benchmark_shifted import SHIFTED_WORDS
 
-SIZES = BenchmarkSizes(align=18, instruct=36, val=12, test=30)
+SIZES = BenchmarkSizes(align=18, instruct=36, val=12, test=30, test_shifted=12)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,9 @@ def test_records_are_llava_format_with_finite_answers(bench) -> None:
             assert human["from"] == "human" and gpt["from"] == "gpt"
             assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
             assert (bench.images / r["image"]).is_file()
-            if split != "align":
+            if split == "test_shifted" and r["category"] == "ocr":
+                assert gpt["value"] in SHIFTED_WORDS
+            elif split != "align":
                 assert gpt["value"] in ANSWERS[r["category"]]
     assert CHANCE["color"] == pytest.approx(1 / len(COLORS))
     assert CHANCE["spatial"] == pytest.approx(0.25)
@@ -192,3 +195,14 @@ def test_output_of_an_older_generator_is_regenerated(tmp_path: Path) -> None:
     generate_benchmark(tmp_path / "b", seed=0, sizes=small)
     assert paths.split("test").read_bytes() == expected
     assert json.loads(paths.manifest.read_text()) == manifest
+
+
+def test_val_and_test_are_separate_streams(tmp_path: Path) -> None:
+    """val is not test under another name: its own generator stream, so growing val leaves the
+    test questions as they are, and the default folder holds no shifted split."""
+    small = generate_benchmark(tmp_path / "a", seed=3, sizes=BenchmarkSizes(val=6, test=12))
+    more = generate_benchmark(tmp_path / "b", seed=3, sizes=BenchmarkSizes(val=30, test=12))
+    assert small.split("test").read_bytes() == more.split("test").read_bytes()
+    assert _records(small, "val") == _records(more, "val")[:6]
+    assert not small.split("test_shifted").exists()
+    assert "test_shifted" not in json.loads(small.manifest.read_text())["sizes"]

@@ -21,11 +21,15 @@ wide so that only high-resolution experts see it well). Questions come from temp
 answers from a finite set per category, so chance accuracy is defined (:data:`CHANCE`).
 
 :func:`generate_benchmark` writes LLaVA-format JSON files (``align.json``: captions;
-``instruct.json``: questions; ``val.json`` and ``test.json``: held-out questions) and an
+``instruct.json``: questions; ``val.json`` and ``test.json``: held-out questions; with
+``BenchmarkSizes.test_shifted > 0``, ``test_shifted.json``: held-out questions in another font,
+palette, word list and background, :mod:`moe_vision.data.benchmark_shifted`) and an
 ``images/`` folder. Output is a pure function of ``(seed, sizes)``: the same seed gives
-byte-identical JSON and PNG files. Splits are disjoint: no image (by pixel content) appears
-twice anywhere. A ``manifest.json`` written last and atomically marks a finished folder;
-calling again with the same seed and sizes reuses it.
+byte-identical JSON and PNG files. Each split draws from its own random stream
+(``[seed, index in SPLITS]``), and splits are disjoint: no image (by pixel content) appears
+twice anywhere. Choose recipes, budgets and hyper-parameters on ``val``; read ``test`` and
+``test_shifted`` only for the report. A ``manifest.json`` written last and atomically marks a
+finished folder; calling again with the same seed and sizes reuses it.
 
 The benchmark lives in three modules: the tasks as words (categories, answer sets, question and
 caption templates: :mod:`moe_vision.data.benchmark_tasks`), the images (drawing primitives and
@@ -36,6 +40,7 @@ and the manifest. Every name of the other two is importable from here as well.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -52,6 +57,7 @@ import numpy as np
 from moe_vision.data.benchmark_resolution import SCENES as RESOLUTION_SCENES
 from moe_vision.data.benchmark_resolution import TEXTURE_STREAM
 from moe_vision.data.benchmark_scenes import (  # noqa: F401 - re-exported: the benchmark's names
+    DEFAULT_STYLE,
     DETAIL_SIZE,
     IMAGE_SIZE,
     SCENES,
@@ -68,6 +74,7 @@ from moe_vision.data.benchmark_scenes import (  # noqa: F401 - re-exported: the 
     _scene_spatial,
     _shape_polygon,
 )
+from moe_vision.data.benchmark_shifted import SHIFTED_STYLE
 from moe_vision.data.benchmark_tasks import (  # noqa: F401 - re-exported: the benchmark's names
     ANSWER_FIELD,
     ANSWERS,
@@ -93,19 +100,25 @@ logger = logging.getLogger(__name__)
 BENCHMARK_VERSION = 2
 """Bumped whenever the generator's output changes; part of the manifest."""
 
-SPLITS: tuple[str, ...] = ("align", "instruct", "val", "test")
+SPLITS: tuple[str, ...] = ("align", "instruct", "val", "test", "test_shifted")
+"""Every split; ``test_shifted`` (:mod:`moe_vision.data.benchmark_shifted`) is written only when
+asked for (``BenchmarkSizes.test_shifted > 0``)."""
+EVAL_SPLITS: tuple[str, ...] = ("val", "test", "test_shifted")
+"""The held-out splits: choose recipes and budgets on ``val``; report ``test``, ``test_shifted``."""
 
 
 @dataclass(frozen=True)
 class BenchmarkSizes:
     """Number of records per split (each split cycles through the categories evenly), and the
     categories: the default six, or a list with opt-in ones
-    (:data:`moe_vision.data.benchmark_tiling.TILING_CATEGORIES`)."""
+    (:data:`moe_vision.data.benchmark_tiling.TILING_CATEGORIES`, ``"texture"``).
+    ``test_shifted`` draws only the default six of them, in the shifted style."""
 
     align: int = 600
     instruct: int = 1200
     val: int = 120
     test: int = 2400  # 400 per category: a 10-point gap in one category is resolvable (README)
+    test_shifted: int = 0
     categories: tuple[str, ...] = CATEGORIES
 
     def __post_init__(self) -> None:
@@ -124,8 +137,11 @@ class BenchmarkSizes:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Sizes (and categories when not the default six: default manifests are unchanged)."""
+        """Sizes (``test_shifted`` when not 0, categories when not the default six: default
+        manifests are unchanged)."""
         d = dataclasses.asdict(self)
+        if not self.test_shifted:
+            del d["test_shifted"]
         if self.categories == CATEGORIES:
             del d["categories"]
         else:
@@ -209,6 +225,9 @@ def _split_records(
     seen: set[str],
     categories: tuple[str, ...] = CATEGORIES,
 ) -> Iterator[dict[str, Any]]:
+    style = SHIFTED_STYLE if split == "test_shifted" else DEFAULT_STYLE
+    if split == "test_shifted":
+        categories = tuple(c for c in categories if c in CATEGORIES) or CATEGORIES
     shared = np.random.default_rng([seed, SPLITS.index(split)])
     own = {  # categories with a stream of their own leave the shared one as it was
         c: np.random.default_rng([seed, SPLITS.index(split), TEXTURE_STREAM])
@@ -219,7 +238,7 @@ def _split_records(
         category = categories[i % len(categories)]
         rng = own.get(category, shared)
         if category in SCENES:
-            draw = SCENES[category]
+            draw = functools.partial(SCENES[category], style=style)
         elif _own_stream(category):
             draw = RESOLUTION_SCENES[category]
         else:
@@ -266,6 +285,8 @@ def _write_all(root: Path, seed: int, sizes: BenchmarkSizes) -> None:
     paths.images.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     for split in SPLITS:
+        if split == "test_shifted" and not sizes.test_shifted:
+            continue  # written only when asked for: default folders are unchanged
         records = list(
             _split_records(split, getattr(sizes, split), seed, paths.images, seen, sizes.categories)
         )

@@ -11,6 +11,7 @@ categories (:mod:`moe_vision.data.benchmark_tiling`) and the pretraining data
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -88,35 +89,68 @@ def _place(
 Scene = dict[str, Any]
 
 
+def _draw_text(img: Image.Image, word: str, rng: np.random.Generator) -> None:
+    """``word`` in PIL's default font (18-24 px), dark ink, anywhere it fits."""
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=int(rng.integers(18, 25)))
+    left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
+    w, h = right - left, bottom - top
+    x = float(rng.uniform(2, max(3.0, img.width - w - 2))) - left
+    y = float(rng.uniform(2, max(3.0, img.height - h - 2))) - top
+    ink = tuple(int(v) for v in rng.integers(0, 70, size=3))
+    draw.text((x, y), word, fill=ink, font=font)
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a split looks: the colour of each colour name, the words to read, the background
+    and the text renderer. The default (:data:`DEFAULT_STYLE`) draws every split of the
+    benchmark; :mod:`moe_vision.data.benchmark_shifted` draws the shifted test split."""
+
+    colors: dict[str, tuple[int, int, int]]
+    words: tuple[str, ...]
+    background: Callable[[int, np.random.Generator], Image.Image]
+    text: Callable[[Image.Image, str, np.random.Generator], None]
+
+
+DEFAULT_STYLE = Style(COLORS, WORDS, _background, _draw_text)
+
+
 def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _scene_single(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
-    color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
-    img = _background(IMAGE_SIZE, rng)
+def _scene_single(
+    rng: np.random.Generator, style: Style = DEFAULT_STYLE
+) -> tuple[Image.Image, Scene]:
+    color, shape = _pick(rng, tuple(style.colors)), _pick(rng, SHAPES)
+    img = style.background(IMAGE_SIZE, rng)
     r = float(rng.uniform(0.25, 0.4) * IMAGE_SIZE)
     cx, cy = rng.uniform(r + 2, IMAGE_SIZE - r - 2, size=2)
-    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, _jitter(COLORS[color], rng, 12))
+    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, _jitter(style.colors[color], rng, 12))
     return img, {"color": color, "shape": shape}
 
 
-def _scene_count(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
-    color, shape, count = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES), _pick(rng, COUNTS)
-    img = _background(IMAGE_SIZE, rng)
+def _scene_count(
+    rng: np.random.Generator, style: Style = DEFAULT_STYLE
+) -> tuple[Image.Image, Scene]:
+    color, shape, count = _pick(rng, tuple(style.colors)), _pick(rng, SHAPES), _pick(rng, COUNTS)
+    img = style.background(IMAGE_SIZE, rng)
     draw = ImageDraw.Draw(img)
     r = float(rng.uniform(0.07, 0.1) * IMAGE_SIZE)
-    fill = _jitter(COLORS[color], rng, 12)
+    fill = _jitter(style.colors[color], rng, 12)
     for cx, cy in _place(rng, int(count), r, IMAGE_SIZE):
         _draw_shape(draw, shape, cx, cy, r, fill)
     return img, {"color": color, "shape": shape, "count": count}
 
 
-def _scene_spatial(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
-    c1, c2 = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
+def _scene_spatial(
+    rng: np.random.Generator, style: Style = DEFAULT_STYLE
+) -> tuple[Image.Image, Scene]:
+    c1, c2 = (str(c) for c in rng.choice(list(style.colors), size=2, replace=False))
     s1, s2 = _pick(rng, SHAPES), _pick(rng, SHAPES)
     relation = _pick(rng, RELATIONS)
-    img = _background(IMAGE_SIZE, rng)
+    img = style.background(IMAGE_SIZE, rng)
     draw = ImageDraw.Draw(img)
     r = float(rng.uniform(0.1, 0.14) * IMAGE_SIZE)
     lo, hi = r + 1, IMAGE_SIZE - r - 1
@@ -130,30 +164,25 @@ def _scene_spatial(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
         p1, p2 = (first, cross + d[0]), (second, cross + d[1])
     else:
         p1, p2 = (cross + d[0], first), (cross + d[1], second)
-    _draw_shape(draw, s1, *p1, r, _jitter(COLORS[c1], rng, 12))
-    _draw_shape(draw, s2, *p2, r, _jitter(COLORS[c2], rng, 12))
+    _draw_shape(draw, s1, *p1, r, _jitter(style.colors[c1], rng, 12))
+    _draw_shape(draw, s2, *p2, r, _jitter(style.colors[c2], rng, 12))
     scene = {"color": c1, "shape": s1, "color2": c2, "shape2": s2, "relation": relation}
     scene["relation_phrase"] = RELATION_PHRASES[relation]
     return img, scene
 
 
-def _scene_ocr(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
-    word = _pick(rng, WORDS)
-    img = _background(IMAGE_SIZE, rng)
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=int(rng.integers(18, 25)))
-    left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
-    w, h = right - left, bottom - top
-    x = float(rng.uniform(2, max(3.0, IMAGE_SIZE - w - 2))) - left
-    y = float(rng.uniform(2, max(3.0, IMAGE_SIZE - h - 2))) - top
-    ink = tuple(int(v) for v in rng.integers(0, 70, size=3))
-    draw.text((x, y), word, fill=ink, font=font)
+def _scene_ocr(rng: np.random.Generator, style: Style = DEFAULT_STYLE) -> tuple[Image.Image, Scene]:
+    word = _pick(rng, style.words)
+    img = style.background(IMAGE_SIZE, rng)
+    style.text(img, word, rng)
     return img, {"word": word}
 
 
-def _scene_detail(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
+def _scene_detail(
+    rng: np.random.Generator, style: Style = DEFAULT_STYLE
+) -> tuple[Image.Image, Scene]:
     marker = _pick(rng, MARKER_COLORS)
-    img = _background(DETAIL_SIZE, rng)
+    img = style.background(DETAIL_SIZE, rng)
     draw = ImageDraw.Draw(img)
     n_clutter = int(rng.integers(6, 11))
     r_clutter = DETAIL_SIZE * 0.06
@@ -163,11 +192,11 @@ def _scene_detail(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
         _draw_shape(draw, _pick(rng, SHAPES), cx, cy, r_clutter, (grey, grey, grey))
     cx, cy = centres[-1]
     s = DETAIL_SIZE * float(rng.uniform(0.02, 0.03))
-    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=_jitter(COLORS[marker], rng, 10))
+    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=_jitter(style.colors[marker], rng, 10))
     return img, {"marker": marker}
 
 
-SCENES: dict[str, Callable[[np.random.Generator], tuple[Image.Image, Scene]]] = {
+SCENES: dict[str, Callable[..., tuple[Image.Image, Scene]]] = {
     "color": _scene_single,
     "shape": _scene_single,
     "count": _scene_count,
@@ -175,3 +204,4 @@ SCENES: dict[str, Callable[[np.random.Generator], tuple[Image.Image, Scene]]] = 
     "ocr": _scene_ocr,
     "detail": _scene_detail,
 }
+"""Scene generator of each default category: ``(rng, style=DEFAULT_STYLE) -> (image, scene)``."""
