@@ -233,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
     sweep_dir = spec.output_dir()
     summary = results.summarize(df, sweep_dir)
     print(
-        "\nper setting: mean over seeds (95% interval over seeds and questions), seed std of "
-        "overall, and vs the best setting (paired test on the same questions)"
+        "\nper setting: mean over seeds (95% seed-level interval over seeds and questions), seed "
+        "std of overall, and vs the best setting (seed-level test)"
     )
     print(results.format_summary(summary))
     print(f"\nsweep folder: {sweep_dir} ({len(df)} rows)")
