@@ -17,6 +17,7 @@ from moe_vision.cli import main
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.check import check_files, format_report
 from moe_vision.data.llava import load_records
+from moe_vision.data.records import DataError
 from moe_vision.data.validation import RecordValidator
 from moe_vision.model.llm import build_tokenizer
 
@@ -58,6 +59,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for records in PLANTED.values():
         dirty += records
     lines = [json.dumps(r).encode() for r in dirty] + [b'{"id": "x", "conv', b'{"id": "\xff"}']
+    lines += [b"[" * 100_000, b'{"id": ' + b"7" * 5000 + b"}"]  # issue 27.11: parser limits
     (tmp / "dirty.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     return {"tmp": tmp, "root": root, "clean": tmp / "clean.json", "dirty": tmp / "dirty.jsonl"}
 
@@ -68,7 +70,7 @@ def test_finds_every_planted_problem_and_nothing_in_clean_data(data) -> None:
     assert clean["dropped"] == 0 and clean["problems"] == {}
     assert clean["layouts"] == {"text_only": 1, "single_image": 6, "multi_image": 1}
     report = check_files([data["dirty"]], data["root"], validator, workers=2, examples=2)
-    expected = {k: len(v) for k, v in PLANTED.items()} | {"malformed": 1, "not_utf8": 1}
+    expected = {k: len(v) for k, v in PLANTED.items()} | {"malformed": 3, "not_utf8": 1}
     assert {k: v["count"] for k, v in report["problems"].items()} == expected
     assert report["records"] == clean["records"] + sum(expected.values())
     assert report["dropped"] == sum(expected.values())
@@ -111,3 +113,30 @@ def test_a_refused_file_does_not_hide_the_report_of_the_others(data, tmp_path, c
     assert f"refused file {bad}: " in printed and "malformed JSON at line 1" in printed
     report = json.loads(out.read_text())
     assert [r["file"] for r in report["refused_files"]] == [str(bad)]
+
+
+def test_duplicate_ids_are_reported_and_refused_by_evaluation(data, tmp_path, capsys) -> None:
+    """Issue 27.12: data check, training and evaluation accepted repeated ids; a sweep then ended
+    with "question ids appear twice" after training every cell."""
+    from moe_vision.evaluation.evaluate import load_eval_items
+
+    records = load_records(data["clean"])[:3]
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*records, records[1]]))
+    validator = RecordValidator(build_tokenizer(), num_visual_tokens=16)
+    report = check_files([path], data["root"], validator, workers=0)
+    assert report["dropped"] == 0 and report["duplicate_ids"]["count"] == 1
+    example = report["duplicate_ids"]["examples"][0]
+    assert example["id"] == records[1]["id"] and example["where"].startswith(f"{path} record 3")
+    assert example["first"].startswith(f"{path} record 1")
+    argv = ["data", "check", str(path), "--image-root", str(data["root"]), "--workers", "0"]
+    assert main(argv) == 1 and "duplicate ids: 1 record(s)" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"record 3 \(line 4\).*is already the id of .* record 1"):
+        load_eval_items(path, data["root"], validator)
+    items, skipped = load_eval_items(path, data["root"], validator, on_bad_record="skip")
+    assert len(items) == 3 and [s.kind for s in skipped] == ["duplicate_id"]
+    mix = tmp_path / "twice.yaml"  # a mixture's repeats of one record are not duplicates
+    mix.write_text(
+        f"image_root: {data['root']}\ndatasets:\n  - json_path: {data['clean']}\n    weight: 2\n"
+    )
+    assert check_files([mix], None, validator, workers=0)["duplicate_ids"]["count"] == 0

@@ -135,3 +135,18 @@ def test_a_mixture_is_stage_data_with_counts_in_the_run_folder(tmp_path) -> None
     assert [s["selected"] for s in written["sources"]] == [2, 3]
     rows = np.random.default_rng([5, 1]).choice(6, size=3, replace=False)
     assert sorted(ids[2:]) == sorted(instruct[k]["id"] for k in rows)  # drawn from the run seed
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [(".inf", "finite number"), (".nan", "finite number"), ("2000000", "above the maximum 1000")],
+)
+def test_an_infinite_or_huge_weight_is_refused(weight, message, tmp_path: Path) -> None:
+    """Issue 27.11: ``weight: .inf`` gave an OverflowError traceback, ``weight: 2000000`` made
+    ``data check`` walk 16M records."""
+    (tmp_path / "a.jsonl").write_text('{"id": 1}\n')
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"image_root: .\ndatasets:\n  - json_path: a.jsonl\n    weight: {weight}\n")
+    with pytest.raises(DataError, match=message) as err:
+        Mixture.from_yaml(mix).resolve(0)
+    assert "a.jsonl" in str(err.value)

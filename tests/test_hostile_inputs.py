@@ -1,8 +1,9 @@
 """Hostile inputs through ``moe-vision train`` and ``moe-vision eval`` (issue 9), with the skip and
 the error policy: corrupt PNG, 0-byte file, truncated JPEG, decompression-bomb-sized PNG,
 over-long conversation, image paths outside the image root (``..`` and absolute), non-UTF-8
-bytes. Under skip every run completes and ``metrics.json`` holds the skip counts; under error
-each stops with a one-line message naming the file and the record. And: no file outside the
+bytes, JSON nested 100,000 deep and a 5000-digit integer (issue 27.11). Under skip every run
+completes and ``metrics.json`` holds the skip counts; under error each stops with a one-line
+message naming the file and the record. And: no file outside the
 image root is ever opened."""
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def _hostile(secret: Path) -> dict[str, tuple[bytes, str]]:
             line("bytes", "ok.png", "<image>\nWhat colour?").replace(b"colour", b"col\xffr"),
             "not_utf8",
         ),
+        "deep nesting": (b"[" * 100_000, "malformed"),  # RecursionError in the JSON parser
+        "huge integer": (b'{"id": ' + b"7" * 5000 + b"}", "malformed"),  # int digit limit
     }
 
 
@@ -79,7 +82,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     test = mix(load_records(bench.split("test")), tmp / "test.jsonl")
     cfg = RunConfig(
         recipe="llava",
-        overrides={"*": {"batch_size": 16, "max_steps": 1}},  # one batch: every record, once
+        overrides={"*": {"batch_size": 32, "max_steps": 1}},  # one batch: every record, once
         data=DataConfig(benchmark_dir=str(tmp / "bench")),
         train=TrainOptions(progress_bar=False, log_with=[]),
         cache_dir=str(tmp / "cache"),
@@ -152,6 +155,8 @@ def test_eval_skip_bad_completes_with_counts(setup, skip_run, capsys) -> None:
         "dot-dot path",
         "absolute path",
         "non-utf8",
+        "deep nesting",
+        "huge integer",
     ],
 )
 def test_eval_error_stops_naming_file_and_record(case, setup, skip_run, capsys) -> None:
