@@ -11,7 +11,8 @@ visual tokens), in DataLoader worker processes::
 The tokenizer, visual token count and length limit come from the model of ``--run`` (a trained
 run folder) or of ``--config`` (a run config; default: the default run's model). Prints a table
 of problems (count and first examples), writes it as JSON with ``--json``, and exits 1 when
-any record would be dropped (text-only and multi-image records are counted, not dropped), 2
+any record would be dropped or two records share an id (text-only and multi-image records are
+counted, not dropped), 2
 when a file is refused as a whole (the other files are still checked and reported).
 """
 
@@ -90,4 +91,4 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if report["refused_files"]:
         return 2
-    return 1 if report["dropped"] else 0
+    return 1 if report["dropped"] or report["duplicate_ids"]["count"] else 0
