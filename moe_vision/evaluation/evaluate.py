@@ -13,6 +13,11 @@ image placeholder included) with greedy decoding and scores the answer:
 :func:`normalize_answer` follows the VQA evaluation's answer processing: lowercase,
 punctuation removed (a period between digits kept), number words to digits, articles
 dropped, whitespace collapsed.
+
+Answers do not depend on the batch size: prompts are left padded with an attention mask, and
+position ids follow the mask (``tests/test_evaluate.py`` checks batch 1 against batch 16 for
+every fusion strategy, each in a fresh process). :attr:`EvalResult.prompt_format` records the
+chat template and the rendered prompt; ``moe-vision eval`` writes it into the run folder.
 """
 
 from __future__ import annotations
@@ -120,6 +125,7 @@ class EvalResult:
             paired comparisons (``moe_vision.results.compare``) read back.
         counts: questions per category.
         skipped: records left out under ``on_bad_record="skip"``.
+        prompt_format: how each question was put to the model (:func:`prompt_format`).
     """
 
     per_category: dict[str, float]
@@ -127,6 +133,7 @@ class EvalResult:
     predictions: list[dict[str, Any]]
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[SkippedRecord] = field(default_factory=list)
+    prompt_format: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def macro(self) -> float:
@@ -237,6 +244,25 @@ def _eval_item(sample: Sample, image_token: str) -> EvalItem:
     return EvalItem(sample.id, sample.image_paths, messages[0]["content"], answers, sample.category)
 
 
+QUESTION_FIELD = "{question}"
+"""Stands for the question in :func:`prompt_format`'s ``"prompt"``."""
+
+
+def prompt_format(tokenizer: Any) -> dict[str, str | None]:
+    """How a question reaches the LLM, for the record (evaluations differ by prompt format):
+    the tokenizer's ``chat_template`` (Jinja) and ``prompt``, a question rendered with it,
+    :data:`QUESTION_FIELD` in the question's place (``None`` without a template)."""
+    template = getattr(tokenizer, "chat_template", None)
+    rendered = None
+    if template is not None:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTION_FIELD}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    return {"chat_template": template, "prompt": rendered}
+
+
 def score(prediction: str, answers: Sequence[str]) -> float:
     """Exact match for a single reference, :func:`vqa_score` for several."""
     return (
@@ -323,7 +349,9 @@ def evaluate(
             )
     if server is not None:
         server.flush()
-    return summarize(predictions, skipped)
+    result = summarize(predictions, skipped)
+    result.prompt_format = prompt_format(model.tokenizer)
+    return result
 
 
 def summarize(
