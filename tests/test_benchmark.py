@@ -206,3 +206,37 @@ def test_val_and_test_are_separate_streams(tmp_path: Path) -> None:
     assert _records(small, "val") == _records(more, "val")[:6]
     assert not small.split("test_shifted").exists()
     assert "test_shifted" not in json.loads(small.manifest.read_text())["sizes"]
+
+
+def test_run_config_selects_the_evaluation_split(tmp_path: Path) -> None:
+    from moe_vision.evaluation.evaluate import summarize
+    from moe_vision.training.run_config import DataConfig
+
+    sizes = {"align": 0, "instruct": 0, "val": 7, "test": 5, "test_shifted": 6}
+    cats = [*CATEGORIES, "texture"]
+    data = DataConfig(
+        benchmark_sizes={**sizes, "categories": cats},
+        benchmark_dir=str(tmp_path / "b"),
+        eval_split="val",
+    )
+    splits, images = data.resolve(tmp_path)
+    assert set(splits) == set(SPLITS)
+    for name, n in sizes.items():
+        assert len(json.loads(splits[name].read_text())) == n
+    records = json.loads(splits[data.eval_split].read_text())
+    assert records[0]["id"].startswith("val-") and (images / records[0]["image"]).is_file()
+    # Per-category scores name the new category.
+    preds = [{"category": r["category"], "score": 1.0, "correct": True} for r in records]
+    metrics = summarize(preds).to_metrics()
+    assert "accuracy/texture" in metrics and "accuracy/texture/lo" in metrics
+    # Without a shifted split, it is neither written nor offered.
+    plain = DataConfig(benchmark_sizes={"val": 3, "test": 3}, benchmark_dir=str(tmp_path / "p"))
+    assert "test_shifted" not in plain.resolve(tmp_path)[0]
+    with pytest.raises(
+        ValueError, match="no 'test_shifted' questions.*benchmark_sizes.test_shifted"
+    ):
+        DataConfig(eval_split="test_shifted")
+    with pytest.raises(ValueError, match="no 'val' questions"):
+        DataConfig(benchmark_sizes={"val": 0}, eval_split="val")
+    with pytest.raises(ValueError, match="'dev' is not a benchmark split"):
+        DataConfig(eval_split="dev")

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.benchmark import SPLITS, BenchmarkSizes, generate_benchmark
 from moe_vision.data.mixture import is_mixture
 from moe_vision.model.mllm import ModelConfig
 from moe_vision.training.cache import default_cache_dir
@@ -74,7 +74,9 @@ class DataConfig:
         benchmark_dir: where to generate it.
         splits: split name -> LLaVA JSON path (replaces the benchmark's splits of that name).
         image_root: image folder of ``splits`` (required with ``splits``).
-        eval_split: split evaluated after training.
+        eval_split: split evaluated after training; on the built-in benchmark ``"val"``
+            (choose recipes, budgets and hyper-parameters on it), ``"test"`` (the report) or
+            ``"test_shifted"`` (needs ``benchmark_sizes.test_shifted > 0``).
         eval_limit: evaluate only the first N questions (``None``: all).
         on_bad_record: ``"error"`` or ``"skip"`` (logged, counted, replaced and listed in the
             run folder: ``skipped_train.jsonl``, ``skipped_eval.jsonl``).
@@ -100,7 +102,19 @@ class DataConfig:
             raise ValueError("DataConfig.splits needs image_root: the folder of the images")
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', not {self.on_bad_record!r}")
-        if self.benchmark_sizes is not None:
+        if self.uses_benchmark():
+            sizes = BenchmarkSizes(**(self.benchmark_sizes or {}))  # validates the fields
+            if self.eval_split not in SPLITS:
+                raise ValueError(
+                    f"data.eval_split: {self.eval_split!r} is not a benchmark split; "
+                    f"expected one of {list(SPLITS)}"
+                )
+            if getattr(sizes, self.eval_split) == 0:
+                raise ValueError(
+                    f"data.eval_split: the benchmark has no {self.eval_split!r} questions; "
+                    f"set data.benchmark_sizes.{self.eval_split} to a positive number"
+                )
+        elif self.benchmark_sizes is not None:
             BenchmarkSizes(**self.benchmark_sizes)  # validates the fields
 
     def uses_benchmark(self) -> bool:
@@ -121,7 +135,7 @@ class DataConfig:
             tag = hashlib.sha256(json.dumps(sizes.to_dict(), sort_keys=True).encode()).hexdigest()
             root = str(cache_root / "benchmark" / f"seed{self.benchmark_seed}-{tag[:10]}")
         bench = generate_benchmark(root, seed=self.benchmark_seed, sizes=sizes)
-        names = ("align", "instruct", "val", "test")
+        names = [n for n in SPLITS if n != "test_shifted" or sizes.test_shifted]
         return {n: bench.split(n) for n in names}, bench.images
 
 
