@@ -103,8 +103,6 @@ BENCHMARK_VERSION = 2
 SPLITS: tuple[str, ...] = ("align", "instruct", "val", "test", "test_shifted")
 """Every split; ``test_shifted`` (:mod:`moe_vision.data.benchmark_shifted`) is written only when
 asked for (``BenchmarkSizes.test_shifted > 0``)."""
-EVAL_SPLITS: tuple[str, ...] = ("val", "test", "test_shifted")
-"""The held-out splits: choose recipes and budgets on ``val``; report ``test``, ``test_shifted``."""
 
 
 @dataclass(frozen=True)
