@@ -126,24 +126,32 @@ def test_submitit_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert any((tmp_path / "jobs").iterdir())  # submitit's job files and logs
 
 
+# A cell runs for CELL_S; the test waits for the events (workers started, sweep exited, workers
+# gone) with deadlines far longer than they take on an idle machine (under a second each), and
+# far shorter than CELL_S, so a loaded machine is slow but a sweep that waits for its cells fails.
+CELL_S = 900
 WORKER_SCRIPT = """
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
 
 from moe_vision.sweeps.executors import ProcessExecutor
 
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, also when the suite runs as a background
+# job (bash starts those with SIGINT ignored, and a child inherits that: it would never stop).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def cell(folder):
     # a running cell that started a process of its own (a DataLoader worker, a compiler...)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(CELL_S)"])
     Path(folder, f"{os.getpid()}.{child.pid}").write_text("")
-    time.sleep(120)
+    time.sleep(CELL_S)
 
 
 if __name__ == "__main__":
     for _ in ProcessExecutor(workers=2, threads=1).map_unordered(cell, [sys.argv[1]] * 2):
         pass
-"""
+""".replace("CELL_S", str(CELL_S))
 
 
 def _alive(pid: int) -> bool:
@@ -156,7 +164,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_workers_die_with_a_killed_sweep(tmp_path: Path, stop: signal.Signals) -> None:
     """SIGKILL: no cleanup runs in the sweep process, the workers' watchdogs end them. SIGINT
@@ -167,7 +175,7 @@ def test_workers_die_with_a_killed_sweep(tmp_path: Path, stop: signal.Signals) -
     pids.mkdir()
     main = subprocess.Popen([sys.executable, str(script), str(pids)], stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         while len(list(pids.iterdir())) < 2:
             assert main.poll() is None, "the sweep process exited early"
             assert time.monotonic() < deadline, "the workers did not start"
@@ -175,11 +183,11 @@ def test_workers_die_with_a_killed_sweep(tmp_path: Path, stop: signal.Signals) -
         started = [int(p) for f in pids.iterdir() for p in f.name.split(".")]
         assert all(_alive(p) for p in started)
         main.send_signal(stop)
-        main.wait(timeout=15)  # the cells would run for two more minutes
+        main.wait(timeout=180)  # returns when it exits; its cells would run for 15 minutes
     finally:
         main.kill()
         main.wait()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 120  # the workers' watchdogs poll their parent
     while any(_alive(p) for p in started) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in started if _alive(p)], "orphaned sweep workers"
