@@ -87,7 +87,7 @@ BAD_SPECS = {
     "fusions: 5\n": "fusions must be a fusion name, or a list",
     "seeds: [a]\n": "seeds must hold int values, got ['a']",
     "controls: [twins]\n": "unknown controls ['twins']",
-    "experts: [[clip-mini]\nfusions: x\n": "invalid YAML at line 3",
+    "experts: [[clip-mini]\nfusions: x\n": "invalid YAML at line 2",
     "- just\n- a list\n": "expected a mapping of keys",
 }
 

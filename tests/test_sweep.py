@@ -392,7 +392,7 @@ def test_exclude_leaves_cells_out_and_warns_of_entries_that_match_nothing(
     assert len([c for c in cells if c.experts == (A,)]) == 2  # channel_concat, seeds 0 and 1
     one_seed = SweepSpec.from_dict({**base, "exclude": [{"seed": 1}]}).expand()
     assert {c.seed for c in one_seed} == {0} and len(one_seed) == 6
-    with caplog.at_level(logging.WARNING, logger="moe_vision.sweeps.sweep"):
+    with caplog.at_level(logging.WARNING, logger="moe_vision.sweeps.spec"):  # its logger
         typo = SweepSpec.from_dict({**base, "exclude": [{"fusion": "seq_append"}]}).expand()
     assert len(typo) == 12 and "match no cell" in caplog.text
     with pytest.raises(ValueError, match="unknown keys"):
@@ -575,7 +575,7 @@ def test_control_column_and_settings_in_the_table(tmp_path: Path) -> None:
         }
     )
     df = run_sweep(spec, tmp_path / "sweep", progress=False)
-    assert list(df["control"].fillna("")) == ["", "random_init", "equal_tokens"]
+    assert list(df["control"]) == ["none", "random_init", "equal_tokens"]
     assert list(df["experts"]) == [
         "clip-mini+convnext-mini",
         "clip-mini+convnext-mini (random init)",

@@ -55,7 +55,7 @@ SETTINGS_COLUMNS: tuple[str, ...] = (
     "control",
 )
 """The cell's settings, first in every row (``control``: the control a cell is,
-``random_init`` or ``equal_tokens`` (:mod:`moe_vision.sweeps.controls`), empty otherwise)."""
+``random_init`` or ``equal_tokens`` (:mod:`moe_vision.sweeps.controls`), ``none`` otherwise)."""
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "accuracy/overall",
@@ -149,7 +149,7 @@ def cell_row(
         "fusion_options": json.dumps(settings.get("fusion_options") or {}, sort_keys=True),
         "recipe": settings.get("recipe"),
         "seed": settings.get("seed"),
-        "control": settings.get("control") or "",
+        "control": settings.get("control") or "none",
         "status": status,
         "error": error,
     }

@@ -155,5 +155,5 @@ class Cell:
             "fusion_options": self.fusion_options,
             "recipe": self.recipe,
             "seed": self.seed,
-            "control": self.control or "",
+            "control": self.control,
         }
