@@ -81,6 +81,16 @@ def test_dry_run_lists_cells(capsys: pytest.CaptureFixture[str]) -> None:
     assert all("__channel_concat__" in i for i in ids) and any("random_init" in i for i in ids)
 
 
+def test_controls_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """--controls none drops the twins (the 12 cells of before); naming them sets the list."""
+    assert main(["sweep", "--dry-run", "--controls", "none"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 12 and not [i for i in ids if "random_init" in i]
+    assert main(["sweep", "--dry-run", "--controls", "equal_tokens", "--seeds", "0"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len([i for i in ids if "equal_tokens" in i]) == 3 and len(ids) == 7
+
+
 BAD_SPECS = {
     "run: 5\n": "run must be a mapping of RunConfig options, got 5",
     "executor: 5\n": "executor must be an executor kind or a mapping",

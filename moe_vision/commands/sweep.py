@@ -1,8 +1,9 @@
 """``moe-vision sweep``: run an expert-combination x fusion sweep and print its table.
 
-With no arguments it runs the default sweep (``sweeps/default.yaml``: the pretrained mini zoo's
-CLIP-mini alone, + Pix2Struct-mini and + ConvNeXt-mini under two fusions, 3 seeds, on the
-built-in benchmark; about 10 minutes on a 2-core laptop CPU) and writes ``results/default.csv``,
+With no arguments it runs the default sweep (``moe_vision/sweeps/configs/default.yaml``, also
+``sweeps/default.yaml``: the pretrained mini zoo's CLIP-mini alone, + ConvNeXt-mini and its
+random-init twin, + Pix2Struct-mini under two fusions and its twin, 3 seeds, 18 cells on the
+built-in benchmark; about 9 minutes on a 2-core laptop CPU) and writes ``results/default.csv``,
 ``results/default_summary.csv`` and ``results/default.png``. A YAML spec (see ``sweeps/*.yaml``
 and :mod:`moe_vision.sweeps.sweep`) and flags override the default; flags win over the YAML::
 
@@ -11,6 +12,7 @@ and :mod:`moe_vision.sweeps.sweep`) and flags override the default; flags win ov
         --fusions channel_concat,sequence_append --seeds 0,1
     moe-vision sweep --set model.llm=tiny-llama --set 'run.overrides.*.max_steps=20' \\
         --set run.train.compile_llm=true
+    moe-vision sweep --controls random_init,equal_tokens   # + each control cell (none: no controls)
 
 The console shows one progress bar, one line per finished cell (name, status, overall
 accuracy, wall time), each distinct warning once, and the per-setting table (mean over seeds
@@ -88,6 +90,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--seeds", type=_ints, metavar="S,...", help="random seeds")
     g.add_argument(
+        "--controls",
+        type=comma_list,
+        metavar="C,...",
+        help="control cells beside every mixture: random_init (each added expert's random-init "
+        "twin), equal_tokens (the base repeated to the mixture's tokens); 'none' for none",
+    )
+    g.add_argument(
         "--set",
         type=_assignment,
         action="append",
@@ -145,6 +154,8 @@ def build_spec(args: argparse.Namespace) -> Any:
         overrides["recipes"] = args.recipes
     if args.seeds:
         overrides["seeds"] = args.seeds
+    if args.controls is not None:
+        overrides["controls"] = [c for c in args.controls if c != "none"]
     if args.executor or args.workers or args.cluster or args.threads:
         executor = dict(spec.executor)
         if args.executor and args.executor != executor.get("kind"):
