@@ -227,7 +227,8 @@ class _TimedExpert(nn.Module):
 
 def _policy_run(tmp_path, expert_s: float, read_s: float, monkeypatch):
     """Three batches through an ``auto`` cache: two of misses (the expert runs; the first is its
-    warm-up), then one of hits (read back, ``read_s`` per image)."""
+    warm-up), then one of hits (read back, ``read_s`` per image). The tests use 0.5 s: a margin
+    that scheduling delays on a loaded machine do not reach."""
     expert = _TimedExpert(expert_s)
     images = {"pixel_values": torch.randn(2, 3, 4, 4)}
     get = FeatureCache.get
@@ -247,7 +248,7 @@ def _policy_run(tmp_path, expert_s: float, read_s: float, monkeypatch):
 
 
 def test_auto_policy_keeps_a_cache_that_reads_faster_than_it_computes(tmp_path, monkeypatch):
-    cache, expert, key, images, calls = _policy_run(tmp_path, 0.1, 0.0, monkeypatch)
+    cache, expert, key, images, calls = _policy_run(tmp_path, 0.5, 0.0, monkeypatch)
     assert calls == [2, 2] and cache.use_cache(expert, key) is True
     cache.maps(expert, key, images, ["a", "b"])
     assert calls == [2, 2] and cache.hits == 4 and cache.bypassed == 0
@@ -255,7 +256,7 @@ def test_auto_policy_keeps_a_cache_that_reads_faster_than_it_computes(tmp_path, 
 
 def test_auto_policy_drops_a_cache_that_costs_more_than_it_saves(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="moe_vision.training.cache"):
-        cache, expert, key, images, calls = _policy_run(tmp_path, 0.0, 0.1, monkeypatch)
+        cache, expert, key, images, calls = _policy_run(tmp_path, 0.0, 0.5, monkeypatch)
     assert cache.use_cache(expert, key) is False
     said = [r.getMessage() for r in caplog.records if "feature cache OFF" in r.getMessage()]
     assert len(said) == 1 and "timed-expert" in said[0]
@@ -366,3 +367,82 @@ def test_flops_per_sample_never_runs_the_cached_experts(bench, names, monkeypatc
 
     monkeypatch.setattr(Expert, "__call__", meta_only)
     assert flops_per_sample(model, ds, n=2) == pytest.approx(real, rel=1e-9)
+
+
+def _shared_images_data(bench, tmp_path, n: int = 120, bad: str | None = None):
+    """``n`` records over 4 image files with 3 distinct contents (b.png is a copy of a.png);
+    ``bad``: one more record naming that image file."""
+    import json
+    import shutil
+
+    root = tmp_path / "images"
+    root.mkdir()
+    sources = sorted(bench.images.glob("*.png"))[:3]
+    for name, src in zip(("a.png", "c.png", "d.png"), sources):
+        shutil.copy(src, root / name)
+    shutil.copy(root / "a.png", root / "b.png")
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    records = [{"id": f"r{i}", "image": names[i % 4], "conversations": conv} for i in range(n)]
+    if bad is not None:
+        records.insert(n // 2, {"id": "bad", "image": bad, "conversations": conv})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path / "d.jsonl", root
+
+
+def test_precompute_decodes_each_distinct_image_once_and_skips_a_cached_stage(
+    bench, tmp_path, monkeypatch
+) -> None:
+    """Issue 27 item 5: 120 records over 4 files of 3 contents decode 3 images (not 120), and
+    a later stage whose maps are all stored neither reads a record nor decodes an image."""
+    from moe_vision.data.index import RecordIndex
+    from moe_vision.data.llava import LlavaDataset
+    from moe_vision.data.validation import RecordValidator
+
+    path, root = _shared_images_data(bench, tmp_path)
+    set_seed(0)
+    model = MoEVisionModel.from_config(ModelConfig(experts=["clip-tiny", "convnext-tiny"])).eval()
+    ds = LlavaDataset.for_model(path, root, model)
+    experts = {i: (e, expert_cache_key(e)) for i, e in enumerate(model.experts)}
+    opened: list = []
+    reads: list[int] = []
+    real_open, real_read = RecordValidator.open, RecordIndex.read
+    monkeypatch.setattr(RecordValidator, "open", lambda s, p: opened.append(p) or real_open(s, p))
+    monkeypatch.setattr(RecordIndex, "read", lambda s, i: reads.append(i) or real_read(s, i))
+    cache = FeatureCache(tmp_path / "features", policy="always")
+    served = precompute_maps(cache, ds, experts, "cpu")
+    assert len(opened) == 3 and cache.misses == 6  # 3 contents x 2 experts
+    assert sorted(served) == [0, 1] and all(len(keys) == 3 for keys in served.values())
+    assert len(reads) == 120  # one scan of the records for their image paths
+    opened.clear(), reads.clear()
+    again = precompute_maps(
+        FeatureCache(tmp_path / "features", policy="always"), ds, experts, "cpu"
+    )
+    assert again == served and ds.cached_keys == served
+    assert opened == [] and reads == []  # the next stage on the same data: no walk at all
+    item = ds[5]  # training items of served images carry no inputs
+    assert item["expert_inputs"] == [None, None] and opened == []
+    fresh = LlavaDataset.for_model(path, root, model)  # a later run: a scan, no decoding
+    precompute_maps(FeatureCache(tmp_path / "features", policy="always"), fresh, experts, "cpu")
+    assert opened == [] and len(reads) == 121  # ds[5] read one record
+
+
+@pytest.mark.timeout(120)  # a FIFO read hung the old walk
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_precompute_names_the_record_of_an_image_it_cannot_use(bench, tmp_path, policy) -> None:
+    import os
+
+    from moe_vision.data.llava import DataError, LlavaDataset
+
+    path, root = _shared_images_data(bench, tmp_path, n=8, bad="pipe.png")
+    os.mkfifo(root / "pipe.png")
+    model = MoEVisionModel.from_config(ModelConfig(experts=["clip-tiny"])).eval()
+    ds = LlavaDataset.for_model(path, root, model, on_bad_record=policy)
+    experts = {0: (model.experts[0], expert_cache_key(model.experts[0]))}
+    cache = FeatureCache(tmp_path / "features", policy="always")
+    if policy == "error":
+        with pytest.raises(DataError, match="id 'bad'.*pipe.png is not a regular file"):
+            precompute_maps(cache, ds, experts, "cpu")
+    else:
+        assert len(precompute_maps(cache, ds, experts, "cpu")[0]) == 3
+        assert [s.id for s in ds.skipped] == ["bad"]

@@ -15,7 +15,7 @@ from moe_vision.training import trainer
 from moe_vision.training.run import DataConfig, RunConfig, run_experiment
 from moe_vision.training.trainer import TrainOptions
 
-PAUSE_S = 3.0
+PAUSE_S = 10.0  # far above four tiny steps even on a loaded machine (about 0.3 s idle)
 
 
 def test_mid_checkpoint_time_is_not_training_time(
