@@ -30,7 +30,7 @@ from experts.families._checkpoints import FROM_SCRATCH_INIT
 from experts.families.convnext import ConvNeXtExpert, convnext_spec
 from experts.families.pix2struct import Pix2StructExpert, pix2struct_spec
 from experts.families.sam import SamExpert, sam_spec
-from experts.registry import register_expert
+from experts.registry import get_spec, register_expert
 from experts.spec import ExpertSpec
 
 MINI_DIR = Path(__file__).resolve().parent.parent / "mini"
@@ -163,3 +163,25 @@ comes first)."""
 
 for _cls, _spec in MINI_SPECS:
     register_expert(_cls, _spec)
+
+STUDENT_TEACHERS: tuple[str, ...] = ("clip-mini", "pix2struct-mini", "convnext-mini")
+"""Teachers of the shipped distilled student ``mini-student`` (``moe-vision distill``)."""
+
+
+def _register_students() -> None:
+    """``mini-student`` (CLIP-mini's architecture distilled from :data:`STUDENT_TEACHERS`,
+    :mod:`experts.families.distilled`) and ``mini-student-as-<teacher family>``: the same
+    weights returning one adaptor head's map, on that teacher's grid with its channels."""
+    from experts.families.distilled import distilled_class, distilled_spec, teacher_shapes
+
+    cls, shapes = distilled_class(clip.CLIPExpert), teacher_shapes(STUDENT_TEACHERS)
+    register_expert(cls, distilled_spec("mini-student", "clip-mini", shapes, _ckpt("mini-student")))
+    for teacher in STUDENT_TEACHERS:
+        family = get_spec(teacher).family
+        spec = distilled_spec(
+            f"mini-student-as-{family}", "clip-mini", shapes, _ckpt("mini-student"), teacher
+        )
+        register_expert(cls, spec)
+
+
+_register_students()
