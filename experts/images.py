@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -46,6 +47,7 @@ KEY_MEMO_SIZE = 1_000_000
 """Paths whose content key :func:`image_content_key` remembers (oldest forgotten first)."""
 
 _KEYS: dict[str, tuple[tuple[int, int, int, int], str]] = {}  # path -> (stamp, sha256)
+_KEYS_LOCK = threading.Lock()  # the feature cache hashes files from a thread pool
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -162,9 +164,10 @@ def image_content_key(path: str | os.PathLike, max_bytes: int | None = None) -> 
                 )
             h.update(block)
     key = h.hexdigest()
-    if len(_KEYS) >= KEY_MEMO_SIZE:
-        _KEYS.pop(next(iter(_KEYS)))
-    _KEYS[name] = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), key)
+    with _KEYS_LOCK:
+        if len(_KEYS) >= KEY_MEMO_SIZE:
+            _KEYS.pop(next(iter(_KEYS)))
+        _KEYS[name] = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), key)
     return key
 
 
