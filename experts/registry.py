@@ -57,6 +57,7 @@ def create_expert(
     pretrained: bool = False,
     checkpoint: str | None = None,
     device: str | torch.device | None = None,
+    init_seed: int | None = None,
     **overrides: Any,
 ) -> Expert:
     """Build the expert preset ``name``.
@@ -67,6 +68,12 @@ def create_expert(
         checkpoint: load this checkpoint instead (hub id, local folder or file).
         device: build on this device; ``"meta"`` builds without allocating (shape checks of
             real-size presets without weights; no checkpoint is loaded then).
+        init_seed: give the random init of ``torch.manual_seed(init_seed)`` followed by this
+            build, whatever the global random state (which advances exactly as without the
+            option, so what is built after the expert is unchanged). ``create_expert(name,
+            init_seed=0)`` is the untrained expert the mini zoo's pretraining of ``name``
+            started from (it seeds 0, then builds): a random-init twin that is the same in
+            every run, so its maps can be cached across runs.
         **overrides: spec fields to change, e.g. ``input_size=(448, 448)``.
     """
     cls, spec = _lookup(name)
@@ -76,6 +83,10 @@ def create_expert(
     ctx = torch.device(device) if device is not None else contextlib.nullcontext()
     with ctx:
         expert = cls(spec)
+        if init_seed is not None and str(device) != "meta":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                expert.load_state_dict(cls(spec).state_dict())
     if ckpt is not None and str(device) != "meta":
         expert.load_checkpoint(ckpt)
     return expert

@@ -45,7 +45,8 @@ def test_default_sweep_definition() -> None:
         mine = [c for c in twins if c.experts == (base, specialist)]
         assert {c.seed for c in mine} == set(spec.seeds), specialist
         for c in mine:
-            assert c.config["model"]["expert_options"][specialist] == {"pretrained": False}
+            twin_options = c.config["model"]["expert_options"][specialist]
+            assert twin_options == {"pretrained": False, "init_seed": 0}
             assert any(p.experts == c.experts and p.fusion == c.fusion for p in pretrained)
             assert f"{specialist} (random init)" in c.settings()["experts"]
     assert "splits" not in spec.data  # the built-in benchmark
@@ -82,13 +83,13 @@ def test_dry_run_lists_cells(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_controls_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    """--controls none drops the twins (the 12 cells of before); naming them sets the list."""
+    """--controls none drops the twins (3 settings x 4 seeds); naming them sets the list."""
     assert main(["sweep", "--dry-run", "--controls", "none"]) == 0
     ids = capsys.readouterr().out.split()
     assert len(ids) == 12 and not [i for i in ids if "random_init" in i]
     assert main(["sweep", "--dry-run", "--controls", "equal_tokens", "--seeds", "0"]) == 0
     ids = capsys.readouterr().out.split()
-    assert len([i for i in ids if "equal_tokens" in i]) == 3 and len(ids) == 7
+    assert len([i for i in ids if "equal_tokens" in i]) == 2 and len(ids) == 5
 
 
 BAD_SPECS = {

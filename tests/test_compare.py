@@ -233,3 +233,30 @@ def test_reference_findings_are_data_and_checked_on_both_runs(
     findings.write_text("baseline: {experts: base}\nfindings: [x]\n")
     assert main([*args, str(tmp_path / "fresh_same")]) == 2
     assert "default_findings.yaml: finding 0 needs name, setting" in capsys.readouterr().err
+
+
+def test_a_finding_may_name_its_own_baseline_and_be_corrected_over_the_findings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A twin control is a finding against its own baseline; ``family: findings`` corrects over
+    the findings listed, and the note gives the uncorrected and both corrected p-values."""
+    _synthetic_sweep(tmp_path / "ref", gain=0.7)
+    (tmp_path / "ref" / "default_findings.yaml").write_text(
+        "family: findings\n"
+        "baseline: {experts: base}\n"
+        "findings:\n"
+        "  - {name: ocr gain, setting: {experts: base+ocr}, category: ocr, direction: higher}\n"
+        "  - {name: base loses to it, setting: {experts: base}, baseline: {experts: base+ocr},\n"
+        "     category: ocr, direction: lower}\n"
+    )
+    _synthetic_sweep(tmp_path / "fresh", gain=0.7)
+    args = ["compare", "--reference", str(tmp_path / "ref"), "--n-boot", "300"]
+    assert main([*args, str(tmp_path / "fresh")]) == 0
+    out = capsys.readouterr().out
+    assert "finding 'ocr gain': holds" in out and "finding 'base loses to it': holds" in out
+    assert "holm over the findings" in out and "over the table" in out
+    (tmp_path / "ref" / "default_findings.yaml").write_text(
+        "family: everything\nbaseline: {experts: base}\nfindings: []\n"
+    )
+    assert main([*args, str(tmp_path / "fresh")]) == 2
+    assert "family must be one of" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import experts
 from moe_vision import results
 from moe_vision.sweeps.executors import InlineExecutor, ProcessExecutor, SubmititExecutor
 from moe_vision.sweeps.sweep import (
@@ -474,7 +475,7 @@ def test_controls_add_a_twin_and_an_equal_token_base_per_added_expert() -> None:
     assert twin.control == "random_init" and twin.experts == ("clip-mini", "convnext-mini")
     assert twin.config["model"]["expert_options"] == {
         "clip-mini": {"pretrained": True},
-        "convnext-mini": {"pretrained": False},
+        "convnext-mini": {"pretrained": False, "init_seed": 0},
     }
     assert twin.settings()["experts"] == ["clip-mini", "convnext-mini (random init)"]
     assert twin.settings()["control"] == "random_init"
@@ -561,6 +562,14 @@ def test_random_init_twin_starts_where_its_cell_does() -> None:
     differ = {k.split(".")[1] for k in states[0] if not torch.equal(states[0][k], states[1][k])}
     assert [k for k in states[0] if not k.startswith("experts.")]  # the rest is compared too
     assert differ == {"1"}  # experts.1, ConvNeXt-mini, and nothing else
+    # the twin expert is the same in every seed, and is where the zoo's pretraining started
+    set_seed(7)
+    other_seed = MoEVisionModel.from_config(twin.config["model"]).state_dict()
+    twin_keys = [k for k in states[1] if k.startswith("experts.1.")]
+    assert all(torch.equal(states[1][k], other_seed[k]) for k in twin_keys)
+    torch.manual_seed(0)  # what moe_vision.zoo.core.build_objective does before building
+    start = experts.create_expert("convnext-mini").state_dict()
+    assert all(torch.equal(states[1][f"experts.1.{k}"], v) for k, v in start.items())
 
 
 def test_control_column_and_settings_in_the_table(tmp_path: Path) -> None:

@@ -59,7 +59,11 @@ LLM_CONFIG_DIR = "llm"
 
 
 def _without_weights(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k not in ("pretrained", "checkpoint", "device")}
+    return {
+        k: v
+        for k, v in options.items()
+        if k not in ("pretrained", "checkpoint", "device", "init_seed")
+    }
 
 
 class MoEVisionModel(nn.Module):

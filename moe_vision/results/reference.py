@@ -17,8 +17,10 @@ seed-to-seed spread). A row is consistent when the corrected p is at least ``alp
 reference's mean lies in the interval.
 
 **Findings** are data, not code: ``<reference>/<name>_findings.yaml`` lists each stated finding
-(a setting, a category, a direction against the baseline setting), checked on both runs with the
-sweep summary's corrected seed-level p-value (:func:`moe_vision.results.summary.summarize`). A
+(a setting, a category, a direction against the baseline setting, or against the finding's own
+``baseline``: a twin control), checked on both runs with the corrected seed-level p-value
+(:func:`moe_vision.results.summary.summarize`), corrected over the summary's table or over the
+findings listed (``family``). A
 finding that does not hold in the reference itself is reported as such and does not fail the
 fresh run.
 
@@ -217,6 +219,11 @@ def _drift(
     return {"answers_differ": differ, "min_p_mcnemar_per_seed": pmin}
 
 
+FAMILIES = ("table", "findings")
+"""What a finding's p-value is corrected over: every setting x category of the summary, or the
+findings listed in the file (the hypotheses stated before the run)."""
+
+
 def read_findings(path: Path) -> dict[str, Any]:
     """The findings file (module docstring), validated: ``baseline`` and each finding's
     ``setting`` map settings columns to values, ``category`` is a category name,
@@ -238,6 +245,11 @@ def read_findings(path: Path) -> dict[str, Any]:
             )
     if not isinstance(data.get("baseline"), dict):
         raise ValueError(f"{path}: 'baseline' must map settings columns to values")
+    if data.get("family", "table") not in FAMILIES:
+        raise ValueError(f"{path}: family must be one of {list(FAMILIES)}, got {data['family']!r}")
+    for i, f in enumerate(data.get("findings", [])):
+        if not isinstance(f.get("baseline", {}), dict):
+            raise ValueError(f"{path}: finding {i}: 'baseline' must map settings columns to values")
     return data
 
 
@@ -255,20 +267,43 @@ def _index(summary: pd.DataFrame, setting: dict[str, Any], where: str) -> int:
 def _holds(
     table: pd.DataFrame, preds: pd.DataFrame, spec: dict[str, Any], where: str
 ) -> list[tuple[bool, str]]:
+    """Whether each finding holds: its difference has the stated direction and its corrected
+    p-value is below ``alpha``. ``family: table`` (default) takes the p-value corrected over
+    every setting x category of the summary against the finding's baseline; ``family:
+    findings`` corrects the raw seed-level p-values over the findings listed (the pre-stated
+    hypotheses), the table's correction being reported beside it."""
     corr = spec["correction"]
     probe = summarize(table, predictions=preds, n_boot=500, correction=corr)
-    base = _index(probe, spec["baseline"], f"{where} baseline")
-    summary = probe if base == 0 else summarize(
-        table, predictions=preds, n_boot=500, baseline=base, correction=corr
-    )  # fmt: skip
-    out = []
+    summaries: dict[int, pd.DataFrame] = {}
+    measured = []
     for f in spec["findings"]:
-        i = _index(summary, f["setting"], f"{where} finding {f.get('name')!r}")
+        label = f"{where} finding {f.get('name')!r}"
+        base = _index(probe, f.get("baseline", spec["baseline"]), f"{label} baseline")
+        if base not in summaries:
+            summaries[base] = probe if base == 0 else summarize(
+                table, predictions=preds, n_boot=500, baseline=base, correction=corr
+            )  # fmt: skip
+        summary = summaries[base]
+        i = _index(summary, f["setting"], label)
         col = f"accuracy/{f['category']}" if f["category"] != "overall" else OVERALL
-        diff = float(summary.loc[i, f"{col}/diff"])
-        p = float(summary.loc[i, f"{col}/p_hier_{spec['correction']}"])
+        measured.append(
+            (
+                float(summary.loc[i, f"{col}/diff"]),
+                float(summary.loc[i, f"{col}/p_hier"]),
+                float(summary.loc[i, f"{col}/p_hier_{corr}"]),
+            )
+        )
+    family = spec.get("family", "table")
+    within = stats.adjust_p([m[1] for m in measured], corr)
+    out = []
+    for f, (diff, raw, over_table), p_findings in zip(spec["findings"], measured, within):
+        p = float(p_findings) if family == "findings" else over_table
         sign = diff > 0 if f.get("direction", "higher") == "higher" else diff < 0
-        out.append((bool(sign and p < spec["alpha"]), f"{100 * diff:+.1f} pts, p={p:.2g}"))
+        note = (
+            f"{100 * diff:+.1f} pts, p={raw:.2g} (uncorrected), {corr} over the findings "
+            f"{float(p_findings):.2g}, over the table {over_table:.2g}"
+        )
+        out.append((bool(sign and p < spec["alpha"]), note))
     return out
 
 

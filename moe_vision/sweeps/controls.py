@@ -6,11 +6,12 @@ to a base, cells that take away one ingredient of the gain:
 ``random_init``
     For every added expert, its *random-init twin*: the same cell with that expert built from
     the same preset, not loaded from its weights (``expert_options: {name: {pretrained: false}}``,
-    no ``checkpoint``). Same architecture, input resolution, token grid and channels, and the
-    same seed: the run seeds torch before it builds the model, and a preset's constructor draws
-    the same random numbers whether or not weights are loaded over them afterwards, so the twin
-    is the untrained expert the pretrained one started from, and the fusion, projector and LLM
-    start from the same weights as in the cell it controls. Pretrained minus twin is what the
+    no ``checkpoint``). Same architecture, input resolution, token grid and channels. Its
+    weights are ``create_expert(name, init_seed=0)``: the untrained expert the mini zoo's
+    pretraining started from, the same in every seed of the sweep, as the pretrained expert's
+    weights are the same in every seed (and so its maps are cached once, not once per seed).
+    The global random stream advances exactly as in the cell it controls, so the fusion,
+    projector and LLM start from the same weights as there. Pretrained minus twin is what the
     expert's pretraining adds.
 
 ``equal_tokens``
@@ -46,7 +47,10 @@ CONTROLS: tuple[str, ...] = (RANDOM_INIT, EQUAL_TOKENS)
 """The control kinds a sweep spec's ``controls`` list may name."""
 MAX_COPIES = 8
 """The most copies of the base the ``equal_tokens`` control tries before setting ``dim``."""
-WEIGHT_OPTIONS = ("pretrained", "checkpoint", "device")
+TWIN_INIT_SEED = 0
+"""The twin's init: ``create_expert(name, init_seed=0)``, the weights the mini zoo's
+pretraining started from (it seeds 0 before building), the same in every seed of the sweep."""
+WEIGHT_OPTIONS = ("pretrained", "checkpoint", "device", "init_seed")
 """Expert options that say where weights come from, not what the expert is."""
 
 
@@ -127,7 +131,11 @@ def _random_init_twin(
             f"{name}: {{pretrained: true}}, or leave random_init out of 'controls'"
         )
     options = {k: dict(v) for k, v in expert_options.items() if k in combo}
-    options[name] = {**{k: v for k, v in own.items() if k != "checkpoint"}, "pretrained": False}
+    options[name] = {
+        **{k: v for k, v in own.items() if k != "checkpoint"},
+        "pretrained": False,
+        "init_seed": TWIN_INIT_SEED,
+    }
     labels = tuple(f"{e} (random init)" if e == name else e for e in combo)
     return Variant(RANDOM_INIT, combo, labels, expert_options=options)
 
