@@ -102,10 +102,12 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
         ("throughput", "fraction_of_peak"),
         ("throughput", "peak_memory_mb"),
         ("feature_cache", "cache_speedup_bound"),
-        ("feature_cache", "train_speedup"),
+        ("feature_cache", "train_speedup_fill_excluded"),
         ("cells", "cell_wall_s"),
         ("cells", "share_training_steps"),
         ("cells", "fraction_of_peak"),
+        ("data", "first_step_s"),
+        ("feature_cache", "train_speedup_with_fill"),
     ]:
         assert needed in metrics
     assert all(math.isfinite(v) and v >= 0 for v in df.value)
@@ -155,3 +157,35 @@ def test_cell_breakdown_splits_the_wall_time() -> None:
     first = default_sweep().expand()[0]
     assert spec["experts"]["combinations"] == [list(first.experts)] and len(spec["fusions"]) == 1
     assert spec["executor"] == default_sweep().executor  # the cell runs as the sweep runs it
+
+
+def test_first_step_row_times_the_train_command_to_its_first_optimiser_step(tmp_path) -> None:
+    """Issue 27 item 5's bench row at reduced size: 20K records over 300 images, llava recipe,
+    a fresh feature cache; both stages reach their first step (the first stage ended)."""
+    from moe_vision.bench.data import DataBenchConfig, first_step_rows
+
+    cfg = DataBenchConfig(records=[20_000], first_step_images=300)
+    df = pd.DataFrame(first_step_rows(cfg, torch.device("cpu"), tmp_path))
+    assert list(df.metric) == ["first_step_s", "last_stage_first_step_s"]
+    assert set(df.config) == {"time to first optimiser step, 20000 records over 300 images"}
+    first, last = df.value
+    assert 0 < first <= last
+    assert (tmp_path / "first-step-run-20000" / "checkpoints" / "ckpt-000000").is_dir()
+    stored = list((tmp_path / "first-step-cache-20000").glob("*/shard-*.safetensors"))
+    assert len(stored) == 2  # one shard per expert: 300 maps each, stored once
+
+
+def test_feature_cache_ratio_counts_the_cache_fill() -> None:
+    """Issue 27 item 16: the cached clock used to start after the fill (precompute_s), so the
+    ratio (here 100 / 10 = 10x) could pass the number of uses per map; with the fill: 4x."""
+    from moe_vision.bench.feature_cache import cache_ratios
+
+    frames = {
+        "uncached": pd.DataFrame({"train_time_s": [60.0, 40.0]}),
+        "cached": pd.DataFrame({"train_time_s": [6.0, 4.0], "time/precompute_s": [15.0, 0.0]}),
+    }
+    got = {k: v for k, (v, _) in cache_ratios(frames, {"uncached": 120.0, "cached": 40.0}).items()}
+    assert got["train_speedup_with_fill"] == pytest.approx(100 / 25)
+    assert got["train_speedup_fill_excluded"] == pytest.approx(100 / 10)
+    assert got["cache_fill_s"] == 15.0 and got["cached_train_with_fill_s"] == 25.0
+    assert got["speedup"] == pytest.approx(3.0)  # the whole sweep

@@ -18,6 +18,15 @@ benchmark's) builds the default model's preprocessors and tokenizer,
   pages, which count in both).
 
 Goal (issue 12): 1M records, first batch within 30 s and resident memory under 1 GiB.
+
+**Time to the first optimiser step** (issue 27): ``moe-vision train`` with the ``llava`` recipe
+(experts frozen in both stages, so the feature cache stores every image's maps before each
+stage, :mod:`moe_vision.training.precompute`) on a JSONL of ``N`` records over ``M`` images
+(default: the largest record count over 300 images), a fresh cache folder, run in a fresh
+process through the command's own argument parser and
+:func:`~moe_vision.training.run.run_experiment`. Reported from the moment the process is started: ``first_step_s`` (the first
+stage's first optimiser step) and ``last_stage_first_step_s`` (the last stage's, after its own
+precompute, which finds every map stored). Goal: 1M records under a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -51,6 +60,9 @@ class DataBenchConfig:
         batch_size: records per batch.
         throughput_batches: batches timed after the first.
         experts: experts whose preprocessing runs on every image.
+        first_step_records: record counts of the time-to-first-step rows (``None``: the
+            largest of ``records``).
+        first_step_images: distinct images those records use.
     """
 
     records: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
@@ -58,6 +70,8 @@ class DataBenchConfig:
     batch_size: int = 16
     throughput_batches: int = 40
     experts: list[str] = field(default_factory=lambda: ["clip-tiny", "convnext-tiny"])
+    first_step_records: list[int] | None = None
+    first_step_images: int = 300
 
 
 DATA_BENCH = DataBenchConfig()
@@ -159,9 +173,85 @@ def measure(data: Path, images: Path, cfg: DataBenchConfig) -> dict[str, float]:
     }
 
 
+def train_arguments(data: Path, images: Path, test: Path, out: Path, cache: Path) -> list[str]:
+    """``moe-vision train`` arguments of the time-to-first-step rows (one step per stage)."""
+    args = ["--recipe", "llava", "--data", f"align={data}", "--data", f"instruct={data}"]
+    args += ["--data", f"test={test}", "--image-root", str(images), "--out", str(out)]
+    return args + ["--cache-dir", str(cache), "--override", "*.max_steps=1"]
+
+
+def time_to_first_step(n: int, n_images: int, work: Path) -> dict[str, float]:
+    """Seconds from starting a ``moe-vision train`` process (``llava`` recipe, a fresh feature
+    cache) on ``n`` records over ``n_images`` images to each stage's first optimiser step."""
+    images = work / f"first-step-images-{n_images}"
+    names = write_images(images, count=n_images)
+    data, test = work / f"first-step-{n}.jsonl", work / "first-step-test.jsonl"
+    write_records(data, n, names)
+    write_records(test, 8, names, seed=1)
+    out, cache = work / f"first-step-run-{n}", work / f"first-step-cache-{n}"
+    child = "import sys; from moe_vision.bench.data import first_steps; first_steps(sys.argv[1:])"
+    start = time.time()
+    args = [sys.executable, "-c", child, *train_arguments(data, images, test, out, cache)]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench data (first step, {n} records) failed:\n{done.stderr[-3000:]}")
+    stamps = json.loads(done.stdout.strip().splitlines()[-1])
+    data.unlink()
+    return {
+        "first_step_s": stamps[0] - start,
+        "last_stage_first_step_s": stamps[-1] - start,
+    }
+
+
+class _Reached(Exception):
+    """Every stage took its first optimiser step: the measurement is over."""
+
+
+def first_steps(argv: list[str]) -> None:
+    """The child process of :func:`time_to_first_step`: ``moe-vision train`` with ``argv``,
+    stopped at the last stage's first optimiser step; prints the epoch time of each stage's
+    first step as JSON."""
+    from moe_vision.commands.train import build_config, register
+    from moe_vision.training.run import run_experiment
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train", *argv])
+    cfg = build_config(args)
+    stages = len(cfg.resolved_recipe().stages)
+    stamps: dict[str, float] = {}
+
+    def hook(event: Any) -> None:
+        stamps.setdefault(event.unit.name, time.time())
+        if len(stamps) == stages:
+            raise _Reached
+
+    try:
+        run_experiment(cfg, args.out, resume=False, hooks=[hook])
+    except _Reached:
+        pass
+    print(json.dumps(list(stamps.values())))
+
+
+def first_step_rows(dcfg: DataBenchConfig, device: torch.device, work: Path) -> list[dict]:
+    """The time-to-first-step rows of :func:`time_to_first_step`, per record count."""
+    rows = []
+    for n in dcfg.first_step_records or [max(dcfg.records)]:
+        got = time_to_first_step(n, dcfg.first_step_images, work)
+        config = f"time to first optimiser step, {n} records over {dcfg.first_step_images} images"
+        note = (
+            "moe-vision train --recipe llava (experts frozen; fresh feature cache) "
+            "--override '*.max_steps=1', default workers; seconds from process start"
+        )
+        for metric in ("first_step_s", "last_stage_first_step_s"):
+            rows.append(bench_row("data", config, metric, got[metric], "s", device, note))
+    return rows
+
+
 @register_section("data")
 def bench_data(cfg: Any, device: torch.device, work: Path) -> list[dict]:
-    """Section ``data``: one fresh process per record count of :data:`DATA_BENCH`."""
+    """Section ``data``: one fresh process per record count of :data:`DATA_BENCH`, then the
+    time to the first optimiser step (:func:`first_step_rows`)."""
     dcfg = getattr(cfg, "data", None) or DATA_BENCH
     names = write_images(work / "data-images")
     rows = []
@@ -191,7 +281,7 @@ def bench_data(cfg: Any, device: torch.device, work: Path) -> list[dict]:
         for metric, unit in units.items():
             rows.append(bench_row("data", config, metric, result[metric], unit, device, note))
         path.unlink()
-    return rows
+    return rows + first_step_rows(dcfg, device, work)
 
 
 def main(argv: list[str] | None = None) -> None:
