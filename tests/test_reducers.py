@@ -17,6 +17,47 @@ def _cos(u: torch.Tensor, v: torch.Tensor) -> float:
     return float(u @ v / (u.norm() * v.norm()))
 
 
+def tome_loop(x: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
+    """ToMe's rule on one sample ``x (n, C)``, token by token: alternate A/B, each A's most
+    similar B, the r best-matched A merge into it by size-weighted average; repeat to ``k``.
+    Survivors stay in image order (by their earliest member)."""
+    groups = [{"x": x[i].double(), "s": 1.0, "pos": i, "members": [i]} for i in range(len(x))]
+    while len(groups) > k:
+        r = min(len(groups) - k, len(groups) // 2)
+        a, b = groups[0::2], groups[1::2]
+        best = []
+        for ga in a:
+            sims = [_cos(ga["x"], gb["x"]) for gb in b]
+            j = max(range(len(b)), key=lambda t: (sims[t], -t))  # first maximum
+            best.append((sims[j], j))
+        order = sorted(range(len(a)), key=lambda i: -best[i][0])  # stable
+        merged = set(order[:r])
+        for i in order[:r]:
+            gb, ga = b[best[i][1]], a[i]
+            gb["x"] = (gb["x"] * gb["s"] + ga["x"] * ga["s"]) / (gb["s"] + ga["s"])
+            gb["s"] += ga["s"]
+            gb["pos"] = min(gb["pos"], ga["pos"])
+            gb["members"] += ga["members"]
+        groups = sorted([g for i, g in enumerate(a) if i not in merged] + b, key=lambda g: g["pos"])
+    slot = [0] * len(x)
+    for j, g in enumerate(groups):
+        for m in g["members"]:
+            slot[m] = j
+    return torch.stack([g["x"] for g in groups]).float(), slot
+
+
+def test_tome_equals_the_loop_with_merges_over_several_steps():
+    torch.manual_seed(0)
+    x = torch.randn(3, 23, 6)
+    for k in (1, 5, 11, 20):
+        got = create_reducer("tome", k)(x)
+        assert got.tokens.shape == (3, k, 6) and bool(got.mask.all())
+        for b in range(3):
+            ref, slot = tome_loop(x[b], k)
+            torch.testing.assert_close(got.tokens[b], ref, rtol=1e-5, atol=1e-5)
+            assert got.assignment[b].tolist() == slot
+
+
 def test_text_guided_and_in_order_keep_the_right_tokens():
     torch.manual_seed(2)
     x, q = torch.randn(2, 30, 4), torch.randn(2, 4)
@@ -32,7 +73,7 @@ def test_text_guided_and_in_order_keep_the_right_tokens():
         create_reducer("text_guided", 7)(x)
 
 
-@pytest.mark.parametrize("name", ["text_guided", "in_order"])
+@pytest.mark.parametrize("name", ["tome", "text_guided", "in_order"])
 def test_budget_exact_padding_never_kept_and_gradients(name):
     torch.manual_seed(3)
     b, n, c, k = 4, 26, 5, 6
