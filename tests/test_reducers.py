@@ -46,6 +46,30 @@ def tome_loop(x: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
     return torch.stack([g["x"] for g in groups]).float(), slot
 
 
+def visionzip_loop(x: torch.Tensor, k: int, kc: int) -> torch.Tensor:
+    """VisionZip's rule on one sample: top (k - kc) by L2 norm, in order; of the rest, every
+    (m // kc)-th token is a target, the others join the most similar target; contextual =
+    target + mean of those that joined."""
+    n = len(x)
+    norms = [float(x[i].double().norm()) for i in range(n)]
+    dominant = sorted(sorted(range(n), key=lambda i: -norms[i])[: k - kc])
+    rest = [i for i in range(n) if i not in dominant]
+    if kc == 0:
+        return torch.stack([x[i] for i in dominant])
+    step = max(1, len(rest) // kc)
+    targets = [rest[j] for j in range(0, len(rest), step)][:kc]
+    others = [i for i in rest if i not in targets]
+    joined: dict[int, list[int]] = {t: [] for t in targets}
+    for o in others:
+        sims = [_cos(x[o], x[t]) for t in targets]
+        joined[targets[max(range(len(targets)), key=lambda j: (sims[j], -j))]].append(o)
+    out = [x[i] for i in dominant]
+    for t in targets:
+        extra = torch.stack([x[o] for o in joined[t]]).mean(0) if joined[t] else 0 * x[t]
+        out.append(x[t] + extra)
+    return torch.stack(out)
+
+
 def test_tome_equals_the_loop_with_merges_over_several_steps():
     torch.manual_seed(0)
     x = torch.randn(3, 23, 6)
@@ -56,6 +80,18 @@ def test_tome_equals_the_loop_with_merges_over_several_steps():
             ref, slot = tome_loop(x[b], k)
             torch.testing.assert_close(got.tokens[b], ref, rtol=1e-5, atol=1e-5)
             assert got.assignment[b].tolist() == slot
+
+
+def test_visionzip_equals_the_loop():
+    torch.manual_seed(1)
+    x = torch.randn(2, 40, 5)
+    for k, frac in ((16, 10 / 64), (8, 0.5), (3, 0.0)):
+        reducer = create_reducer("visionzip", k, contextual_fraction=frac)
+        got = reducer(x)
+        kc = reducer.k_contextual
+        assert kc == min(round(k * frac), k - 1)
+        for b in range(2):
+            torch.testing.assert_close(got.tokens[b], visionzip_loop(x[b], k, kc))
 
 
 def test_text_guided_and_in_order_keep_the_right_tokens():
@@ -73,7 +109,7 @@ def test_text_guided_and_in_order_keep_the_right_tokens():
         create_reducer("text_guided", 7)(x)
 
 
-@pytest.mark.parametrize("name", ["tome", "text_guided", "in_order"])
+@pytest.mark.parametrize("name", ["tome", "visionzip", "text_guided", "in_order"])
 def test_budget_exact_padding_never_kept_and_gradients(name):
     torch.manual_seed(3)
     b, n, c, k = 4, 26, 5, 6
