@@ -37,6 +37,15 @@ from experts.registry import create_expert, get_spec
 from experts.spec import ExpertSpec, FeatureMap
 
 
+def _student_options(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """``create_expert`` overrides of the student (``arch["student_options"]``), e.g. a ViT-B/16
+    built from a ViT-L preset's class: ``{"input_size": [224, 224], "arch": {...}}``."""
+    opts = dict(arch.get("student_options") or {})
+    if "input_size" in opts:
+        opts["input_size"] = tuple(opts["input_size"])
+    return opts
+
+
 def summary_and_map(expert: Expert, inputs: ExpertInputs) -> tuple[torch.Tensor, FeatureMap]:
     """The expert's summary vector ``(B, C)`` and output map ``(B, C, h, w)``.
 
@@ -126,7 +135,8 @@ class AdaptorHead(nn.Module):
 class DistilledExpert(Expert):
     """A student expert with its adaptor heads; see the module docstring.
 
-    ``spec.arch``: ``student`` (preset name), ``teachers`` (``{name: {"channels": C_t, "grid":
+    ``spec.arch``: ``student`` (preset name), ``student_options`` (its ``create_expert``
+    overrides), ``teachers`` (``{name: {"channels": C_t, "grid":
     [H_t, W_t]}}``), ``adaptor`` (``None`` or a teacher name), ``hidden`` (MLP width, 0: auto).
     Subclasses set :attr:`student_cls` (:func:`distilled_class`), whose preprocessing is used.
     """
@@ -135,7 +145,7 @@ class DistilledExpert(Expert):
 
     def __init__(self, spec: ExpertSpec) -> None:
         super().__init__(spec)
-        self.student = create_expert(spec.arch["student"])
+        self.student = create_expert(spec.arch["student"], **_student_options(spec.arch))
         c_s, hidden = self.student.spec.channels, int(spec.arch.get("hidden", 0))
         self.adaptors = nn.ModuleDict(
             {
@@ -153,7 +163,7 @@ class DistilledExpert(Expert):
             raise TypeError(f"unknown expert spec fields {bad}; valid fields are {sorted(fields)}")
         arch = dict(spec.arch)
         arch.update(overrides.pop("arch", None) or {})  # type: ignore[arg-type]
-        student = get_spec(arch["student"])
+        student = get_spec(arch["student"], **_student_options(arch))
         adaptor, teachers = arch.get("adaptor"), arch["teachers"]
         if adaptor is not None and adaptor not in teachers:
             raise ValueError(
@@ -177,7 +187,8 @@ class DistilledExpert(Expert):
     @classmethod
     def preprocess_image(cls, spec: ExpertSpec, image: Image.Image) -> ExpertInputs:
         """The student's own preprocessing (its input size, mean and std)."""
-        return cls.student_cls.preprocess_image(get_spec(spec.arch["student"]), image)
+        student = get_spec(spec.arch["student"], **_student_options(spec.arch))
+        return cls.student_cls.preprocess_image(student, image)
 
     def load_checkpoint(self, checkpoint: str) -> None:
         """Load student + heads from a ``.safetensors`` written by ``moe-vision distill``."""
@@ -221,12 +232,14 @@ def distilled_spec(
     checkpoint: str | None,
     adaptor: str | None = None,
     hidden: int = 0,
+    student_options: Mapping[str, Any] | None = None,
 ) -> ExpertSpec:
-    """The spec of a distilled student of preset ``student`` with heads for ``teachers``
-    (``{name: {"channels", "grid"}}``)."""
-    s = get_spec(student)
+    """The spec of a distilled student of preset ``student`` (built with ``student_options``)
+    with heads for ``teachers`` (``{name: {"channels", "grid"}}``)."""
+    s = get_spec(student, **_student_options({"student_options": student_options}))
     arch = {
         "student": student,
+        "student_options": dict(student_options or {}),
         "teachers": {
             k: {"channels": int(v["channels"]), "grid": list(v["grid"])}
             for k, v in teachers.items()

@@ -41,6 +41,8 @@ CALIBRATION_STEP = 10**7
 """Step offset of the scenes the balancing is estimated on (no training run reaches it)."""
 HELDOUT_STEP = 2 * 10**7
 """Step offset of the held-out scenes fidelity is measured on."""
+FLUSH_EVERY = 25
+"""Steps between two writes of the teachers' new maps into the cache folder."""
 
 
 def scene_batches(seed: int, offset: int, n: int, kinds: Sequence[str], batch: int = 32):
@@ -91,9 +93,14 @@ class MultiTeacherDistillation(Objective):
         self.l1_weight = float(o.get("l1_weight", 1.0))
         teachers = Teachers(names, bool(o.get("teacher_pretrained", True)), o.get("teacher_cache"))
         self.teachers = [teachers]  # a list: not a submodule, so neither trained nor saved
-        self.balancers: dict[str, tuple[Balancer, Balancer]] = {}
         self.centres: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (summary, map)
         self._calibrate(int(o.get("calibration_images", 256)))
+
+    def balancer(self, teacher: str, part: str) -> Balancer:
+        """The balancing of ``teacher``'s ``part`` (``"summary"`` or ``"spatial"``), from the
+        objective's buffers (a resumed run reads the very transform it was trained with)."""
+        mean = getattr(self, f"balance__{teacher}__{part}__mean")
+        return Balancer(self.balancing, mean, getattr(self, f"balance__{teacher}__{part}__weight"))
 
     @property
     def adaptors(self) -> nn.ModuleDict:
@@ -112,10 +119,11 @@ class MultiTeacherDistillation(Objective):
         for t in self.names:
             s = fit_balancer(torch.cat(summaries[t]), self.balancing)
             m = fit_balancer(torch.cat(cells[t]), self.balancing)
-            self.balancers[t] = (s, m)
             self.centres[t] = (torch.cat(summaries[t]).mean(0), torch.cat(cells[t]).mean(0))
             head = self.adaptors[t]
             for part, b in (("summary", s), ("spatial", m)):
+                self.register_buffer(f"balance__{t}__{part}__mean", b.mean)
+                self.register_buffer(f"balance__{t}__{part}__weight", b.weight)
                 inverse, offset = b.inverse()
                 getattr(head, f"{part}_inverse").copy_(inverse)
                 getattr(head, f"{part}_offset").copy_(offset)
@@ -130,7 +138,7 @@ class MultiTeacherDistillation(Objective):
         for t in self.names:
             if self.weights[t] == 0:
                 continue  # no loss: its head gets no gradient (nor weight decay)
-            s_bal, m_bal = self.balancers[t]
+            s_bal, m_bal = self.balancer(t, "summary"), self.balancer(t, "spatial")
             pred_s, pred_m = self.adaptors[t].normalised(summary, fmap)
             target = targets[t]
             ls = summary_loss(pred_s, s_bal(masked_mean(target)))
@@ -142,6 +150,8 @@ class MultiTeacherDistillation(Objective):
 
     def loss(self, scenes: Sequence[Scene], step: int) -> torch.Tensor:
         losses = self.teacher_losses(scenes)
+        if (step + 1) % FLUSH_EVERY == 0 or step + 1 == self.config.steps:
+            self.teachers[0].flush()
         if not losses:
             raise ValueError("distill: every teacher weight is 0; nothing to learn")
         return torch.stack(list(losses.values())).sum()
