@@ -342,6 +342,12 @@ class MoEVisionModel(nn.Module):
             self, images, prompts, max_new_tokens, precomputed, load_image, **generate_kwargs
         )
 
+    def tie_weights(self) -> None:
+        """Tie the LLM's output head to its input embeddings again where its config ties them
+        (accelerate's FSDP2 preparation calls it after moving the model to ``meta``, which
+        unties shared parameters: the head would then train as a separate tensor)."""
+        self.llm.tie_weights()
+
     # ------------------------------------------------------------------ memory
     def gradient_checkpointing_enable(self) -> list[str]:
         """Turn on activation checkpointing in the LLM and in every expert whose library

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
 from moe_vision.training import checkpoint as ckpt
+from moe_vision.training.distributed import enable_cpu_fsdp, fsdp_requested
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def make_accelerator(options: TrainOptions, project_dir: str | Path) -> Accelera
     # data-parallel on CPU with gloo, which accelerate only picks when told `cpu=True`.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     ckpt.quiet_accelerate_file_logs()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=multi_cpu,
         mixed_precision=resolve_mixed_precision(options.mixed_precision),
         log_with=available_trackers(options.log_with) or None,
@@ -174,6 +175,9 @@ def make_accelerator(options: TrainOptions, project_dir: str | Path) -> Accelera
             DistributedDataParallelKwargs(find_unused_parameters=options.find_unused_parameters)
         ],
     )
+    if multi_cpu and fsdp_requested():  # accelerate would silently fall back to DDP on CPU
+        enable_cpu_fsdp(accelerator)
+    return accelerator
 
 
 # ------------------------------------------------------------------------------ data order

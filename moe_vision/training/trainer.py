@@ -56,6 +56,7 @@ from moe_vision.data.llava import LlavaDataset
 from moe_vision.training import checkpoint as ckpt
 from moe_vision.training.cache import FeatureCache, expert_cache_key
 from moe_vision.training.checkpoint import CheckpointError
+from moe_vision.training.distributed import gather_fsdp, shard_experts
 from moe_vision.training.frozen_experts import cached_experts, served_maps, store_maps
 from moe_vision.training.lora import add_stage_adapters
 from moe_vision.training.options import (  # noqa: F401 - re-exported: the trainer's API
@@ -310,6 +311,7 @@ class Trainer:
             model, stage, len(sampler), acc.num_processes
         )
         acc.gradient_accumulation_steps = stage.grad_accum
+        shard_experts(model, acc)  # FSDP2: each expert a unit of its own (distributed.py)
         prepared, optimizer, scheduler, loader = acc.prepare(model, optimizer, scheduler, loader)
 
         start_epoch, skip = self._start_position(unit, mid, len(sampler), total_steps)
@@ -459,6 +461,7 @@ class Trainer:
             dataset.cached_keys = {}  # the next unit's experts may differ
         self._save_checkpoint("unit_end", None, prepared if unit.expert is None else self.model)
         self.accelerator.free_memory()
+        gather_fsdp(model)  # FSDP: plain full tensors again for the next unit (collective)
         for p in model.parameters():
             p.grad = None
 
