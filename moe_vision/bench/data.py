@@ -24,9 +24,10 @@ Goal (issue 12): 1M records, first batch within 30 s and resident memory under 1
 stage, :mod:`moe_vision.training.precompute`) on a JSONL of ``N`` records over ``M`` images
 (default: the largest record count over 300 images), a fresh cache folder, run in a fresh
 process through the command's own argument parser and
-:func:`~moe_vision.training.run.run_experiment`. Reported from the moment the process is started: ``first_step_s`` (the first
-stage's first optimiser step) and ``last_stage_first_step_s`` (the last stage's, after its own
-precompute, which finds every map stored). Goal: 1M records under a minute on 2 cores.
+:func:`~moe_vision.training.run.run_experiment`. Reported from the moment the process is
+started: ``first_step_s`` (the first stage's first optimiser step) and
+``last_stage_first_step_s`` (the last stage's, after its own precompute, which finds every map
+stored). Goal: 1M records under a minute on 2 cores.
 """
 
 from __future__ import annotations
