@@ -134,7 +134,7 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
     if not torch.cuda.is_available():
         gpu = df[df.section == "gpu"]
         assert gpu.metric.iloc[0] == "skipped" and "no CUDA" in gpu.note.iloc[0]
-        assert set(gpu.metric.iloc[1:]) == {"plan_params", "plan_shape_index"}
+        assert set(gpu.metric.iloc[1:]) == {"plan_params", "plan_shape_params"}
     cache_note = df[(df.section == "feature_cache") & (df.metric == "speedup")].note.iloc[0]
     hits = int(cache_note.split("cache hits ")[1].split("/")[0])
     assert hits > 0  # the second fusion's cell read the first one's expert maps

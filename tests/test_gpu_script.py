@@ -37,4 +37,4 @@ def test_gpu_checks_script_runs_and_writes_its_files(tmp_path: Path) -> None:
     metrics = [(r["section"], r["metric"]) for r in rows]
     assert metrics[0] == ("gpu", "skipped")
     # the dry run says what a GPU would train: parameters per shape, then the shape per size
-    assert metrics[1:] == [("gpu", "plan_params")] * 4 + [("gpu", "plan_shape_index")] * 2
+    assert metrics[1:] == [("gpu", "plan_params")] * 4 + [("gpu", "plan_shape_params")] * 2
