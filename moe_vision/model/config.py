@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusion.reducers.budget import TokenBudget
+
 
 @dataclass
 class ModelConfig:
@@ -29,6 +31,10 @@ class ModelConfig:
         compressor_options: its options (``factor``).
         llm: tiny preset (``moe_vision.model.llm.list_llms()``), hub id or local folder.
         llm_options: config overrides for tiny LLM presets (``hidden_size``, ...).
+        token_budget: visual tokens each run (expert) keeps and the reducer that chooses them
+            (:mod:`fusion.reducers.budget`: ``{reducer: tome, fraction: 0.5}``, ``{reducer:
+            visionzip, tokens: 64, allocation: equal}``, ``{reducer: in_order, experts:
+            {<name>: {tokens: N}}}``); ``None`` (default): every token, as without the key.
         image_token: the image placeholder in prompts.
         max_length: longest sequence (text + visual tokens); ``None``: the LLM's own limit.
     """
@@ -43,6 +49,7 @@ class ModelConfig:
     compressor_options: dict[str, Any] = field(default_factory=dict)
     llm: str = "tiny-qwen2"
     llm_options: dict[str, Any] = field(default_factory=dict)
+    token_budget: dict[str, Any] | None = None
     image_token: str = "<image>"
     max_length: int | None = None
 
@@ -58,6 +65,8 @@ class ModelConfig:
                 f"ModelConfig.expert_options names experts {unknown} that are not in "
                 f"experts={self.experts}"
             )
+        if self.token_budget is not None:
+            TokenBudget.from_config(self.token_budget)  # fail here, naming the key
         if self.max_length is not None and (
             not isinstance(self.max_length, int) or self.max_length < 1
         ):
@@ -66,11 +75,13 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of JSON types (tuples become lists). The compressor fields appear only
-        when set, so configs (and sweep cell ids) without one are unchanged."""
+        """Plain dict of JSON types (tuples become lists). The compressor and token budget
+        fields appear only when set, so configs (and sweep cell ids) without them are unchanged."""
         data = json.loads(json.dumps(dataclasses.asdict(self)))
         if data["compressor"] == "none" and not data["compressor_options"]:
             del data["compressor"], data["compressor_options"]
+        if data["token_budget"] is None:
+            del data["token_budget"]
         return data
 
     @classmethod

@@ -98,9 +98,12 @@ def greedy_answers(
     was_training = model.training
     model.eval()
     try:
-        visual = model.encode_images(inputs if run else None, precomputed) if flat else None
-        embeds, mask, _ = model.splice(
-            input_ids.to(model.device), visual, attention.to(model.device), pad_left=True
+        embeds, mask, _ = model.embed_inputs(
+            input_ids.to(model.device),
+            attention.to(model.device),
+            images=inputs if run else None,
+            precomputed=precomputed,
+            pad_left=True,
         )
         out = model.llm.generate(
             inputs_embeds=embeds,

@@ -83,14 +83,23 @@ def _check_visual(visual: torch.Tensor | None, m: int, d: int, image_token: str)
 
 
 def _target_columns(
-    is_image: torch.Tensor, n: int, max_length: int, pad_left: bool
+    is_image: torch.Tensor, n: int | torch.Tensor, max_length: int, pad_left: bool
 ) -> tuple[torch.Tensor, int]:
     """Where each token of ``is_image (B, T)``'s rows lands once every placeholder is ``n``
-    tokens long: columns ``(B, T)`` (a placeholder's: its first visual token) and ``L``."""
+    tokens long (or, with ``n (M,)``, image ``m``'s placeholder ``n[m]`` tokens long): columns
+    ``(B, T)`` (a placeholder's: its first visual token) and ``L``."""
     t = is_image.shape[1]
-    before = is_image.long().cumsum(1) - is_image.long()  # (B, T) placeholders before t
-    target = torch.arange(t, device=is_image.device)[None] + (n - 1) * before  # (B, T)
-    row_len = t + (n - 1) * is_image.sum(1)  # (B,)
+    if isinstance(n, torch.Tensor):  # ragged: images of the batch in row order
+        extra = torch.zeros(is_image.shape, dtype=torch.long, device=is_image.device)
+        extra[is_image] = n.long() - 1
+        before = extra.cumsum(1) - extra  # (B, T) extra positions before t
+        target = torch.arange(t, device=is_image.device)[None] + before
+        row_len = t + extra.sum(1)
+        n = int(n.max()) if n.numel() else 1  # for the message below
+    else:
+        before = is_image.long().cumsum(1) - is_image.long()  # (B, T) placeholders before t
+        target = torch.arange(t, device=is_image.device)[None] + (n - 1) * before  # (B, T)
+        row_len = t + (n - 1) * is_image.sum(1)  # (B,)
     length = int(row_len.max())
     if length > max_length:
         raise ValueError(
@@ -112,6 +121,7 @@ def splice_visual_tokens(
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     pad_left: bool = False,
+    visual_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Replace every ``<image>`` token by the visual tokens of its image.
 
@@ -131,6 +141,9 @@ def splice_visual_tokens(
         attention_mask: ``(B, T)`` (``None``: all ones).
         labels: ``(B, T)`` or ``None``.
         pad_left: pad shorter rows on the left.
+        visual_mask: ``(M, N)`` bool, the valid visual tokens (a token budget's output:
+            :mod:`fusion.reducers.budget`); image ``m`` then takes only its valid tokens, in
+            order, so masked slots never take a position (ragged rows). ``None``: all ``N``.
 
     Returns:
         ``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``labels (B, L)`` with
@@ -143,7 +156,16 @@ def splice_visual_tokens(
     d = text.shape[-1]
     n = 1 if visual is None else visual.shape[1]
     _check_visual(visual, m, d, image_token)
-    target, length = _target_columns(is_image, n, max_length, pad_left)
+    ragged = visual is not None and visual_mask is not None
+    if ragged and tuple(visual_mask.shape) != tuple(visual.shape[:2]):
+        raise ValueError(
+            f"visual_mask must be (M, N) = {tuple(visual.shape[:2])}, "
+            f"got {tuple(visual_mask.shape)}"
+        )
+    lengths = visual_mask.sum(1) if ragged else None  # (M,) positions each image takes
+    target, length = _target_columns(
+        is_image, n if lengths is None else lengths, max_length, pad_left
+    )
     rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, t)  # (B, T)
     keep = ~is_image
     r_txt, c_txt = rows[keep], target[keep]
@@ -155,7 +177,13 @@ def splice_visual_tokens(
     if labels is not None:
         out_labels = labels.new_full((b, length), IGNORE_INDEX)
         out_labels = out_labels.index_put((r_txt, c_txt), labels[keep])
-    if m:
+    if m and lengths is not None:
+        img, slot = visual_mask.bool().nonzero(as_tuple=True)  # valid tokens, image order
+        rank = (visual_mask.long().cumsum(1) - 1)[img, slot]  # place among its image's valid
+        r_vis, c_vis = rows[is_image][img], target[is_image][img] + rank
+        embeds = embeds.index_put((r_vis, c_vis), visual[img, slot].to(text.dtype))
+        mask = mask.index_put((r_vis, c_vis), torch.ones_like(c_vis, dtype=mask.dtype))
+    elif m:
         offs = torch.arange(n, device=input_ids.device)  # (N,)
         r_vis = rows[is_image][:, None].expand(m, n)  # (M, N), images in row order
         c_vis = target[is_image][:, None] + offs  # (M, N)

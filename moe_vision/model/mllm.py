@@ -6,6 +6,7 @@ experts in front (Eagle, Shi et al., arXiv 2408.15998; Cambrian-1, Tong et al., 
 
     image --expert_i.preprocess--> inputs_i --expert_i--> FeatureMap_i (B, C_i, H_i, W_i)
           --fusion--> (B, N, D) --projector--> visual tokens (B, N', D_llm)
+          --[token budget: a reducer per run]--> (B, K, D_llm) + validity mask (B, K)
 
     prompt tokens (B, T) with one <image> id per row
           --embed--> (B, T, D_llm) --splice visual tokens at <image>--> (B, T - 1 + N', D_llm)
@@ -42,9 +43,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from experts import ExpertInputs, FeatureMap, create_expert, get_spec, load_image
-from fusion import create_fusion, create_projector
+from experts.tiling import map_views
+from fusion import Fusion, create_fusion, create_projector
 from fusion.projectors.compressors import create_compressor
-from moe_vision.model import image_tokens
+from fusion.reducers.budget import BudgetReducer, TokenBudget
+from moe_vision.model import image_tokens, visual_budget
 from moe_vision.model.activation_checkpointing import llm_is_checkpointing, switch_checkpointing
 from moe_vision.model.config import ModelConfig
 from moe_vision.model.generation import ImageLike, greedy_answers
@@ -83,7 +86,10 @@ class MoEVisionModel(nn.Module):
         projector: fused width to the LLM's width.
         llm: the ``PreTrainedModel`` causal LM.
         tokenizer: its tokenizer (``<image>`` is one special token).
-        num_visual_tokens: tokens one image becomes in the LLM's sequence.
+        num_visual_tokens: tokens one image becomes in the LLM's sequence (with a token budget:
+            at most; slots a reducer leaves empty take no position).
+        budget: the :class:`~fusion.reducers.budget.BudgetReducer` of ``config.token_budget``
+            (``None`` without one, or when it keeps every token: today's path, bit for bit).
         max_length: longest sequence (text + visual tokens) the model accepts.
         image_token_id: id of the placeholder.
     """
@@ -122,6 +128,9 @@ class MoEVisionModel(nn.Module):
             **dict(config.projector_options),
         )
         self.num_visual_tokens = int(self.projector.num_tokens(self.compressor.num_tokens))
+        self.budget = self._build_budget()
+        if self.budget is not None:
+            self.num_visual_tokens = self.budget.num_tokens
         token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {config.image_token!r} token")
@@ -174,6 +183,17 @@ class MoEVisionModel(nn.Module):
             )
         return int(requested)
 
+    def _build_budget(self) -> BudgetReducer | None:
+        if self.config.token_budget is None:
+            return None
+        budget = BudgetReducer(
+            TokenBudget.from_config(self.config.token_budget), *visual_budget.visual_runs(self)
+        )
+        logger.info(
+            "token budget: runs %s keep %s of %s tokens", budget.names, budget.kept, budget.sizes
+        )
+        return budget if budget.active else None
+
     @property
     def preprocessors(self) -> list:
         """One picklable ``PIL.Image -> ExpertInputs`` per expert (for data-loader workers)."""
@@ -189,7 +209,8 @@ class MoEVisionModel(nn.Module):
         images: Sequence[ExpertInputs] | None,
         precomputed: Mapping[int, FeatureMap] | None = None,
     ) -> torch.Tensor:
-        """Visual tokens ``(B, N', D_llm)``.
+        """Visual tokens ``(B, N', D_llm)`` (with a token budget, every slot must be valid:
+        :meth:`encode_visual` gives the mask of a budget's empty slots).
 
         Args:
             images: one batched input dict per expert (``collate`` output ``images``); may be
@@ -197,6 +218,22 @@ class MoEVisionModel(nn.Module):
             precomputed: expert index -> its :class:`FeatureMap` ``(B, C, H, W)`` (from the
                 feature cache); those experts are not run.
         """
+        if self.budget is not None:
+            tokens, mask = self.encode_visual(images, precomputed)
+            if not bool(mask.all()):
+                raise ValueError(
+                    "encode_images: the token budget left empty slots (padding); use "
+                    "encode_visual, which returns their mask, or embed_inputs"
+                )
+            return tokens
+        images, precomputed = self._checked_inputs(images, precomputed)
+        fused = self.fusion.run(list(self.experts), list(images), precomputed)  # (B, N, D)
+        tokens = self.projector(self.compressor(fused))  # (B, N', D_llm)
+        return tokens.to(self.llm.get_input_embeddings().weight.dtype)
+
+    def _checked_inputs(
+        self, images: Sequence[ExpertInputs] | None, precomputed: Mapping[int, FeatureMap] | None
+    ) -> tuple[list[ExpertInputs], dict[int, FeatureMap]]:
         precomputed = dict(precomputed or {})
         missing = {i for i in range(len(self.experts)) if i not in precomputed}
         missing = sorted(missing | self.fusion.staged_experts())
@@ -213,9 +250,65 @@ class MoEVisionModel(nn.Module):
                 f"encode_images: got inputs for {len(images)} experts, the model has "
                 f"{len(self.experts)} ({self.config.experts})"
             )
-        fused = self.fusion.run(list(self.experts), list(images), precomputed)  # (B, N, D)
+        return list(images), precomputed
+
+    def encode_visual(
+        self,
+        images: Sequence[ExpertInputs] | None,
+        precomputed: Mapping[int, FeatureMap] | None = None,
+        query: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Visual tokens ``(B, K, D_llm)`` after the token budget, and their validity mask
+        ``(B, K)`` (``None`` without a budget: :meth:`encode_images`' tokens, all valid).
+
+        The runs' masks come from the maps where a run is one map on its own grid (a tiled
+        expert's canvas, a ragged Pix2Struct map under ``per_expert_grid``), carried through
+        the compressor (a token is valid when any of its cells is); padding is never kept.
+        ``query (B, D_llm)``: the prompt's mean embedding (:func:`.visual_budget.prompt_query`), for
+        reducers that need it.
+        """
+        if self.budget is None:
+            return self.encode_images(images, precomputed), None
+        images, precomputed = self._checked_inputs(images, precomputed)
+        masks = None
+        if type(self.fusion).run is Fusion.run:  # map-level: the maps' masks are at hand
+            maps = [
+                view
+                for i in range(len(self.experts))
+                for view in map_views(
+                    self.fusion.expert_specs[i],
+                    self.fusion.expert_map(i, list(self.experts), images, precomputed),
+                )
+            ]
+            fused = self.fusion(maps)  # (B, N, D)
+            masks = visual_budget.run_masks(self, maps)
+        else:
+            fused = self.fusion.run(list(self.experts), images, precomputed)
         tokens = self.projector(self.compressor(fused))  # (B, N', D_llm)
-        return tokens.to(self.llm.get_input_embeddings().weight.dtype)
+        tokens, mask = self.budget(tokens, masks, query)  # (B, K, D_llm), (B, K)
+        return tokens.to(self.llm.get_input_embeddings().weight.dtype), mask
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        images: Sequence[ExpertInputs] | None = None,
+        precomputed: Mapping[int, FeatureMap] | None = None,
+        pad_left: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Encode the images (token budget included) and splice them into the prompts:
+        ``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``labels`` (see :meth:`splice`)."""
+        counts = self.image_counts(input_ids)
+        visual, visual_mask = None, None
+        if sum(counts):
+            query = None
+            if self.budget is not None and any(
+                getattr(r, "needs_query", False) for r in self.budget.reducers
+            ):
+                query = visual_budget.prompt_query(self, input_ids, attention_mask, labels)
+            visual, visual_mask = self.encode_visual(images, precomputed, query)
+        return self.splice(input_ids, visual, attention_mask, labels, pad_left, visual_mask)
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index ``(B,)`` of the single ``<image>`` token in each row of ``input_ids (B, T)``."""
@@ -232,6 +325,7 @@ class MoEVisionModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         pad_left: bool = False,
+        visual_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Replace every ``<image>`` token by the visual tokens of its image
         (:func:`~moe_vision.model.image_tokens.splice_visual_tokens`, which details padding).
@@ -243,6 +337,8 @@ class MoEVisionModel(nn.Module):
             attention_mask: ``(B, T)`` (``None``: all ones).
             labels: ``(B, T)`` or ``None``.
             pad_left: pad shorter rows on the left (generation; default: on the right).
+            visual_mask: ``(M, N)`` valid visual tokens (a token budget's): only those take
+                positions; ``None``: all.
 
         Returns:
             ``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``labels (B, L)`` with
@@ -258,6 +354,7 @@ class MoEVisionModel(nn.Module):
             attention_mask,
             labels,
             pad_left,
+            visual_mask,
         )
 
     def forward(
@@ -294,8 +391,9 @@ class MoEVisionModel(nn.Module):
         counts = self.image_counts(input_ids)  # fail on a bad prompt before the experts run
         given = image_tokens.images_given(images, precomputed)
         image_tokens.check_one_image_per_placeholder(counts, given, self.config.image_token)
-        visual = self.encode_images(images, precomputed) if sum(counts) else None
-        embeds, mask, labels = self.splice(input_ids, visual, attention_mask, labels)
+        embeds, mask, labels = self.embed_inputs(
+            input_ids, attention_mask, labels, images, precomputed
+        )
         if labels is not None and logits == "labels" and keeps_logits(self.llm):
             return loss_at_labels(self.llm, embeds, mask, labels, **llm_kwargs)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
