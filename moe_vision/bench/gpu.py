@@ -287,8 +287,8 @@ def _plan_rows(device: torch.device) -> Iterator[dict]:
     for gib in (80, 141):
         chosen, _ = plan_shape(gib * 2**30, params)
         note = f"largest shape that fits {gib} GiB with {ACTIVATION_RESERVE:.0%} left: {chosen}"
-        yield bench_row("gpu", f"plan {gib} GiB", "plan_shape_params",
-                        params[chosen] if chosen else float("nan"), "count", device, note)  # fmt: skip
+        value = params[chosen] if chosen else float("nan")
+        yield bench_row("gpu", f"plan {gib} GiB", "plan_shape_params", value, "count", device, note)
 
 
 @register_section("gpu")
