@@ -20,7 +20,7 @@ from experts import FeatureMap, align_to_grid
 from experts.families.distilled import AdaptorHead
 from moe_vision.distill.balancing import fit_balancer, hadamard
 from moe_vision.distill.losses import spatial_losses, summary_loss
-from moe_vision.distill.run import distill, distill_config, save_student
+from moe_vision.distill.run import distill, distill_config, register_from_card, save_student
 from moe_vision.zoo import PretrainConfig, core, pretrain
 from moe_vision.zoo.resume import checkpoint_path
 
@@ -169,6 +169,17 @@ def test_student_moves_towards_every_teacher_and_not_towards_a_dropped_one(
     assert card["distill"]["teachers"] == list(TEACHERS)
     assert card["distill"]["balancing"] == "phi-s" and card["steps"] == 14
     assert set(card["distill"]["fidelity"]) == set(TEACHERS)
+    assert register_from_card(card_path) == "mini-student"  # the same architecture: found
+    other = tmp_path / "other-student.json"  # a preset written under another name
+    other.write_text(
+        card_path.read_text().replace('"name": "mini-student"', '"name": "other-student"')
+    )
+    assert register_from_card(other) == "other-student"
+    loaded = experts.create_expert("other-student", checkpoint=str(weights_path))
+    assert torch.equal(
+        loaded.state_dict()["adaptors.clip-mini.spatial_inverse"],
+        every.result.expert.state_dict()["adaptors.clip-mini.spatial_inverse"],
+    )
     images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8) for _ in range(2)]
     for t in TEACHERS:
         got = experts.create_expert(

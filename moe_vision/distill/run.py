@@ -37,32 +37,44 @@ logger = logging.getLogger(__name__)
 DEFAULT_TEACHERS = ("clip-mini", "pix2struct-mini", "convnext-mini")
 DEFAULT_STUDENT = "clip-mini"
 DEFAULT_NAME = "mini-student"
+ARCH_KEYS = ("student", "student_options", "teachers", "hidden")
+"""The fields of a distilled preset's ``arch`` that fix its weights' shapes (kept in the card)."""
 DEFAULT_CONFIG = PretrainConfig(steps=600, batch_size=32, lr=1e-3, warmup=30)
 """The default distillation's loop settings (the teachers and balancing go in ``options``)."""
 
 
-def student_preset(name: str, student: str, teachers: Sequence[str], hidden: int = 0) -> str:
-    """Register the distilled preset ``name`` (student + heads for ``teachers``) unless one
-    with the same architecture is registered; returns ``name``.
+def student_preset(
+    name: str,
+    student: str,
+    teachers: Sequence[str],
+    hidden: int = 0,
+    student_options: dict[str, Any] | None = None,
+) -> str:
+    """Register the distilled preset ``name`` (student, built with ``student_options``, plus
+    heads for ``teachers``) unless one with the same architecture is registered; returns
+    ``name``.
 
     Raises:
         ValueError: ``name`` is registered with another student or other teachers.
     """
-    arch = distilled_spec(name, student, teacher_shapes(list(teachers)), None, hidden=hidden).arch
+    shapes = teacher_shapes(list(teachers))
+    spec = distilled_spec(
+        name, student, shapes, None, hidden=hidden, student_options=student_options
+    )
     if name in experts.list_experts():
         have = experts.get_spec(name).arch
-        same = all(have.get(k) == arch[k] for k in ("student", "teachers", "hidden"))
-        if not same:
+        if any(have.get(k) != spec.arch[k] for k in ARCH_KEYS):
             raise ValueError(
                 f"expert preset {name!r} is registered with student {have.get('student')!r} and "
                 f"teachers {sorted(have.get('teachers', {}))}; pick another name for student "
                 f"{student!r} with teachers {sorted(teachers)}"
             )
         return name
-    cls = distilled_class(type(experts.create_expert(student, device="meta")))
-    experts.register_expert(
-        cls, distilled_spec(name, student, teacher_shapes(list(teachers)), None, hidden=hidden)
-    )
+    opts = dict(spec.arch["student_options"])
+    if "input_size" in opts:
+        opts["input_size"] = tuple(opts["input_size"])
+    cls = distilled_class(type(experts.create_expert(student, device="meta", **opts)))
+    experts.register_expert(cls, spec)
     return name
 
 
@@ -79,7 +91,13 @@ def register_from_card(card_path: str | os.PathLike[str]) -> str:
         arch, name = c["distill"]["arch"], c["name"]
     except KeyError as err:
         raise ValueError(f"{path}: not a distillation card (no {err.args[0]!r} field)") from None
-    return student_preset(name, arch["student"], list(arch["teachers"]), int(arch["hidden"]))
+    return student_preset(
+        name,
+        arch["student"],
+        list(arch["teachers"]),
+        int(arch.get("hidden", 0)),
+        arch.get("student_options"),
+    )
 
 
 def distill_config(
@@ -146,7 +164,7 @@ def save_student(
     c["distill"] = {
         **run.setup,
         "student": expert.spec.arch["student"],
-        "arch": {k: expert.spec.arch[k] for k in ("student", "teachers", "hidden")},
+        "arch": {k: expert.spec.arch[k] for k in ARCH_KEYS},
         "fidelity": run.fidelity,
         "fidelity_at_init": run.fidelity_at_init,
         "fidelity_images": "held-out scenes (moe_vision.distill.objective.HELDOUT_STEP stream)",
