@@ -1,9 +1,14 @@
-"""The expert registry: presets by name, ``create_expert`` and ``list_experts`` (timm style).
+"""Registries by name (timm's ``_registry.py``): the generic :class:`Registry` and the experts'.
 
-A family module registers its presets with :func:`register_expert`: a preset is an
-:class:`~experts.spec.ExpertSpec` plus the :class:`~experts.base.Expert` subclass that builds
-it. Adding a family is one new module plus its registration in ``experts/__init__.py``;
-nothing else changes, and nothing branches on an expert's name.
+:class:`Registry` is the one name -> entry table behind every registry of the project (experts,
+fusions, projectors, compressors, token reducers, LLM presets, training recipes, the mini zoo's
+objectives and pretraining recipes, sweep executors, bench sections). It lives here, on the
+lowest floor, because ``experts`` imports nothing from ``fusion`` or ``moe_vision``.
+
+The expert presets: a family module registers its presets with :func:`register_expert`: a
+preset is an :class:`~experts.spec.ExpertSpec` plus the :class:`~experts.base.Expert` subclass
+that builds it. Adding a family is one new module plus its registration in
+``experts/__init__.py``; nothing else changes, and nothing branches on an expert's name.
 
 Weights are a choice independent of the architecture (open_clip's lesson):
 ``create_expert("clip-vit-l-336")`` is the real architecture, randomly initialised;
@@ -13,41 +18,110 @@ Weights are a choice independent of the architecture (open_clip's lesson):
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fnmatch
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 
 from experts.base import Expert
 from experts.spec import ExpertSpec
 
-_PRESETS: dict[str, tuple[type[Expert], ExpertSpec]] = {}
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> entry for one kind of component: register, list, get, create.
+
+    Args:
+        kind: what an entry is, in the singular (``"expert"``); errors name it.
+        plural: its plural (default ``kind + "s"``).
+        ordered: :meth:`list` keeps registration order instead of sorting.
+
+    Iterating yields the names in registration order; ``name in registry`` and ``len`` work as
+    for a dict. An unknown name raises ``KeyError("unknown expert 'x'; valid experts are: a, b")``.
+    """
+
+    def __init__(self, kind: str, *, plural: str | None = None, ordered: bool = False) -> None:
+        self.kind = kind
+        self.plural = plural or f"{kind}s"
+        self.ordered = ordered
+        self._entries: dict[str, T] = {}
+
+    @overload
+    def register(self, name: str) -> Callable[[T], T]: ...
+
+    @overload
+    def register(self, name: str, entry: T) -> T: ...
+
+    def register(self, name: str, entry: Any = None) -> Any:
+        """Register ``entry`` under ``name`` (returns it); without ``entry``, a decorator.
+
+        A name registered twice raises ``ValueError``.
+        """
+        if entry is None:
+            return lambda obj: self.register(name, obj)
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
+    def list(self, pattern: str | None = None) -> builtins.list[str]:
+        """Registered names (sorted, or in registration order when ``ordered``); ``pattern`` is
+        an fnmatch filter (``"*-tiny"``)."""
+        names = builtins.list(self._entries) if self.ordered else sorted(self._entries)
+        return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+    def get(self, name: str) -> T:
+        """The entry registered as ``name``; an unknown name raises listing the valid ones."""
+        if name not in self._entries:
+            valid = ", ".join(self.list())
+            raise KeyError(f"unknown {self.kind} {name!r}; valid {self.plural} are: {valid}")
+        return self._entries[name]
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the entry ``name`` (a class or builder) with ``args`` and ``kwargs``."""
+        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
+
+    def items(self) -> builtins.list[tuple[str, T]]:
+        """``(name, entry)`` pairs in registration order."""
+        return builtins.list(self._entries.items())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(builtins.list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.list()})"
+
+
+EXPERTS: Registry[tuple[type[Expert], ExpertSpec]] = Registry("expert")
+"""Preset name -> (the Expert subclass that builds it, its spec)."""
 
 
 def register_expert(cls: type[Expert], spec: ExpertSpec) -> ExpertSpec:
     """Register ``spec`` (built by ``cls``) under ``spec.name``."""
-    if spec.name in _PRESETS:
+    if spec.name in EXPERTS:
         raise ValueError(f"expert preset {spec.name!r} is already registered")
-    _PRESETS[spec.name] = (cls, spec)
+    EXPERTS.register(spec.name, (cls, spec))
     return spec
 
 
 def list_experts(pattern: str | None = None) -> list[str]:
     """Registered preset names, sorted; ``pattern`` is an fnmatch filter (``"*-tiny"``)."""
-    names = sorted(_PRESETS)
-    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
-
-
-def _lookup(name: str) -> tuple[type[Expert], ExpertSpec]:
-    if name not in _PRESETS:
-        raise KeyError(f"unknown expert {name!r}; valid experts are: {', '.join(list_experts())}")
-    return _PRESETS[name]
+    return EXPERTS.list(pattern)
 
 
 def get_spec(name: str, **overrides: Any) -> ExpertSpec:
     """The spec ``create_expert(name, **overrides)`` would build, without building anything."""
-    cls, spec = _lookup(name)
+    cls, spec = EXPERTS.get(name)
     return cls.resolve_spec(spec, **overrides)
 
 
@@ -76,7 +150,7 @@ def create_expert(
             every run, so its maps can be cached across runs.
         **overrides: spec fields to change, e.g. ``input_size=(448, 448)``.
     """
-    cls, spec = _lookup(name)
+    cls, spec = EXPERTS.get(name)
     spec = cls.resolve_spec(spec, **overrides)
     ckpt = checkpoint if checkpoint is not None else (spec.checkpoint if pretrained else None)
     spec = spec.replace(checkpoint=ckpt)

@@ -1,7 +1,8 @@
 """Registries of fusion strategies and projectors: ``create_fusion`` / ``create_projector``.
 
 A strategy module decorates its class with :func:`register_fusion`; a projector module its
-builder with :func:`register_projector`. Unknown names raise with the valid ones listed.
+builder with :func:`register_projector`. Both tables are :class:`experts.registry.Registry`
+instances; unknown names raise with the valid ones listed.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from experts.registry import Registry
 from experts.spec import ExpertSpec
 from fusion.base import Fusion, FusionConfig, FusionConfigError
 
-_FUSIONS: dict[str, type[Fusion]] = {}
-_PROJECTORS: dict[str, Callable[..., nn.Module]] = {}
+FUSIONS: Registry[type[Fusion]] = Registry("fusion")
+PROJECTORS: Registry[Callable[..., nn.Module]] = Registry("projector")
 
 F = TypeVar("F", bound=type[Fusion])
 
@@ -25,10 +27,8 @@ def register_fusion(name: str) -> Callable[[F], F]:
     """Class decorator: register a :class:`Fusion` subclass under ``name``."""
 
     def deco(cls: F) -> F:
-        if name in _FUSIONS:
-            raise ValueError(f"fusion {name!r} is already registered")
+        FUSIONS.register(name, cls)
         cls.name = name
-        _FUSIONS[name] = cls
         return cls
 
     return deco
@@ -36,13 +36,12 @@ def register_fusion(name: str) -> Callable[[F], F]:
 
 def list_fusions() -> list[str]:
     """Registered fusion strategy names, sorted."""
-    return sorted(_FUSIONS)
+    return FUSIONS.list()
 
 
 def get_fusion_class(name: str) -> type[Fusion]:
-    if name not in _FUSIONS:
-        raise KeyError(f"unknown fusion {name!r}; valid fusions are: {', '.join(list_fusions())}")
-    return _FUSIONS[name]
+    """The class registered as ``name``; unknown names raise with the valid ones listed."""
+    return FUSIONS.get(name)
 
 
 def make_fusion_config(name: str, **options: Any) -> FusionConfig:
@@ -68,17 +67,12 @@ def create_fusion(name: str, specs: Sequence[ExpertSpec], **options: Any) -> Fus
 def register_projector(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a projector builder ``(in_dim, out_dim, grid=None, **kw) -> Module``."""
 
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _PROJECTORS:
-            raise ValueError(f"projector {name!r} is already registered")
-        _PROJECTORS[name] = fn
-        return fn
-
-    return deco
+    return PROJECTORS.register(name)
 
 
 def list_projectors() -> list[str]:
-    return sorted(_PROJECTORS)
+    """Registered projector names, sorted."""
+    return PROJECTORS.list()
 
 
 def create_projector(
@@ -88,8 +82,4 @@ def create_projector(
 
     The returned module has ``num_tokens(n) -> int`` giving ``N'`` for ``N`` input tokens.
     """
-    if name not in _PROJECTORS:
-        raise KeyError(
-            f"unknown projector {name!r}; valid projectors are: {', '.join(list_projectors())}"
-        )
-    return _PROJECTORS[name](in_dim, out_dim, grid=grid, **options)
+    return PROJECTORS.create(name, in_dim, out_dim, grid=grid, **options)

@@ -137,7 +137,7 @@ def test_budget_exact_padding_never_kept_and_gradients(name):
 
 def test_registry_errors_and_identity_at_full_budget():
     assert set(list_reducers()) >= {"text_guided", "in_order"}
-    with pytest.raises(KeyError, match="unknown reducer 'tomato'; valid are: in_order"):
+    with pytest.raises(KeyError, match="unknown reducer 'tomato'; valid reducers are: in_order"):
         create_reducer("tomato", 4)
     with pytest.raises(ValueError, match="k must be a positive int"):
         create_reducer("in_order", 0)

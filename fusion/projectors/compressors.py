@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experts.registry import Registry
+
 Grid = tuple[int, int]
 
 
@@ -219,16 +221,15 @@ class AvgPool(TokenCompressor):
         return F.adaptive_avg_pool2d(fmap, out).flatten(2).transpose(1, 2)  # (B, h'*w', D)
 
 
-_COMPRESSORS: dict[str, Callable[..., TokenCompressor]] = {
-    "none": TokenCompressor,
-    "pixel_shuffle": PixelShuffle,
-    "avg_pool": AvgPool,
-}
+COMPRESSORS: Registry[Callable[..., TokenCompressor]] = Registry("compressor")
+COMPRESSORS.register("none", TokenCompressor)
+COMPRESSORS.register("pixel_shuffle", PixelShuffle)
+COMPRESSORS.register("avg_pool", AvgPool)
 
 
 def list_compressors() -> list[str]:
     """Registered compressor names, sorted."""
-    return sorted(_COMPRESSORS)
+    return COMPRESSORS.list()
 
 
 def create_compressor(
@@ -239,13 +240,10 @@ def create_compressor(
     Raises ``KeyError`` (unknown name, valid ones listed) or ``ValueError`` (grids missing or
     not divisible, bad options) at build time.
     """
-    if name not in _COMPRESSORS:
-        raise KeyError(
-            f"unknown compressor {name!r}; valid compressors are: {', '.join(list_compressors())}"
-        )
+    cls = COMPRESSORS.get(name)
     if name == "none" and options:
         raise ValueError(f"compressor 'none' takes no options, got {sorted(options)}")
     try:
-        return _COMPRESSORS[name](in_dim, num_tokens, grids, **options)
+        return cls(in_dim, num_tokens, grids, **options)
     except TypeError as err:
         raise ValueError(f"compressor {name!r}: bad options {sorted(options)}: {err}") from err

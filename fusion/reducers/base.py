@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from experts.registry import Registry
+
 
 @dataclass
 class Reduced:
@@ -122,7 +124,7 @@ def pad_slots(tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return out, mask
 
 
-_REDUCERS: dict[str, type[TokenReducer]] = {}
+REDUCERS: Registry[type[TokenReducer]] = Registry("reducer")
 
 R = TypeVar("R", bound=type[TokenReducer])
 
@@ -131,10 +133,8 @@ def register_reducer(name: str) -> Callable[[R], R]:
     """Class decorator: register a :class:`TokenReducer` subclass under ``name``."""
 
     def deco(cls: R) -> R:
-        if name in _REDUCERS:
-            raise ValueError(f"reducer {name!r} is already registered")
+        REDUCERS.register(name, cls)
         cls.name = name
-        _REDUCERS[name] = cls
         return cls
 
     return deco
@@ -142,14 +142,12 @@ def register_reducer(name: str) -> Callable[[R], R]:
 
 def list_reducers() -> list[str]:
     """Registered reducer names, sorted."""
-    return sorted(_REDUCERS)
+    return REDUCERS.list()
 
 
 def get_reducer_class(name: str) -> type[TokenReducer]:
     """The class registered as ``name``; unknown names raise with the valid ones listed."""
-    if name not in _REDUCERS:
-        raise KeyError(f"unknown reducer {name!r}; valid are: {', '.join(list_reducers())}")
-    return _REDUCERS[name]
+    return REDUCERS.get(name)
 
 
 def create_reducer(name: str, k: int, **options: Any) -> TokenReducer:
