@@ -167,3 +167,20 @@ def test_twelve_tile_setting_fits_internvl_budget_on_meta():
     model = MoEVisionModel(ModelConfig(**base, token_budget=budget))
     assert model.budget.kept == [3072, 256]  # thumbnail always, then 12 tiles
     assert model.num_visual_tokens == 3328
+
+
+def test_bench_section_rows_per_budget(tmp_path):
+    from moe_vision.bench import BenchConfig, list_sections
+    from moe_vision.bench.token_budgets import budget_rows
+
+    assert "token_budgets" in list_sections()
+    cfg = BenchConfig(batch_size=2, repeats=1, warmup=0)
+    rows = {
+        f: {
+            r["metric"]: r["value"]
+            for r in budget_rows("tome", f, cfg, torch.device("cpu"), tmp_path)
+        }
+        for f in (1.0, 0.5)
+    }
+    assert rows[0.5]["visual_tokens"] == rows[1.0]["visual_tokens"] / 2
+    assert rows[0.5]["prefill_flops_per_sample"] < rows[1.0]["prefill_flops_per_sample"]

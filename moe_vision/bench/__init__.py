@@ -12,6 +12,7 @@ from moe_vision.bench import feature_cache as _feature_cache  # noqa: F401 - "fe
 from moe_vision.bench import gpu as _gpu  # noqa: F401 - registers "gpu"
 from moe_vision.bench import lora as _lora  # noqa: F401 - registers "lora" (after core's)
 from moe_vision.bench import tiling as _tiling  # noqa: F401 - registers "tiling"
+from moe_vision.bench import token_budgets as _token_budgets  # noqa: F401 - "token_budgets"
 from moe_vision.bench.core import BenchConfig, bench_row, list_sections, register_section, run_bench
 
 __all__ = ["BenchConfig", "bench_row", "list_sections", "register_section", "run_bench"]
