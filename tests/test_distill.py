@@ -264,3 +264,49 @@ def test_real_size_recipe_shapes_on_the_meta_device() -> None:
             s, m = head(torch.empty(2, 768), x)
             assert tuple(m.features.shape) == (2, shapes[t]["channels"], *shapes[t]["grid"])
             assert tuple(s.shape) == (2, shapes[t]["channels"])
+
+
+@pytest.mark.gpu
+def test_real_size_recipe_one_step_on_a_gpu() -> None:
+    """One distillation step of recipes/distill_real.yaml at real size (random-init teachers:
+    no hub here), bf16 autocast: every teacher's map, the student's summary and map, every
+    head's loss, finite gradients on the student and every head."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from experts.families.distilled import masked_mean, summary_and_map, teacher_shapes
+    from moe_vision.distill.balancing import fit_balancer
+    from moe_vision.distill.teachers import whole_grid
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "distill_real.yaml").read_text())
+    opts = dict(
+        recipe["student_options"], input_size=tuple(recipe["student_options"]["input_size"])
+    )
+    student = experts.create_expert(recipe["student"], device="cuda", **opts).train()
+    shapes = teacher_shapes(recipe["teachers"])
+    heads = {t: AdaptorHead(768, s["channels"], tuple(s["grid"])).cuda() for t, s in shapes.items()}
+    images = [torch.randint(0, 255, (3, 400, 300), dtype=torch.uint8) for _ in range(2)]
+    inputs = {k: v.cuda() for k, v in student.preprocess(images).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        summary, fmap = summary_and_map(student, inputs)
+        total = torch.zeros((), device="cuda")
+        for name in recipe["teachers"]:
+            teacher = experts.create_expert(name, device="cuda").eval()
+            with torch.no_grad():
+                t_in = {k: v.cuda() for k, v in teacher.preprocess(images).items()}
+                target = whole_grid(teacher(t_in), teacher.spec.grid)
+            del teacher
+            cells = target.features.float().permute(0, 2, 3, 1)[target.valid()]
+            bal = fit_balancer(cells.cpu(), "standardize")  # 2 images: too few for PHI-S
+            bal.mean, bal.weight = bal.mean.cuda(), bal.weight.cuda()
+            s, m = heads[name].normalised(summary, fmap)
+            tm = bal(target.features.float().permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            cos, l1 = spatial_losses(m.features.float(), tm, target.mask)
+            ts = masked_mean(target).float()
+            total = total + summary_loss(s.float(), ts) + cos + l1
+    total.backward()
+    assert torch.isfinite(total)
+    grads = [p.grad for p in student.parameters() if p.grad is not None]  # blocks past the
+    assert len(grads) > 0.5 * len(list(student.parameters()))  # feature layer get none
+    assert all(torch.isfinite(g).all() for g in grads)
+    for head in heads.values():
+        assert all(p.grad is not None for p in head.parameters())
