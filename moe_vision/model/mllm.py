@@ -394,6 +394,8 @@ class MoEVisionModel(nn.Module):
         embeds, mask, labels = self.embed_inputs(
             input_ids, attention_mask, labels, images, precomputed
         )
+        if not sum(counts) and self.training and torch.is_grad_enabled():
+            embeds = embeds + self.idle_visual_anchor()  # every rank runs the same collectives
         if labels is not None and logits == "labels" and keeps_logits(self.llm):
             return loss_at_labels(self.llm, embeds, mask, labels, **llm_kwargs)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
@@ -439,6 +441,28 @@ class MoEVisionModel(nn.Module):
         return greedy_answers(
             self, images, prompts, max_new_tokens, precomputed, load_image, **generate_kwargs
         )
+
+    def idle_visual_anchor(self) -> torch.Tensor:
+        """A zero ``()`` computed from every expert, the fusion and the projector: the visual
+        tokens of one blank image, times 0.
+
+        A training batch without images adds it to its embeddings, so that every process runs
+        the same modules whatever its batch holds: DDP then all-reduces a (zero) gradient for
+        every trainable tensor and FSDP gathers the same units on every process, instead of one
+        process waiting for ever on a collective the other skipped (``tests/test_ragged_ranks.py``;
+        LLaVA's dummy-image idea). Tile counts may differ between processes: a tiled expert
+        runs all its tiles as one batch.
+        """
+        from accelerate.utils import send_to_device
+        from PIL import Image
+
+        from experts.base import collate_inputs
+
+        blank = Image.new("RGB", (64, 64))
+        images = [
+            send_to_device(collate_inputs([p(blank)]), self.device) for p in self.preprocessors
+        ]
+        return 0.0 * self.encode_images(images).sum()
 
     def tie_weights(self) -> None:
         """Tie the LLM's output head to its input embeddings again where its config ties them
