@@ -25,8 +25,8 @@ from moe_vision.cli import main
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.llava import collate_inputs
 from moe_vision.evaluation.evaluate import evaluate
+from moe_vision.experiment.run import DataConfig, RunConfig
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-from moe_vision.training.run import DataConfig, RunConfig
 
 CONFIG = ModelConfig(
     experts=["clip-tiny", "convnext-tiny"],

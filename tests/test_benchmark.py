@@ -210,7 +210,7 @@ def test_val_and_test_are_separate_streams(tmp_path: Path) -> None:
 
 def test_run_config_selects_the_evaluation_split(tmp_path: Path) -> None:
     from moe_vision.evaluation.evaluate import summarize
-    from moe_vision.training.run_config import DataConfig
+    from moe_vision.experiment.run_config import DataConfig
 
     sizes = {"align": 0, "instruct": 0, "val": 7, "test": 5, "test_shifted": 6}
     cats = [*CATEGORIES, "texture"]

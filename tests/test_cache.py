@@ -20,17 +20,17 @@ from torch import nn
 
 from experts import FeatureMap, create_expert
 from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-from moe_vision.training.cache import (
+from moe_vision.experiment.run import DatasetCache, RunConfig
+from moe_vision.features.cache import (
     FeatureCache,
     FeatureCacheError,
     expert_cache_key,
     stack_maps,
     weights_fingerprint,
 )
-from moe_vision.training.precompute import precompute_maps
+from moe_vision.features.precompute import precompute_maps
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 from moe_vision.training.recipes import Recipe, Stage
-from moe_vision.training.run import DatasetCache, RunConfig
 from moe_vision.training.trainer import StepEvent, Trainer, TrainOptions, make_accelerator
 
 
@@ -255,7 +255,7 @@ def test_auto_policy_keeps_a_cache_that_reads_faster_than_it_computes(tmp_path, 
 
 
 def test_auto_policy_drops_a_cache_that_costs_more_than_it_saves(tmp_path, monkeypatch, caplog):
-    with caplog.at_level(logging.INFO, logger="moe_vision.training.cache"):
+    with caplog.at_level(logging.INFO, logger="moe_vision.features.cache"):
         cache, expert, key, images, calls = _policy_run(tmp_path, 0.0, 0.5, monkeypatch)
     assert cache.use_cache(expert, key) is False
     said = [r.getMessage() for r in caplog.records if "feature cache OFF" in r.getMessage()]
@@ -347,7 +347,7 @@ def test_flops_per_sample_never_runs_the_cached_experts(bench, names, monkeypatc
     from torch.utils.flop_counter import FlopCounterMode
 
     from experts.base import Expert
-    from moe_vision.training.run import flops_per_sample
+    from moe_vision.experiment.run import flops_per_sample
 
     set_seed(0)
     model = MoEVisionModel.from_config(ModelConfig(experts=names)).eval()

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from moe_vision.data.benchmark import BenchmarkSizes
+from moe_vision.experiment.run import DataConfig, RunConfig, run_experiment
 from moe_vision.model.mllm import ModelConfig
 from moe_vision.training import checkpoint as ckpt
-from moe_vision.training.run import DataConfig, RunConfig, run_experiment
 from moe_vision.training.trainer import StepEvent, TrainOptions, load_weights
 
 

@@ -110,7 +110,7 @@ def _no_work(monkeypatch) -> None:
     def started(*args, **kwargs):
         raise AssertionError("work started before the options were checked")
 
-    monkeypatch.setattr("moe_vision.training.run.run_experiment", started)
+    monkeypatch.setattr("moe_vision.experiment.run.run_experiment", started)
     monkeypatch.setattr("moe_vision.zoo.pretrain", started)
     monkeypatch.setattr("moe_vision.data.check.check_files", started)
 

@@ -9,7 +9,7 @@ import yaml
 
 from moe_vision.cli import build_parser, main
 from moe_vision.data.benchmark import BenchmarkSizes
-from moe_vision.training.run import DataConfig, RunConfig
+from moe_vision.experiment.run import DataConfig, RunConfig
 from moe_vision.training.trainer import TrainOptions
 
 
@@ -28,7 +28,7 @@ def config_file(tmp_path):
 
 
 def test_ctrl_c_during_training_says_how_to_resume(tmp_path, config_file, capsys, monkeypatch):
-    import moe_vision.training.run as run_module
+    import moe_vision.experiment.run as run_module
     from moe_vision.cli import EXIT_INTERRUPTED
 
     def interrupted(*args, **kwargs):

@@ -39,10 +39,10 @@ SCRIPT = textwrap.dedent(
     import torch
     from accelerate.utils import set_seed
     from moe_vision.data.benchmark import BenchmarkPaths
-    from moe_vision.training.cache import FeatureCache, weights_fingerprint
+    from moe_vision.features.cache import FeatureCache, weights_fingerprint
     from moe_vision.model.mllm import ModelConfig, MoEVisionModel
     from moe_vision.training.recipes import get_recipe
-    from moe_vision.training.run import DatasetCache, RunConfig, single_expert_model
+    from moe_vision.experiment.run import DatasetCache, RunConfig, single_expert_model
     from moe_vision.training.trainer import Trainer, TrainOptions, make_accelerator
 
     bench, out = BenchmarkPaths(Path(sys.argv[1])), Path(sys.argv[2])

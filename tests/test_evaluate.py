@@ -165,7 +165,7 @@ def test_evaluation_through_the_feature_cache_gives_the_same_answers(
 
     from experts.base import Expert
     from moe_vision.data.validation import RecordValidator
-    from moe_vision.training.cache import FeatureCache
+    from moe_vision.features.cache import FeatureCache
 
     model = seeing_model(ModelConfig(experts=["clip-tiny", "convnext-tiny"]))
     plain = evaluate(model, bench.split("test"), bench.images, batch_size=5)

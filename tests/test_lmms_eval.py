@@ -29,8 +29,8 @@ from experts.images import load_image  # noqa: E402
 from moe_vision.data.benchmark import BenchmarkSizes  # noqa: E402
 from moe_vision.evaluation import lmms_eval as adapter  # noqa: E402
 from moe_vision.evaluation.evaluate import evaluate  # noqa: E402
+from moe_vision.experiment.run import DataConfig, RunConfig, cache_root, run_experiment  # noqa: E402
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel  # noqa: E402
-from moe_vision.training.run import DataConfig, RunConfig, cache_root, run_experiment  # noqa: E402
 from moe_vision.training.trainer import TrainOptions  # noqa: E402
 
 

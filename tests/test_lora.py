@@ -1,4 +1,4 @@
-"""LoRA / QLoRA stages (:mod:`moe_vision.training.lora`).
+"""LoRA / QLoRA stages (:mod:`moe_vision.model.adapters`).
 
 The end-to-end test trains a tiny Eagle recipe: per-expert pre-alignment adapts each expert's
 ``fc1`` (rank 2), the joint stage adapts one expert (CLIP, q/v, rank 4) and SFT adds LoRA on the
@@ -18,12 +18,19 @@ import torch
 from safetensors.torch import load_file
 
 from moe_vision.data.benchmark import BenchmarkSizes
+from moe_vision.experiment.run import DataConfig, RunConfig, run_experiment
+from moe_vision.features.cache import expert_cache_key
+from moe_vision.model import adapters
+from moe_vision.model.adapters import AdapterError, LoraConfig
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-from moe_vision.training import lora
-from moe_vision.training.cache import expert_cache_key
 from moe_vision.training.checkpoint import TrainerState, latest_checkpoint
-from moe_vision.training.recipes import LoraConfig, Recipe, RecipeError, Stage, apply_stage
-from moe_vision.training.run import DataConfig, RunConfig, run_experiment
+from moe_vision.training.recipes import (
+    Recipe,
+    RecipeError,
+    Stage,
+    add_stage_adapters,
+    apply_stage,
+)
 from moe_vision.training.trainer import StepEvent, TrainOptions
 
 QV = ["q_proj", "v_proj"]
@@ -112,17 +119,17 @@ def test_eagle_with_lora_trains_only_adapters_resumes_and_saves_both_forms(tmp_p
     assert any(
         not torch.equal(base[k], v) for k, v in init.state_dict().items() if "projector" in k
     )
-    adapters = load_file(str(saved / lora.ADAPTERS_WEIGHTS))
+    saved_adapters = load_file(str(saved / adapters.ADAPTERS_WEIGHTS))
     clip, llm = _adapted(init, "experts.0."), _adapted(init, "llm.")
     fc1 = {n: m for n, m in init.named_modules() if n.startswith("experts.") and n.endswith("fc1")}
     expected = {f"{n}.lora_{ab}.default.weight" for n in [*clip, *llm, *fc1] for ab in "AB"}
-    assert set(adapters) == expected
+    assert set(saved_adapters) == expected
     block = init.experts[0].feature_block  # CLIP is read there: later blocks never train
     for key in (k for k in expected if ".lora_B." in k and "layers." in k):
         layer = int(key.split("layers.")[1].split(".")[0])
         reached = key.startswith("llm.") or layer <= block
-        assert bool(adapters[key].abs().sum() > 0) == reached, key  # B starts at 0
-    assert any(adapters[k].abs().sum() > 0 for k in expected if "experts.1." in k)
+        assert bool(saved_adapters[key].abs().sum() > 0) == reached, key  # B starts at 0
+    assert any(saved_adapters[k].abs().sum() > 0 for k in expected if "experts.1." in k)
 
     # -- trainable parameters per stage, counted independently: r * (in + out) per module
     def lora_count(mods: dict, r: int = 4) -> int:
@@ -157,7 +164,7 @@ def test_eagle_with_lora_trains_only_adapters_resumes_and_saves_both_forms(tmp_p
     assert [(u, s) for u, s, _ in log].count(("joint", 3)) == 2  # lost, then redone
     for unit, step, loss in log:
         assert loss == reference[(unit, step)], (unit, step)
-    for name in ("model.safetensors", lora.ADAPTERS_WEIGHTS):
+    for name in ("model.safetensors", adapters.ADAPTERS_WEIGHTS):
         a, b = load_file(str(ref_dir / name)), load_file(str(out / "model" / name))
         assert a.keys() == b.keys()
         for k in a:
@@ -167,10 +174,10 @@ def test_eagle_with_lora_trains_only_adapters_resumes_and_saves_both_forms(tmp_p
     # -- adapters beside the base, or merged: the same outputs
     unmerged = MoEVisionModel.from_pretrained(ref_dir).eval()
     unmerged.save_pretrained(tmp_path / "merged", merge_lora=True)
-    assert not (tmp_path / "merged" / lora.ADAPTERS_CONFIG).exists()
+    assert not (tmp_path / "merged" / adapters.ADAPTERS_CONFIG).exists()
     merged = MoEVisionModel.from_pretrained(tmp_path / "merged").eval()
-    assert lora.lora_layers(merged) == {}
-    assert set(lora.lora_layers(unmerged)) == set(clip) | set(llm) | set(fc1)
+    assert adapters.lora_layers(merged) == {}
+    assert set(adapters.lora_layers(unmerged)) == set(clip) | set(llm) | set(fc1)
     batch = _batch(unmerged)
     with torch.no_grad():
         a, b = unmerged(**batch).logits, merged(**batch).logits
@@ -214,13 +221,13 @@ def _fresh(tiny: MoEVisionModel) -> MoEVisionModel:
 def test_stage_adapters_train_base_frozen_and_gradients_reach_only_them(tiny) -> None:
     model = _fresh(tiny)
     stage = Stage("s", "instruct", ["llm.*"], lora=[LLM_LORA])
-    selected = lora.add_stage_adapters(model, stage, seed=0)
+    selected = add_stage_adapters(model, stage, seed=0)
     assert len(next(iter(selected.values()))) == 4
     apply_stage(model, stage)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     base = {n for n in trainable if ".base_layer." in n}
     assert not base  # 'llm.*' names them, the stage's adapters keep them frozen
-    assert {n for n in trainable if lora.is_adapter_key(n)} == {
+    assert {n for n in trainable if adapters.is_adapter_key(n)} == {
         f"{n}.lora_{ab}.default.weight" for n in _adapted(tiny, "llm.") for ab in "AB"
     }
     assert "llm.model.layers.0.mlp.up_proj.weight" in trainable  # the rest of the LLM trains
@@ -238,31 +245,31 @@ def test_same_seed_same_adapters_and_continuation_rules(tiny) -> None:
     a, b = _fresh(tiny), _fresh(tiny)
     stage = Stage("s", "instruct", ["projector.*"], lora=[LLM_LORA])
     before = torch.random.get_rng_state()
-    lora.add_stage_adapters(a, stage, seed=3)
+    add_stage_adapters(a, stage, seed=3)
     assert torch.equal(torch.random.get_rng_state(), before)  # the run's RNG is untouched
-    lora.add_stage_adapters(b, stage, seed=3)
+    add_stage_adapters(b, stage, seed=3)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    lora.add_stage_adapters(a, stage, seed=4)  # continuing: the adapters stay as they are
+    add_stage_adapters(a, stage, seed=4)  # continuing: the adapters stay as they are
     assert all(torch.equal(a.state_dict()[k], sb[k]) for k in sa)
     with pytest.raises(RecipeError, match="already has an adapter with r=4"):
-        lora.add_stage_adapters(a, stage.replace(lora=[{**LLM_LORA, "r": 8}]), seed=0)
+        add_stage_adapters(a, stage.replace(lora=[{**LLM_LORA, "r": 8}]), seed=0)
     twice = stage.replace(lora=[LLM_LORA, {**LLM_LORA, "targets": ["llm.model.*"]}])
     with pytest.raises(RecipeError, match=r"lora\[1\]: modules .* already selected by lora\[0\]"):
-        lora.add_stage_adapters(_fresh(tiny), twice, seed=0)
+        add_stage_adapters(_fresh(tiny), twice, seed=0)
 
 
 def test_bad_targets_and_modules_name_what_is_there(tiny) -> None:
     model = _fresh(tiny)
-    with pytest.raises(RecipeError, match=r"targets \['vision\.\*'\] match no module; .*'llm'"):
-        lora.select_modules(model, LoraConfig(["vision.*"], QV))
-    with pytest.raises(RecipeError, match=r"no module .* ends with one of \['qkv'\].*'fc1'"):
-        lora.select_modules(model, LoraConfig(["experts.1.*"], ["qkv"]))
-    with pytest.raises(RecipeError, match="is a LayerNorm; LoRA adapts nn.Linear"):
-        lora.select_modules(model, LoraConfig(["experts.0.*"], ["layer_norm1"]))
-    with pytest.raises(RecipeError, match="conv_dw' is a Conv2d with groups=16"):
-        lora.select_modules(model, LoraConfig(["experts.1.*"], ["conv_dw"]))  # depthwise
-    conv = lora.select_modules(model, LoraConfig(["experts.1.*"], ["stem.0"]))
+    with pytest.raises(AdapterError, match=r"targets \['vision\.\*'\] match no module; .*'llm'"):
+        adapters.select_modules(model, LoraConfig(["vision.*"], QV))
+    with pytest.raises(AdapterError, match=r"no module .* ends with one of \['qkv'\].*'fc1'"):
+        adapters.select_modules(model, LoraConfig(["experts.1.*"], ["qkv"]))
+    with pytest.raises(AdapterError, match="is a LayerNorm; LoRA adapts nn.Linear"):
+        adapters.select_modules(model, LoraConfig(["experts.0.*"], ["layer_norm1"]))
+    with pytest.raises(AdapterError, match="conv_dw' is a Conv2d with groups=16"):
+        adapters.select_modules(model, LoraConfig(["experts.1.*"], ["conv_dw"]))  # depthwise
+    conv = adapters.select_modules(model, LoraConfig(["experts.1.*"], ["stem.0"]))
     assert conv == ["experts.1.model.stem.0"]
 
 
@@ -270,9 +277,9 @@ def test_frozen_adapter_is_part_of_the_expert_cache_key(tiny) -> None:
     model = _fresh(tiny)
     plain = expert_cache_key(model.experts[0])
     stage = Stage("s", "align", ["projector.*"], lora=[CLIP_LORA])
-    lora.add_stage_adapters(model, stage, seed=0)
+    add_stage_adapters(model, stage, seed=0)
     expert = model.experts[0].requires_grad_(False)
-    layers = lora.lora_layers(expert)
+    layers = adapters.lora_layers(expert)
     keyed = expert_cache_key(expert)
     assert keyed != plain  # the wrapped layout (and A) differ, though B = 0
     for layer in layers.values():
@@ -282,14 +289,14 @@ def test_frozen_adapter_is_part_of_the_expert_cache_key(tiny) -> None:
     for layer in layers.values():
         layer.scaling["default"] *= 2  # same tensors, another alpha
     assert expert_cache_key(expert) != trained
-    assert lora.adapter_fingerprint(tiny.experts[1]) == ""  # no adapters: keys as before
+    assert adapters.adapter_fingerprint(tiny.experts[1]) == ""  # no adapters: keys as before
 
 
 def test_qlora_refuses_without_cuda(tiny, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     stage = Stage("sft", "instruct", ["projector.*"], lora={**LLM_LORA, "quantize": "nf4"})
-    with pytest.raises(lora.QLoraUnavailableError) as err:
-        lora.add_stage_adapters(_fresh(tiny), stage, seed=0)
+    with pytest.raises(adapters.QLoraUnavailableError) as err:
+        add_stage_adapters(_fresh(tiny), stage, seed=0)
     text = str(err.value)
     assert "needs CUDA and bitsandbytes" in text and "no CUDA device" in text
     assert "Use plain LoRA" in text and "stage 'sft' lora[0]" in text
@@ -301,13 +308,13 @@ def test_eagle_lora_example_adapts_the_default_experts(tiny) -> None:
     recipe = Recipe.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "eagle_lora.yaml")
     model = _fresh(tiny)
     sft = recipe.stages[-1]
-    chosen = lora.add_stage_adapters(model, sft, seed=0)
+    chosen = add_stage_adapters(model, sft, seed=0)
     experts = next(v for k, v in chosen.items() if "lora[1]" in k)
     assert {n.split(".")[1] for n in experts} == {"0", "1"}  # CLIP and ConvNeXt both adapted
-    counts = lora.count_parameters(model)
+    counts = adapters.count_parameters(model)
     assert counts["adapter"] == sum(
         layer.r["default"] * (m.in_features + m.out_features)
-        for layer in lora.lora_layers(model).values()
+        for layer in adapters.lora_layers(model).values()
         for m in [layer.get_base_layer()]
     )
 
@@ -320,9 +327,9 @@ def test_qlora_on_cuda(tiny, tmp_path) -> None:
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cfg = {"targets": ["llm.*"], "modules": modules, "r": 4, "alpha": 8, "quantize": "nf4"}
     stage = Stage("sft", "instruct", ["projector.*"], lora=[cfg])
-    lora.add_stage_adapters(model, stage, seed=0)
+    add_stage_adapters(model, stage, seed=0)
     apply_stage(model, stage)
-    quantized = [n for n, p in model.named_parameters() if lora.is_4bit(p)]
+    quantized = [n for n, p in model.named_parameters() if adapters.is_4bit(p)]
     assert len(quantized) == 2 * len(modules)
     batch = {k: v for k, v in _batch(model).items()}
     batch["input_ids"] = batch["input_ids"].cuda()
@@ -331,13 +338,13 @@ def test_qlora_on_cuda(tiny, tmp_path) -> None:
         logits = model(**batch).logits
     logits.float().sum().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert grads and all(lora.is_adapter_key(n) or n.startswith("projector.") for n in grads)
+    assert grads and all(adapters.is_adapter_key(n) or n.startswith("projector.") for n in grads)
     model.eval().save_pretrained(tmp_path / "q")
     again = MoEVisionModel.from_pretrained(tmp_path / "q", device="cuda").eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = model(**batch).logits.float(), again(**batch).logits.float()
     torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # 4-bit vs dequantised base, bf16
-    info = json.loads((tmp_path / "q" / lora.ADAPTERS_CONFIG).read_text())
+    info = json.loads((tmp_path / "q" / adapters.ADAPTERS_CONFIG).read_text())
     assert all(m["quantized"] for m in info["modules"].values())
 
 
@@ -348,22 +355,23 @@ def test_4bit_base_weights_adapters_and_dequantised_save(tiny, tmp_path) -> None
     model = _fresh(tiny).eval()
     names = list(_adapted(model, "llm."))
     try:
-        lora.quantize_4bit(model, names, "nf4", torch.device("cpu"))
+        adapters.quantize_4bit(model, names, "nf4", torch.device("cpu"))
     except (RuntimeError, NotImplementedError) as err:  # a bitsandbytes without a CPU backend
         pytest.skip(f"bitsandbytes cannot quantise on CPU here: {err}")
-    lora._inject(model, names, r=4, alpha=8, dropout=0.0, seed=0)
+    adapters._inject(model, names, r=4, alpha=8, dropout=0.0, seed=0)
     stage = Stage("sft", "instruct", ["llm.*"], lora=[{**LLM_LORA, "dropout": 0.0}])
     apply_stage(model, stage)  # 'llm.*' names the 4-bit weights: they stay frozen
-    packed = [p for p in model.parameters() if lora.is_4bit(p)]
+    packed = [p for p in model.parameters() if adapters.is_4bit(p)]
     assert len(packed) == len(names) and not any(p.requires_grad for p in packed)
-    assert lora.count_parameters(model)["total"] == lora.count_parameters(tiny)["total"] + sum(
+    total = adapters.count_parameters(tiny)["total"]
+    assert adapters.count_parameters(model)["total"] == total + sum(
         4 * (m.in_features + m.out_features) for m in _adapted(tiny, "llm.").values()
     )
-    for layer in lora.lora_layers(model).values():
+    for layer in adapters.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     model.save_pretrained(tmp_path / "q")
     again = MoEVisionModel.from_pretrained(tmp_path / "q").eval()
-    assert not any(lora.is_4bit(p) for p in again.parameters())  # dequantised base
+    assert not any(adapters.is_4bit(p) for p in again.parameters())  # dequantised base
     with torch.no_grad():
         a, b = model(**_batch(model)).logits, again(**_batch(again)).logits
         plain = tiny(**_batch(tiny)).logits
@@ -421,14 +429,14 @@ def test_adding_an_entry_keeps_every_modules_train_eval_mode(tiny, mode) -> None
     if mode == "mixed":
         model.experts[1].eval()  # a frozen expert stays in eval inside a training model
     fc2 = {"targets": ["experts.1.*"], "modules": ["mlp.fc2"], "r": 2, "alpha": 4, "dropout": 0.2}
-    lora.add_adapters(model, LoraConfig(**LLM_LORA), seed=0)
+    adapters.add_adapters(model, LoraConfig(**LLM_LORA), seed=0)
     before = {n: m.training for n, m in model.named_modules()}
     assert any(".lora_dropout.default" in n for n in before)
-    lora.add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[fc2, CLIP_LORA]), seed=1)
+    add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[fc2, CLIP_LORA]), seed=1)
     after = {n: m.training for n, m in model.named_modules()}
     changed = sorted(n for n in before if after[n] != before[n])
     assert not changed, f"modes flipped by the second injection: {changed[:5]}"
-    for name, layer in lora.lora_layers(model).items():  # new layers follow the wrapped module
+    for name, layer in adapters.lora_layers(model).items():  # new layers follow the wrapped module
         want = layer.get_base_layer().training
         assert all(m.training == want for m in layer.modules()), name
     if mode == "mixed":
@@ -441,14 +449,15 @@ def test_adding_an_entry_keeps_every_modules_train_eval_mode(tiny, mode) -> None
 def test_merged_and_adapter_saves_agree_for_linear_and_conv_adapters(tiny, tmp_path) -> None:
     model = _fresh(tiny).eval()
     stem = {"targets": ["experts.1.*"], "modules": ["stem.0", "mlp.fc2"], "r": 2, "alpha": 6}
-    lora.add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[LLM_LORA, stem]), seed=1)
-    for layer in lora.lora_layers(model).values():
+    add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[LLM_LORA, stem]), seed=1)
+    for layer in adapters.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
     model.save_pretrained(tmp_path / "adapters")
     model.save_pretrained(tmp_path / "merged", merge_lora=True)
     a = MoEVisionModel.from_pretrained(tmp_path / "adapters").eval()
     b = MoEVisionModel.from_pretrained(tmp_path / "merged").eval()
-    assert len(lora.lora_layers(a)) == len(lora.lora_layers(model)) and not lora.lora_layers(b)
+    assert len(adapters.lora_layers(a)) == len(adapters.lora_layers(model))
+    assert not adapters.lora_layers(b)
     conv = "experts.1.model.stem.0"
     w = model.get_submodule(conv)
     delta = 3.0 * torch.einsum(  # alpha / r * B @ A for a conv: (out, r) x (r, in, k, k)
@@ -468,8 +477,8 @@ def test_merged_and_adapter_saves_agree_for_linear_and_conv_adapters(tiny, tmp_p
 def test_merging_a_tied_weight_is_refused(tiny, tmp_path) -> None:
     model = _fresh(tiny)  # the tiny LLM ties lm_head to the input embeddings
     head = {"targets": ["llm.*"], "modules": ["lm_head"], "r": 2, "alpha": 4}
-    lora.add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[head]), seed=0)
+    add_stage_adapters(model, Stage("s", "instruct", ["*"], lora=[head]), seed=0)
     with pytest.raises(ValueError, match=r"'llm.lm_head'.* tied to \['llm.model.embed_tokens"):
         model.save_pretrained(tmp_path / "m", merge_lora=True)
     model.save_pretrained(tmp_path / "a")  # beside the base it is fine
-    assert lora.has_saved_adapters(tmp_path / "a")
+    assert adapters.has_saved_adapters(tmp_path / "a")

@@ -154,7 +154,7 @@ def test_parameter_free_module_is_a_warning_not_an_error(caplog) -> None:
 def test_example_yaml_files_load() -> None:
     from pathlib import Path
 
-    from moe_vision.training.run import RunConfig
+    from moe_vision.experiment.run import RunConfig
 
     folder = Path(__file__).resolve().parents[1] / "recipes"
     files = sorted(folder.glob("*.yaml"))

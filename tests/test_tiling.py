@@ -17,7 +17,7 @@ from PIL import Image
 
 import experts
 from experts.tiling import TILE_GRID_KEY, TilingPolicy, map_specs
-from moe_vision.training.cache import expert_cache_key
+from moe_vision.features.cache import expert_cache_key
 
 TINY = experts.list_experts("*-tiny")
 POLICY = {"max_tiles": 3, "thumbnail": True}
@@ -211,7 +211,7 @@ def test_feature_cache_round_trip_and_thumbnail_experts_run_live(tmp_path):
     """Stitched (ragged, masked) maps survive the feature cache; experts with a thumbnail are
     listed in ``staged_experts`` so the trainer never serves them from it."""
     import fusion
-    from moe_vision.training.cache import FeatureCache
+    from moe_vision.features.cache import FeatureCache
 
     _, tiled = pair("clip-tiny", {"max_tiles": 3})
     inputs = tiled.preprocess(images())

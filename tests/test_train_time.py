@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from moe_vision.data.benchmark import BenchmarkSizes
+from moe_vision.experiment.run import DataConfig, RunConfig, run_experiment
 from moe_vision.model.mllm import ModelConfig
 from moe_vision.training import trainer
-from moe_vision.training.run import DataConfig, RunConfig, run_experiment
 from moe_vision.training.trainer import TrainOptions
 
 PAUSE_S = 10.0  # far above four tiny steps even on a loaded machine (about 0.3 s idle)

@@ -325,8 +325,8 @@ def _answer(record: dict[str, Any], path: Path) -> str:
 
 def load_data(config: ProbeConfig) -> dict[str, CategoryData]:
     """The built-in benchmark's images and answers per category (generated once and cached)."""
-    from moe_vision.training.cache import default_cache_dir
-    from moe_vision.training.run import DataConfig
+    from moe_vision.experiment.run import DataConfig
+    from moe_vision.features.cache import default_cache_dir
 
     data = DataConfig(
         benchmark_seed=config.benchmark_seed,

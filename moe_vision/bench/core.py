@@ -10,7 +10,7 @@ Three measurements, each taken in one run so that its ratio compares like with l
    Where an expert's library output cannot be read as its map (other readout layer, ragged
    grid), the expert module itself stands in and the row says so.
 2. **Feature cache**: a frozen-expert sweep (recipe with frozen experts) over several fusion
-   strategies, run with and without the feature cache (:mod:`moe_vision.training.cache`); ratio =
+   strategies, run with and without the feature cache (:mod:`moe_vision.features.cache`); ratio =
    uncached wall time / cached wall time. With tiny experts the LLM dominates, so section 3
    adds, per configuration, the FLOP share of the experts' forward in a frozen-expert step
    and the speed-up bound it implies for the cache, ``1 / (1 - share)``.

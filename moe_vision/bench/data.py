@@ -21,10 +21,10 @@ Goal (issue 12): 1M records, first batch within 30 s and resident memory under 1
 
 **Time to the first optimiser step** (issue 27): ``moe-vision train`` with the ``llava`` recipe
 (experts frozen in both stages, so the feature cache stores every image's maps before each
-stage, :mod:`moe_vision.training.precompute`) on a JSONL of ``N`` records over ``M`` images
+stage, :mod:`moe_vision.features.precompute`) on a JSONL of ``N`` records over ``M`` images
 (default: the largest record count over 300 images), a fresh cache folder, run in a fresh
 process through the command's own argument parser and
-:func:`~moe_vision.training.run.run_experiment`. Reported from the moment the process is
+:func:`~moe_vision.experiment.run.run_experiment`. Reported from the moment the process is
 started: ``first_step_s`` (the first stage's first optimiser step) and
 ``last_stage_first_step_s`` (the last stage's, after its own precompute, which finds every map
 stored). Goal: 1M records under a minute on 2 cores.
@@ -213,7 +213,7 @@ def first_steps(argv: list[str]) -> None:
     stopped at the last stage's first optimiser step; prints the epoch time of each stage's
     first step as JSON."""
     from moe_vision.commands.train import build_config, register
-    from moe_vision.training.run import run_experiment
+    from moe_vision.experiment.run import run_experiment
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

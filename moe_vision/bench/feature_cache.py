@@ -2,7 +2,7 @@
 
 Section 2 of ``moe-vision bench`` (see :mod:`moe_vision.bench.core`). A frozen-expert sweep
 (``llava`` recipe: experts frozen in every stage) over several fusion strategies runs twice in this
-process, without and with the feature cache (:mod:`moe_vision.training.cache`, a fresh folder the
+process, without and with the feature cache (:mod:`moe_vision.features.cache`, a fresh folder the
 cached sweep fills). Ratios (:func:`cache_ratios`), uncached time over cached time:
 
 * ``speedup``: the whole sweep's wall time (training, the cache fill, evaluation, everything);
@@ -17,8 +17,8 @@ Twice: with the default tiny experts, where the LLM dominates a step
 and the cache can win little, and with real-size randomly initialised experts (CLIP ViT-L/336 +
 ConvNeXt-L/320 by default) on 24 training images, where the experts are >99% of a frozen-expert
 step's FLOPs. With the cache, every image's maps are computed once (before the first stage
-that needs them, :mod:`moe_vision.training.precompute`; the test images' at the first
-evaluation, :mod:`moe_vision.evaluation.cached_maps`) and read back by every later stage, epoch,
+that needs them, :mod:`moe_vision.features.precompute`; the test images' at the first
+evaluation, :mod:`moe_vision.features.cached_maps`) and read back by every later stage, epoch,
 fusion and evaluation; without it, every step and every evaluation runs the experts.
 """
 
@@ -145,7 +145,7 @@ def read_vs_compute(
     from PIL import Image
 
     import experts
-    from moe_vision.training.cache import FeatureCache, expert_cache_key
+    from moe_vision.features.cache import FeatureCache, expert_cache_key
 
     image = Image.new("RGB", (640, 480), (120, 30, 200))
     rows = []

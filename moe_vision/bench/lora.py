@@ -5,7 +5,7 @@ ViT-L/336 + ConvNeXt-L/320, channel concatenation) in front of a 7B LLM with Vic
 architecture (LLaMA, 32 layers, width 4096, MLP 11008, vocabulary 32000: the LLM of LLaVA-1.5
 and Eagle-X5-7B). It is built on the ``meta`` device (shapes, no weights), so it fits any
 machine. For each way of training the SFT stage, the stage's adapters are added
-(:func:`moe_vision.training.lora.add_stage_adapters`), ``apply_stage`` sets what trains, and
+(:func:`moe_vision.training.recipes.add_stage_adapters`), ``apply_stage`` sets what trains, and
 ``torch.optim.AdamW`` takes one step on meta gradients: the rows report the trainable
 parameters, the bytes of AdamW's own state after that step (``exp_avg``, ``exp_avg_sq``,
 ``step``) and of the fp32 gradients, counted from the tensors, not from a formula:
@@ -80,8 +80,7 @@ def meta_model(model_cfg: dict[str, Any], llm_arch: dict[str, Any] | None = None
 def optimizer_memory(model: torch.nn.Module, stage: Any) -> dict[str, float]:
     """Add ``stage``'s adapters, apply it, take one AdamW step on meta gradients; returns
     ``params_total``, ``params_trainable``, ``adamw_state_bytes`` and ``grad_bytes``."""
-    from moe_vision.training.lora import add_stage_adapters
-    from moe_vision.training.recipes import apply_stage, param_groups
+    from moe_vision.training.recipes import add_stage_adapters, apply_stage, param_groups
 
     with torch.device("meta"):  # peft builds the adapters on the default device first
         add_stage_adapters(model, stage, seed=0)

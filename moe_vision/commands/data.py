@@ -50,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _validator(args: argparse.Namespace) -> Any:
     from moe_vision.data.validation import RecordValidator
+    from moe_vision.experiment.run import RunConfig
     from moe_vision.model.mllm import MoEVisionModel
-    from moe_vision.training.run import RunConfig
 
     if args.run is not None:
         model = MoEVisionModel.from_pretrained(args.run / "model")

@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     from moe_vision.data.mixture import is_mixture
     from moe_vision.evaluation.evaluate import evaluate
+    from moe_vision.experiment.run import RunConfig, cache_root
     from moe_vision.model.mllm import MoEVisionModel
-    from moe_vision.training.run import RunConfig, cache_root
 
     check_device("--device", args.device)
     check_at_least("--batch-size", args.batch_size, 1)

@@ -1,6 +1,6 @@
 """``moe-vision train``: train a mixture-of-experts model with a staged recipe, then evaluate.
 
-Flags override the YAML config (``--config``, a :class:`moe_vision.training.run.RunConfig`), which
+Flags override the YAML config (``--config``, a :class:`moe_vision.experiment.run.RunConfig`), which
 overrides the defaults (tiny experts, tiny LLM, the built-in benchmark, the Eagle recipe)::
 
     moe-vision train --config recipes/run_tiny.yaml --out runs/tiny   # tuned laptop run, ~2 min
@@ -11,7 +11,7 @@ overrides the defaults (tiny experts, tiny LLM, the built-in benchmark, the Eagl
     accelerate launch --num_processes 4 -m moe_vision.cli train --config run.yaml --out runs/z
 
 With no ``overrides`` in the config, a recipe gets its tiny-run defaults
-(:func:`~moe_vision.training.run.tiny_overrides`:
+(:func:`~moe_vision.experiment.run.tiny_overrides`:
 larger LRs for random-init models; for Eagle also short
 LLM-frozen stages and 10 SFT epochs); ``--override`` changes fields on top of them.
 ``recipes/run_tiny.yaml`` is the tuned Eagle run at its benchmark sizes (colour 1.00, shape
@@ -66,7 +66,7 @@ def _split(text: str) -> tuple[str, str]:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags that build a :class:`~moe_vision.training.run.RunConfig` (shared by commands)."""
+    """The flags that build a :class:`~moe_vision.experiment.run.RunConfig` (shared by commands)."""
     p.add_argument("--config", type=Path, help="RunConfig YAML (flags override it)")
     m = p.add_argument_group("model")
     m.add_argument(
@@ -128,8 +128,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    """The :class:`~moe_vision.training.run.RunConfig` of ``args`` (YAML config, then flags)."""
-    from moe_vision.training.run import RunConfig
+    """The :class:`~moe_vision.experiment.run.RunConfig` of ``args`` (YAML config, then flags)."""
+    from moe_vision.experiment.run import RunConfig
 
     data = RunConfig.from_yaml(args.config).to_dict() if args.config else RunConfig().to_dict()
     model = data["model"]
@@ -237,8 +237,8 @@ def _nothing_to_resume(out: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from moe_vision.console import RUN_LOG
+    from moe_vision.experiment.run import run_experiment
     from moe_vision.sweeps.sweep import file_lock
-    from moe_vision.training.run import run_experiment
 
     # the console was set by moe_vision.cli.main; INFO goes to <out>/train.log
     check_folder("--out", args.out)

@@ -1,7 +1,7 @@
 """The frozen teachers of a distillation and their maps, served from the feature cache.
 
 Each teacher runs at its own resolution with its own preprocessing. Its map of an image is
-computed once and kept in the feature cache (:class:`moe_vision.training.cache.FeatureCache`,
+computed once and kept in the feature cache (:class:`moe_vision.features.cache.FeatureCache`,
 keyed by the teacher's spec + weights and by the image's content hash), so a second run on the
 same images (another student, balancing, a resumed run, :func:`fill_cache` beforehand) costs the
 student only: a batch whose maps are all stored is not even preprocessed for the teachers.
@@ -23,7 +23,7 @@ from PIL import Image
 import experts
 from experts import Expert, FeatureMap
 from experts.align import content_boxes, fill_content
-from moe_vision.training.cache import FeatureCache, expert_cache_key
+from moe_vision.features.cache import FeatureCache, expert_cache_key
 
 
 def image_key(image: Image.Image) -> str:

@@ -42,8 +42,8 @@ from moe_vision.data.records import (
     record_id,
 )
 from moe_vision.data.validation import RecordValidator, Sample
-from moe_vision.evaluation.cached_maps import CachedMaps, generate_kwargs
-from moe_vision.training.cache import FeatureCache
+from moe_vision.features.cache import FeatureCache
+from moe_vision.features.cached_maps import CachedMaps, generate_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def evaluate(
         allow_outside_root: accept absolute and ``..`` image paths.
         max_image_pixels: pixel limit of image files (``None``: the platform default).
         cache: serve the frozen experts' maps from this feature cache
-            (:mod:`~moe_vision.evaluation.cached_maps`; needs a ``MoEVisionModel``).
+            (:mod:`~moe_vision.features.cached_maps`; needs a ``MoEVisionModel``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

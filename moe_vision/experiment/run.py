@@ -56,9 +56,7 @@ from torch import nn
 
 from moe_vision.console import logs_to_run_folder
 from moe_vision.data.llava import LlavaDataset, read_skips
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-from moe_vision.training.cache import FeatureCache
-from moe_vision.training.run_config import (  # noqa: F401 - re-exported: the run's API
+from moe_vision.experiment.run_config import (  # noqa: F401 - re-exported: the run's API
     TINY_OVERRIDES,
     TINY_RECIPE_OVERRIDES,
     DataConfig,
@@ -67,11 +65,13 @@ from moe_vision.training.run_config import (  # noqa: F401 - re-exported: the ru
     cache_root,
     tiny_overrides,
 )
-from moe_vision.training.run_metrics import (  # noqa: F401 - re-exported: the run's API
+from moe_vision.experiment.run_metrics import (  # noqa: F401 - re-exported: the run's API
     flops_per_sample,
     metrics_row,
     peak_memory_mb,
 )
+from moe_vision.features.cache import FeatureCache
+from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 from moe_vision.training.steps import eager
 from moe_vision.training.trainer import (  # noqa: F401 - TrainOptions re-exported
     StepHook,

@@ -6,7 +6,7 @@ A run config left without stage ``overrides`` gets the recipe's tiny-run default
 (:func:`tiny_overrides`: :data:`TINY_OVERRIDES` plus the recipe's entry of
 :data:`TINY_RECIPE_OVERRIDES`), tuned for random-init models on 2 CPU cores. Also here: where a
 run's caches live (:func:`cache_root`) and the atomic text write the run folder's files use
-(:func:`atomic_write`). :mod:`moe_vision.training.run` runs a config and re-exports these names.
+(:func:`atomic_write`). :mod:`moe_vision.experiment.run` runs a config and re-exports these names.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import yaml
 
 from moe_vision.data.benchmark import SPLITS, BenchmarkSizes, generate_benchmark
 from moe_vision.data.mixture import is_mixture
+from moe_vision.features.cache import default_cache_dir
 from moe_vision.model.mllm import ModelConfig
-from moe_vision.training.cache import default_cache_dir
 from moe_vision.training.options import TrainOptions
 from moe_vision.training.recipes import Recipe, get_recipe
 
@@ -141,7 +141,7 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """A whole experiment as data (:mod:`moe_vision.training.run` runs it).
+    """A whole experiment as data (:mod:`moe_vision.experiment.run` runs it).
 
     Attributes:
         model: the :class:`~moe_vision.model.mllm.ModelConfig`.

@@ -1,7 +1,7 @@
 """The metrics row of a finished run, and the costs it reports.
 
-:func:`metrics_row` assembles the row :func:`~moe_vision.training.run.run_experiment` writes to
-``metrics.json`` (its keys are listed in :mod:`moe_vision.training.run`): the evaluation's
+:func:`metrics_row` assembles the row :func:`~moe_vision.experiment.run.run_experiment` writes to
+``metrics.json`` (its keys are listed in :mod:`moe_vision.experiment.run`): the evaluation's
 accuracies, parameter counts, visual tokens, training time and throughput, peak memory
 (:func:`peak_memory_mb`), forward FLOPs per sample (:func:`flops_per_sample`, counted without
 running the experts the feature cache serves), the training loop's timings, skipped records,
@@ -20,17 +20,17 @@ import torch
 
 from experts import FeatureMap
 from moe_vision.data.llava import LlavaDataset
+from moe_vision.features.cache import FeatureCache
+from moe_vision.model import adapters
 from moe_vision.model.mllm import MoEVisionModel
-from moe_vision.training import lora
-from moe_vision.training.cache import FeatureCache
 from moe_vision.training.trainer import Trainer, UnitReport
 
 if TYPE_CHECKING:
     from moe_vision.evaluation.evaluate import EvalResult
-    from moe_vision.training.run import DatasetCache
+    from moe_vision.experiment.run import DatasetCache
 
-# Records keep the run's logger name (``train.log`` lines read ``moe_vision.training.run``).
-logger = logging.getLogger("moe_vision.training.run")
+# Records keep the run's logger name (``train.log`` lines read ``moe_vision.experiment.run``).
+logger = logging.getLogger("moe_vision.experiment.run")
 
 
 def metrics_row(
@@ -42,7 +42,7 @@ def metrics_row(
     cache: FeatureCache | None,
     eval_time: float,
 ) -> dict[str, Any]:
-    """The metrics row of a finished run (see :mod:`moe_vision.training.run` for its keys).
+    """The metrics row of a finished run (see :mod:`moe_vision.experiment.run` for its keys).
 
     Args:
         result: the evaluation of ``model`` on the run's evaluation split.
@@ -56,7 +56,7 @@ def metrics_row(
     state = trainer.state
     flops_data = trainer.recipe.stages[-1].data
     metrics = dict(result.to_metrics())  # accuracies with 95% intervals and counts
-    counts = lora.count_parameters(model)  # LoRA adapters counted; 4-bit weights unpacked
+    counts = adapters.count_parameters(model)  # LoRA adapters counted; 4-bit weights unpacked
     metrics["params_total"] = counts["total"]
     metrics["params_adapter"] = counts["adapter"]
     metrics["params_trainable"] = max(r.params_trainable for r in reports)

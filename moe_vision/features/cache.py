@@ -19,7 +19,7 @@ memory map (``numpy.memmap`` of the file, viewed as tensors without copying), so
 one gather of ``B`` rows. Writes are atomic (temporary file + ``os.replace``) and file names are
 unique, so concurrent runs and data-parallel ranks can share one cache folder (default
 ``~/.cache/moe-vision/features``). The shard files are written and read in
-:mod:`.feature_shards`, the expert keys computed in :mod:`.cache_keys`.
+:mod:`.shards`, the expert keys computed in :mod:`.cache_keys`.
 
 **Is the cache worth it?** A cache that costs more than it saves is not used. With
 ``policy="auto"`` (default) the cache times, per expert, computing a map (its forward on the
@@ -48,11 +48,11 @@ import torch
 
 from experts.base import Expert, ExpertInputs
 from experts.spec import FeatureMap
-from moe_vision.training.cache_keys import (  # noqa: F401 - re-exported
+from moe_vision.features.cache_keys import (  # noqa: F401 - re-exported
     expert_cache_key,
     weights_fingerprint,
 )
-from moe_vision.training.feature_shards import (
+from moe_vision.features.shards import (
     Shard,
     atomic_text,
     mmap_safetensors,  # noqa: F401 - re-exported

@@ -4,7 +4,7 @@ A frozen expert's map of an image depends on the expert's spec (architecture, ch
 size, mean/std, ...: :meth:`~experts.spec.ExpertSpec.cache_key`) and on its current weights. The
 key hashes both, plus the scaling of any LoRA adapters, so an expert changed by an earlier stage
 (Eagle's pre-alignment, a LoRA stage) gets a new key and never reads stale maps. Used by
-:class:`moe_vision.training.cache.FeatureCache` (``<root>/<expert key>/``).
+:class:`moe_vision.features.cache.FeatureCache` (``<root>/<expert key>/``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def expert_cache_key(expert: Expert) -> str:
     spec = json.dumps(expert.spec.cache_key(), sort_keys=True, default=str)
     h = hashlib.sha256(spec.encode())
     h.update(weights_fingerprint(expert).encode())  # LoRA adapter tensors included
-    from moe_vision.training.lora import adapter_fingerprint  # lora imports recipes
+    from moe_vision.model.adapters import adapter_fingerprint  # lora imports recipes
 
     h.update(adapter_fingerprint(expert).encode())  # their scaling; "" (no change) without LoRA
     return h.hexdigest()[:32]

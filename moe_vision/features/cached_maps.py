@@ -1,7 +1,7 @@
 """Evaluation through the feature cache: frozen experts' maps of the questions' images.
 
 At evaluation every expert is frozen, so its map of an image depends only on the expert (its
-spec and weights: :func:`~moe_vision.training.cache.expert_cache_key`) and the image bytes. In a
+spec and weights: :func:`~moe_vision.features.cache.expert_cache_key`) and the image bytes. In a
 sweep the experts are the same in many cells and every cell asks the same test questions, so
 the test images' maps are computed once per expert and read back by every later cell.
 
@@ -21,7 +21,7 @@ import torch
 
 from experts import FeatureMap, collate_inputs, load_image
 from experts.images import ImageError, image_content_key
-from moe_vision.training.cache import FeatureCache, expert_cache_key
+from moe_vision.features.cache import FeatureCache, expert_cache_key
 
 
 class CachedMaps:

@@ -1,6 +1,6 @@
 """Store every image's map of the frozen experts before a unit trains, then train from the cache.
 
-Without this, a frozen expert served by the :class:`~moe_vision.training.cache.FeatureCache`
+Without this, a frozen expert served by the :class:`~moe_vision.features.cache.FeatureCache`
 still costs every epoch the decoding and preprocessing of every image (the data layer cannot
 know the map is stored), and its maps are computed a batch at a time during the first epoch.
 Maps are keyed by image, not by record, so :func:`precompute_maps` works on the *distinct*
@@ -53,7 +53,7 @@ from experts.images import ImageError, image_content_key
 from moe_vision.data.llava import LlavaDataset
 from moe_vision.data.records import RecordProblem, record_images
 from moe_vision.data.validation import resolve_image_path
-from moe_vision.training.cache import FeatureCache
+from moe_vision.features.cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 

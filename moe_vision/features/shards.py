@@ -5,7 +5,7 @@ A shard is one safetensors file ``shard-<id>.safetensors`` holding ``features`` 
 the ``N`` image keys (row order), the grids, the stride and the source. Writes are atomic
 (temporary file + ``os.replace``) and names unique, so processes can share a folder. A shard is
 read through a copy-on-write memory map (nothing is read until a row is used), and batch-of-one
-maps are stacked into a batch here. :class:`moe_vision.training.cache.FeatureCache` decides what
+maps are stacked into a batch here. :class:`moe_vision.features.cache.FeatureCache` decides what
 goes into which shard.
 """
 

@@ -1,27 +1,23 @@
-"""Low-rank adapters as recipe data: LoRA (Hu et al., 2021, arXiv 2106.09685) and QLoRA
+"""Low-rank adapters on the model: LoRA (Hu et al., 2021, arXiv 2106.09685) and QLoRA
 (Dettmers et al., 2023, arXiv 2305.14314) on the LLM and the experts, through ``peft``.
 
-A stage's ``lora`` entries (:class:`~moe_vision.training.recipes.LoraConfig`) name modules by
-two lists: ``targets``, fnmatch patterns over module names (``"llm.*"``, ``"experts.0.*"``), and
-``modules``, name suffixes inside them (``q_proj``, ``mlp.fc1``: peft's ``target_modules``).
-Every selected module must be an ``nn.Linear``, an ungrouped ``nn.Conv2d`` or an
-``nn.Embedding`` (transformers and timm experts are made of them; open_clip's fused
-``nn.MultiheadAttention`` is not adaptable and is refused by name).
+A :class:`LoraConfig` names modules by two lists: ``targets``, fnmatch patterns over module names
+(``"llm.*"``, ``"experts.0.*"``, matched by :func:`name_matches`), and ``modules``, name suffixes
+inside them (``q_proj``, ``mlp.fc1``: peft's ``target_modules``). Every selected module must be
+an ``nn.Linear``, an ungrouped ``nn.Conv2d`` or an ``nn.Embedding`` (transformers and timm
+experts are made of them; open_clip's fused ``nn.MultiheadAttention`` is not adaptable and is
+refused by name). A bad entry raises :class:`AdapterError`.
 
-* :func:`add_stage_adapters` (the trainer calls it at the start of every unit) wraps each
-  selected module in peft's LoRA layer (``peft.inject_adapter_in_model``): ``B`` starts at zero,
-  so the model computes exactly what it did; ``A`` is drawn from a seed of the unit, so a resumed
-  run builds the same adapters. A module that already has an adapter from an earlier stage keeps
-  it (the stage continues training it; its ``r`` and ``alpha`` must agree).
-* :func:`stage_trainability` (used by :func:`~moe_vision.training.recipes.apply_stage`): the
-  stage's adapters train, the adapted modules' base weights (and biases) stay frozen whatever the
-  ``train`` patterns say, and 4-bit weights never train. Adapters of earlier stages are ordinary
-  parameters: ``train`` patterns decide (``experts.*`` trains them, a frozen expert keeps them
-  frozen and is served from the feature cache, keyed by :func:`adapter_fingerprint` too).
+* :func:`add_adapters` wraps each selected module in peft's LoRA layer
+  (``peft.inject_adapter_in_model``): ``B`` starts at zero, so the model computes exactly what it
+  did; ``A`` is drawn from a given seed, so a resumed run builds the same adapters. A module that
+  already has an adapter keeps it (its ``r`` and ``alpha`` must agree). Which stage adds which
+  adapters and what trains is the training's business
+  (:func:`moe_vision.training.recipes.add_stage_adapters`, ``stage_trainability``).
 * Parameter names: an adapted module ``m`` holds ``m.base_layer.weight`` and
   ``m.lora_A.default.weight`` / ``m.lora_B.default.weight`` (peft's layout); checkpoints store
   the model as it is, and the trainer adds the adapters again (same seeds) before a resume
-  loads them.
+  loads them. :func:`adapter_fingerprint` is part of the feature-cache key.
 * ``save_pretrained`` (:func:`save_weights`) writes the base under the plain model's names plus
   ``adapters.safetensors`` / ``adapters.json`` beside it, or, with ``merge=True``, the merged
   weights ``W + alpha / r * B @ A`` alone; :func:`load_adapters` reads the first form back.
@@ -32,10 +28,11 @@ Every selected module must be an ``nn.Linear``, an ungrouped ``nn.Conv2d`` or an
 
 peft is imported only when a model has or gets adapters, so runs without LoRA never pay for it.
 """
-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fnmatch
 import importlib.util
 import json
 import logging
@@ -45,14 +42,13 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
-
-from moe_vision.training.recipes import LoraConfig, RecipeError, Stage, _matches
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +57,99 @@ ADAPTERS_CONFIG = "adapters.json"
 ADAPTERS_WEIGHTS = "adapters.safetensors"
 ADAPTERS_FORMAT = "moe-vision-lora/1"
 _LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+class AdapterError(ValueError):
+    """A LoRA entry or module selection that cannot be used: says which and what was expected."""
+
+
+LORA_QUANTIZE = ("nf4", "fp4")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al., 2021) for a stage, applied with ``peft``.
+
+    The modules that get adapters are those under a ``targets`` pattern (fnmatch over module
+    names, like ``train``: ``"llm.*"``, ``"experts.0.*"``) whose name ends with one of
+    ``modules`` (peft's ``target_modules``: ``q_proj``, ``mlp.fc1``); they must be
+    ``nn.Linear``, ``nn.Conv2d`` (not grouped) or ``nn.Embedding``. In the stage, their adapters
+    train and their base weights stay frozen; see :func:`add_adapters`.
+
+    Attributes:
+        targets: module-name patterns (which parts of the model).
+        modules: module-name suffixes inside them.
+        r: adapter rank.
+        alpha: scaling numerator (the update is ``alpha / r * B @ A``).
+        dropout: dropout on the adapter's input.
+        quantize: QLoRA (Dettmers et al., 2023): ``"nf4"`` or ``"fp4"`` stores the adapted
+            modules' base weights in 4 bits through bitsandbytes (CUDA only); ``None``: as is.
+    """
+
+    targets: list[str]
+    modules: list[str]
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "lora") -> None:
+        """Raise :class:`AdapterError` naming the bad field and what was expected."""
+        for key, example in (("targets", "['llm.*']"), ("modules", "['q_proj', 'v_proj']")):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = [value]
+            if not value or not all(isinstance(v, str) and v for v in value):
+                raise AdapterError(
+                    f"{where}: {key} must be a non-empty list of names such as {example}, "
+                    f"got {getattr(self, key)!r}"
+                )
+            setattr(self, key, list(value))
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise AdapterError(f"{where}: r must be an integer >= 1, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise AdapterError(f"{where}: alpha must be a positive number, got {self.alpha!r}")
+        if self.alpha <= 0:
+            raise AdapterError(f"{where}: alpha must be a positive number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"{where}: dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if self.quantize is not None and self.quantize not in LORA_QUANTIZE:
+            raise AdapterError(
+                f"{where}: quantize must be null or one of {list(LORA_QUANTIZE)}, "
+                f"got {self.quantize!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "lora") -> LoraConfig:
+        """Build from a plain dict; unknown or missing keys raise with the valid ones listed."""
+        if isinstance(data, LoraConfig):
+            data = dataclasses.asdict(data)
+        if not isinstance(data, dict):
+            raise AdapterError(f"{where}: expected a mapping, got {type(data).__name__}: {data!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(data) - set(valid))
+        if bad:
+            raise AdapterError(f"{where}: unknown fields {bad}; valid fields: {valid}")
+        missing = [k for k in ("targets", "modules") if k not in data]
+        if missing:
+            raise AdapterError(f"{where}: missing required fields {missing}")
+        obj = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            setattr(obj, f.name, data.get(f.name, default))
+        obj.validate(where)
+        return obj
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether the module or parameter ``name`` is matched by the fnmatch ``pattern`` or lies
+    under the module it names (``"llm"`` matches ``"llm.lm_head.weight"``)."""
+    return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
 
 
 class QLoraUnavailableError(RuntimeError):
@@ -113,7 +202,7 @@ def _adaptable(module: nn.Module) -> bool:
 def select_modules(model: nn.Module, cfg: LoraConfig, where: str = "lora") -> list[str]:
     """Names of the modules ``cfg`` adapts in ``model`` (those with an adapter included).
 
-    Raises :class:`RecipeError` when ``targets`` match no module, when no module under them
+    Raises :class:`AdapterError` when ``targets`` match no module, when no module under them
     ends with one of ``cfg.modules`` (listing the adaptable names there), or when a selected
     module is of a kind LoRA cannot adapt.
     """
@@ -123,7 +212,7 @@ def select_modules(model: nn.Module, cfg: LoraConfig, where: str = "lora") -> li
     for name, module in model.named_modules():
         if not name or name.startswith(inside):
             continue  # the model itself, or peft's own submodules (base_layer, lora_A, ...)
-        if not any(_matches(name, pat) for pat in cfg.targets):
+        if not any(name_matches(name, pat) for pat in cfg.targets):
             continue
         under.append(name)
         ok = name in layers or _adaptable(module)
@@ -135,18 +224,18 @@ def select_modules(model: nn.Module, cfg: LoraConfig, where: str = "lora") -> li
             kind = type(module).__name__
             if getattr(module, "groups", 1) != 1:
                 kind += f" with groups={module.groups}"
-            raise RecipeError(
+            raise AdapterError(
                 f"{where}: module {name!r} is a {kind}; LoRA adapts nn.Linear, ungrouped "
                 "nn.Conv2d and nn.Embedding modules (name those in 'modules')"
             )
         chosen.append(name)
     if not under:
         top = sorted({n.split(".")[0] for n, _ in model.named_modules() if n})
-        raise RecipeError(
+        raise AdapterError(
             f"{where}: targets {cfg.targets} match no module; top-level modules are {top}"
         )
     if not chosen:
-        raise RecipeError(
+        raise AdapterError(
             f"{where}: no module under targets {cfg.targets} ends with one of {cfg.modules}; "
             f"adaptable modules there are named {sorted(adaptable)[:40]}"
         )
@@ -214,7 +303,7 @@ def add_adapters(model: nn.Module, cfg: LoraConfig, seed: int, where: str = "lor
         layer = layers[name]
         have = (layer.r[ADAPTER_NAME], float(layer.lora_alpha[ADAPTER_NAME]))
         if have != (cfg.r, cfg.alpha):
-            raise RecipeError(
+            raise AdapterError(
                 f"{where}: {name!r} already has an adapter with r={have[0]}, alpha={have[1]} "
                 f"from an earlier stage; a stage continues it with the same r and alpha "
                 f"(got r={cfg.r}, alpha={cfg.alpha})"
@@ -235,50 +324,6 @@ def add_adapters(model: nn.Module, cfg: LoraConfig, seed: int, where: str = "lor
             ", ".join(new[:3]),
         )
     return names
-
-
-def add_stage_adapters(model: nn.Module, stage: Stage, seed: int) -> dict[str, list[str]]:
-    """Add the adapters of every ``stage.lora`` entry; ``{entry: selected module names}``.
-
-    Two entries may not select the same module. Deterministic given ``seed``.
-    """
-    seen: dict[str, int] = {}
-    out: dict[str, list[str]] = {}
-    for i, cfg in enumerate(stage.lora):
-        where = f"stage {stage.name!r} lora[{i}]"
-        names = select_modules(model, cfg, where)
-        twice = sorted(n for n in names if n in seen)
-        if twice:
-            raise RecipeError(
-                f"{where}: modules {twice[:5]} are already selected by lora[{seen[twice[0]]}]; "
-                "each module takes one entry"
-            )
-        seen.update(dict.fromkeys(names, i))
-        out[where] = add_adapters(model, cfg, seed * 31 + i, where)
-    return out
-
-
-def stage_trainability(model: nn.Module, stage: Stage) -> dict[str, bool]:
-    """``{parameter name: requires_grad}`` that the stage's LoRA entries impose.
-
-    The adapters of the modules the stage's entries select train; those modules' base weights
-    and biases are frozen; every 4-bit weight is frozen. Other parameters are not listed (the
-    stage's ``train`` patterns decide). Raises :class:`RecipeError` when a selected module has
-    no adapter (:func:`add_stage_adapters` was not called).
-    """
-    forced: dict[str, bool] = {}
-    layers = lora_layers(model) if stage.lora else {}
-    for i, cfg in enumerate(stage.lora):
-        where = f"stage {stage.name!r} lora[{i}]"
-        for name in select_modules(model, cfg, where):
-            if name not in layers:
-                raise RecipeError(f"{where}: {name!r} has no adapter yet (add_stage_adapters)")
-            for pname, _ in layers[name].named_parameters():
-                forced[f"{name}.{pname}"] = is_adapter_key(f".{pname}")
-    for name, p in model.named_parameters():
-        if is_4bit(p):
-            forced[name] = False
-    return forced
 
 
 # ------------------------------------------------------------------------------ QLoRA
@@ -310,7 +355,7 @@ def quantize_4bit(
     for name in names:
         module = model.get_submodule(name)
         if type(module) is not nn.Linear:
-            raise RecipeError(
+            raise AdapterError(
                 f"{where}: QLoRA quantises nn.Linear modules; {name!r} is a "
                 f"{type(module).__name__} (drop 'quantize' or name Linear modules only)"
             )

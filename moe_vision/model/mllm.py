@@ -502,14 +502,14 @@ class MoEVisionModel(nn.Module):
         under the plain names plus ``adapters.safetensors`` / ``adapters.json`` beside them, or,
         with ``merge_lora=True``, the merged weights alone (a plain model); either loads back.
         """
-        from moe_vision.training import lora
+        from moe_vision.model import adapters
 
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        if lora.lora_layers(self):
-            lora.save_weights(self, out, WEIGHTS_NAME, merge=merge_lora)
+        if adapters.lora_layers(self):
+            adapters.save_weights(self, out, WEIGHTS_NAME, merge=merge_lora)
         else:
-            lora.remove_adapter_files(out)
+            adapters.remove_adapter_files(out)
             fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
             os.close(fd)
             try:
@@ -549,10 +549,10 @@ class MoEVisionModel(nn.Module):
                 f"{root / WEIGHTS_NAME} does not fit the model of {root / CONFIG_NAME}: missing "
                 f"{sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}"
             )
-        from moe_vision.training import lora
+        from moe_vision.model import adapters
 
-        if lora.has_saved_adapters(root):
-            lora.load_adapters(model, root, device=str(device or "cpu"))
+        if adapters.has_saved_adapters(root):
+            adapters.load_adapters(model, root, device=str(device or "cpu"))
         if device is not None:
             model.to(device)
         return model

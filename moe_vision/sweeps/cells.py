@@ -115,8 +115,8 @@ class Cell:
         fusion_options: the strategy's resolved options.
         recipe: recipe preset name or YAML path.
         seed: random seed.
-        config: the run config handed to the entrypoint (``moe_vision.training.run.RunConfig`` as a
-            dict); its hash is the id's suffix.
+        config: the run config handed to the entrypoint
+            (``moe_vision.experiment.run.RunConfig`` as a dict); its hash is the id's suffix.
         control: ``None``, or the control this cell is (:mod:`moe_vision.sweeps.controls`:
             ``random_init``, ``equal_tokens``).
         labels: how the tables name the experts when not by their names (a control's

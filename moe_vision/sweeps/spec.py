@@ -128,8 +128,8 @@ class SweepSpec:
             to recipe YAML files.
         seeds: random seeds; each is a separate cell.
         model: shared :class:`~moe_vision.model.ModelConfig` fields (not ``experts``/``fusion``).
-        data: shared data config (:class:`moe_vision.training.run.DataConfig` fields).
-        run: other shared :class:`moe_vision.training.run.RunConfig` fields (``overrides`` of the
+        data: shared data config (:class:`moe_vision.experiment.run.DataConfig` fields).
+        run: other shared :class:`moe_vision.experiment.run.RunConfig` fields (``overrides`` of the
             recipe's stages, ``train`` options, ``eval_batch_size``, ``cache_dir``...).
         executor: ``{"kind": "inline" | "process" | "submitit", **options}``
             (:mod:`moe_vision.sweeps.executors`).
@@ -391,7 +391,7 @@ class SweepSpec:
         controls (``controls``), then seeds.
 
         When the entrypoint has a ``resolve_config(config) -> dict`` attribute (the default
-        :func:`run_cell` does: :class:`~moe_vision.training.run.RunConfig` defaults filled in,
+        :func:`run_cell` does: :class:`~moe_vision.experiment.run.RunConfig` defaults filled in,
         the recipe
         expanded), each cell's config is resolved with it, so a bad option fails here, before
         any cell runs, and the cell id hashes everything that defines the run.

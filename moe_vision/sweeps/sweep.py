@@ -4,7 +4,7 @@ A sweep is a :class:`~moe_vision.sweeps.spec.SweepSpec` (the grid, as data: see
 :mod:`moe_vision.sweeps.spec`; the default one is :mod:`moe_vision.sweeps.default`).
 :func:`run_sweep` hands the cells that are not finished yet to an executor
 (:mod:`moe_vision.sweeps.executors`); each runs the sweep's *entrypoint* (default
-:func:`run_cell`, which calls :func:`moe_vision.training.run.run_experiment`). A cell that raises
+:func:`run_cell`, which calls :func:`moe_vision.experiment.run.run_experiment`). A cell that raises
 is recorded with its error and traceback and the sweep goes on; a killed sweep, restarted, runs
 only what is missing. The table is rebuilt from the cell folders after every cell
 (:mod:`moe_vision.results`), so no row is ever lost or doubled.
@@ -64,10 +64,10 @@ class CellJob:
 
 
 def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
-    """The default entrypoint: build the :class:`~moe_vision.training.run.RunConfig` from
-    ``config`` and train + evaluate with :func:`~moe_vision.training.run.run_experiment`
+    """The default entrypoint: build the :class:`~moe_vision.experiment.run.RunConfig` from
+    ``config`` and train + evaluate with :func:`~moe_vision.experiment.run.run_experiment`
     (resuming a killed cell)."""
-    from moe_vision.training.run import RunConfig, run_experiment
+    from moe_vision.experiment.run import RunConfig, run_experiment
 
     metrics = dict(run_experiment(RunConfig.from_dict(config), cell_dir, resume=True))
     predictions = cell_dir / results.PREDICTIONS_FILE
@@ -79,14 +79,14 @@ def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
 def resolve_run_config(config: dict[str, Any]) -> dict[str, Any]:
     """A cell's config as :func:`run_cell` will run it: every ``RunConfig`` default filled in
     and the recipe expanded with its overrides (so editing a recipe YAML changes the id)."""
-    from moe_vision.training.run import RunConfig
+    from moe_vision.experiment.run import RunConfig
 
     return RunConfig.from_dict(config).to_dict(resolve=True)
 
 
 run_cell.resolve_config = resolve_run_config  # type: ignore[attr-defined]
 # What a worker imports before its first cell: started with the sweep, not after its expansion.
-run_cell.preload = ("moe_vision.training.run", "moe_vision.evaluation.evaluate")  # type: ignore[attr-defined]
+run_cell.preload = ("moe_vision.experiment.run", "moe_vision.evaluation.evaluate")  # type: ignore[attr-defined]
 
 
 def entrypoint_preload(entrypoint: str | Entrypoint) -> tuple[str, ...]:

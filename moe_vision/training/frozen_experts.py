@@ -2,7 +2,7 @@
 
 An expert the stage leaves wholly frozen runs in ``eval`` mode (so that cached and uncached runs
 compute the same thing); unless the fusion drives it itself, the
-:class:`~moe_vision.training.cache.FeatureCache` serves its maps (:func:`cached_experts`). Before
+:class:`~moe_vision.features.cache.FeatureCache` serves its maps (:func:`cached_experts`). Before
 the unit trains, the maps of every training image are stored (:func:`store_maps`, through
 :mod:`~.precompute`), and each batch then reads them (:func:`served_maps`) instead of running
 the experts. :class:`~moe_vision.training.trainer.Trainer` calls these per unit.
@@ -18,9 +18,9 @@ from accelerate import Accelerator
 from torch import nn
 
 from moe_vision.data.llava import LlavaDataset
-from moe_vision.training.cache import FeatureCache
+from moe_vision.features.cache import FeatureCache
+from moe_vision.features.precompute import precompute_maps
 from moe_vision.training.options import TrainOptions
-from moe_vision.training.precompute import precompute_maps
 from moe_vision.training.units import StepTimings
 
 

@@ -17,94 +17,13 @@ from typing import Any
 
 import yaml
 
+from moe_vision.model.adapters import AdapterError, LoraConfig
+
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
 class RecipeError(ValueError):
     """A recipe or stage that cannot be used: says which field and what was expected."""
-
-
-LORA_QUANTIZE = ("nf4", "fp4")
-
-
-@dataclass
-class LoraConfig:
-    """Low-rank adapters (LoRA, Hu et al., 2021) for a stage, applied with ``peft``.
-
-    The modules that get adapters are those under a ``targets`` pattern (fnmatch over module
-    names, like ``train``: ``"llm.*"``, ``"experts.0.*"``) whose name ends with one of
-    ``modules`` (peft's ``target_modules``: ``q_proj``, ``mlp.fc1``); they must be
-    ``nn.Linear``, ``nn.Conv2d`` (not grouped) or ``nn.Embedding``. In the stage, their adapters
-    train and their base weights stay frozen; see :mod:`moe_vision.training.lora`.
-
-    Attributes:
-        targets: module-name patterns (which parts of the model).
-        modules: module-name suffixes inside them.
-        r: adapter rank.
-        alpha: scaling numerator (the update is ``alpha / r * B @ A``).
-        dropout: dropout on the adapter's input.
-        quantize: QLoRA (Dettmers et al., 2023): ``"nf4"`` or ``"fp4"`` stores the adapted
-            modules' base weights in 4 bits through bitsandbytes (CUDA only); ``None``: as is.
-    """
-
-    targets: list[str]
-    modules: list[str]
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    quantize: str | None = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self, where: str = "lora") -> None:
-        """Raise :class:`RecipeError` naming the bad field and what was expected."""
-        for key, example in (("targets", "['llm.*']"), ("modules", "['q_proj', 'v_proj']")):
-            value = getattr(self, key)
-            if isinstance(value, str):
-                value = [value]
-            if not value or not all(isinstance(v, str) and v for v in value):
-                raise RecipeError(
-                    f"{where}: {key} must be a non-empty list of names such as {example}, "
-                    f"got {getattr(self, key)!r}"
-                )
-            setattr(self, key, list(value))
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise RecipeError(f"{where}: r must be an integer >= 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise RecipeError(f"{where}: alpha must be a positive number, got {self.alpha!r}")
-        if self.alpha <= 0:
-            raise RecipeError(f"{where}: alpha must be a positive number, got {self.alpha!r}")
-        self.alpha = float(self.alpha)
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise RecipeError(f"{where}: dropout must be in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
-        if self.quantize is not None and self.quantize not in LORA_QUANTIZE:
-            raise RecipeError(
-                f"{where}: quantize must be null or one of {list(LORA_QUANTIZE)}, "
-                f"got {self.quantize!r}"
-            )
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "lora") -> LoraConfig:
-        """Build from a plain dict; unknown or missing keys raise with the valid ones listed."""
-        if isinstance(data, LoraConfig):
-            data = dataclasses.asdict(data)
-        if not isinstance(data, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}: {data!r}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        bad = sorted(set(data) - set(valid))
-        if bad:
-            raise RecipeError(f"{where}: unknown fields {bad}; valid fields: {valid}")
-        missing = [k for k in ("targets", "modules") if k not in data]
-        if missing:
-            raise RecipeError(f"{where}: missing required fields {missing}")
-        obj = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            setattr(obj, f.name, data.get(f.name, default))
-        obj.validate(where)
-        return obj
 
 
 @dataclass
@@ -211,7 +130,10 @@ class Stage:
             raise RecipeError(
                 f"{where}: lora must be a mapping, a list of mappings or null, got {lora!r}"
             )
-        self.lora = [LoraConfig.from_dict(x, f"{where} lora[{i}]") for i, x in enumerate(lora)]
+        try:
+            self.lora = [LoraConfig.from_dict(x, f"{where} lora[{i}]") for i, x in enumerate(lora)]
+        except AdapterError as err:  # a stage's bad lora entry is a bad recipe
+            raise RecipeError(str(err)) from err
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

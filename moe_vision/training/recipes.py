@@ -34,6 +34,15 @@ from typing import Any
 
 from torch import nn
 
+from moe_vision.model.adapters import (
+    AdapterError,
+    add_adapters,
+    is_4bit,
+    is_adapter_key,
+    lora_layers,
+    name_matches,
+    select_modules,
+)
 from moe_vision.training.recipe_presets import (  # noqa: F401 - re-exported: the recipes API
     _RECIPES,
     cambrian,
@@ -44,9 +53,7 @@ from moe_vision.training.recipe_presets import (  # noqa: F401 - re-exported: th
     register_recipe,
 )
 from moe_vision.training.recipe_stages import (  # noqa: F401 - re-exported: the recipes API
-    LORA_QUANTIZE,
     SCHEDULERS,
-    LoraConfig,
     Recipe,
     RecipeError,
     Stage,
@@ -56,10 +63,6 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- applying a stage
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
-
-
 def module_group(name: str, lists: set[str] | frozenset[str] = frozenset()) -> str:
     """The module a parameter is reported under: its top-level module, or the item of a
     top-level ``ModuleList`` (named in ``lists``): ``experts.0``, ``fusion``, ``llm``, ..."""
@@ -87,9 +90,10 @@ def check_patterns(model: nn.Module, patterns: Iterable[str], where: str) -> Non
     module_names = [n for n, _ in model.named_modules() if n]
     top = sorted({n.split(".")[0] for n in module_names})
     for pat in patterns:
-        if any(_matches(n, pat) for n in param_names):
+        if any(name_matches(n, pat) for n in param_names):
             continue
-        if any(_matches(n, pat) or fnmatch.fnmatchcase(n, pat.rstrip(".*")) for n in module_names):
+        bare = pat.rstrip(".*")
+        if any(name_matches(n, pat) or fnmatch.fnmatchcase(n, bare) for n in module_names):
             # Said once per pattern and process (every stage of every cell would repeat it).
             say = logger.info if pat in _SAID_EMPTY else logger.warning
             _SAID_EMPTY.add(pat)
@@ -109,25 +113,78 @@ def check_patterns(model: nn.Module, patterns: Iterable[str], where: str) -> Non
         )
 
 
+# ------------------------------------------------------------------------------ LoRA per stage
+def add_stage_adapters(model: nn.Module, stage: Stage, seed: int) -> dict[str, list[str]]:
+    """Add the adapters of every ``stage.lora`` entry; ``{entry: selected module names}``.
+
+    Two entries may not select the same module. Deterministic given ``seed``.
+    """
+    seen: dict[str, int] = {}
+    out: dict[str, list[str]] = {}
+    for i, cfg in enumerate(stage.lora):
+        where = f"stage {stage.name!r} lora[{i}]"
+        try:
+            names = select_modules(model, cfg, where)
+        except AdapterError as err:
+            raise RecipeError(str(err)) from err
+        twice = sorted(n for n in names if n in seen)
+        if twice:
+            raise RecipeError(
+                f"{where}: modules {twice[:5]} are already selected by lora[{seen[twice[0]]}]; "
+                "each module takes one entry"
+            )
+        seen.update(dict.fromkeys(names, i))
+        try:
+            out[where] = add_adapters(model, cfg, seed * 31 + i, where)
+        except AdapterError as err:  # a stage's lora entry that cannot be applied
+            raise RecipeError(str(err)) from err
+    return out
+
+
+def stage_trainability(model: nn.Module, stage: Stage) -> dict[str, bool]:
+    """``{parameter name: requires_grad}`` that the stage's LoRA entries impose.
+
+    The adapters of the modules the stage's entries select train; those modules' base weights
+    and biases are frozen; every 4-bit weight is frozen. Other parameters are not listed (the
+    stage's ``train`` patterns decide). Raises :class:`RecipeError` when a selected module has
+    no adapter (:func:`add_stage_adapters` was not called).
+    """
+    forced: dict[str, bool] = {}
+    layers = lora_layers(model) if stage.lora else {}
+    for i, cfg in enumerate(stage.lora):
+        where = f"stage {stage.name!r} lora[{i}]"
+        try:
+            names = select_modules(model, cfg, where)
+        except AdapterError as err:
+            raise RecipeError(str(err)) from err
+        for name in names:
+            if name not in layers:
+                raise RecipeError(f"{where}: {name!r} has no adapter yet (add_stage_adapters)")
+            for pname, _ in layers[name].named_parameters():
+                forced[f"{name}.{pname}"] = is_adapter_key(f".{pname}")
+    for name, p in model.named_parameters():
+        if is_4bit(p):
+            forced[name] = False
+    return forced
+
+
 def apply_stage(model: nn.Module, stage: Stage) -> dict[str, list[str]]:
     """Set ``requires_grad`` so that exactly the parameters ``stage.train`` names train.
 
     The stage's LoRA adapters (added beforehand by
-    :func:`moe_vision.training.lora.add_stage_adapters`) train and the base weights of the
+    :func:`add_stage_adapters`) train and the base weights of the
     modules they adapt stay frozen, whatever the patterns say; 4-bit weights never train.
 
     Returns ``{"train": [...], "frozen": [...]}`` module groups, which are also logged.
     Raises :class:`RecipeError` when a pattern matches nothing.
     """
-    from moe_vision.training.lora import stage_trainability  # lora imports this module
-
     check_patterns(model, stage.train, f"stage {stage.name!r} train")
     check_patterns(model, stage.lr_scale, f"stage {stage.name!r} lr_scale")
     forced = stage_trainability(model, stage)
     counts: dict[str, list[int]] = {}
     lists = _list_modules(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(forced.get(name, any(_matches(name, pat) for pat in stage.train)))
+        p.requires_grad_(forced.get(name, any(name_matches(name, pat) for pat in stage.train)))
         c = counts.setdefault(module_group(name, lists), [0, 0])
         c[0 if p.requires_grad else 1] += p.numel()
     trained = [g for g, (t, _) in counts.items() if t]
@@ -154,7 +211,7 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = next((s for pat, s in stage.lr_scale.items() if _matches(name, pat)), 1.0)
+        scale = next((s for pat, s in stage.lr_scale.items() if name_matches(name, pat)), 1.0)
         wd = 0.0 if p.ndim < 2 else stage.weight_decay
         g = groups.setdefault(
             (scale, wd), {"params": [], "names": [], "lr": stage.lr * scale, "weight_decay": wd}

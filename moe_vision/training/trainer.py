@@ -6,7 +6,7 @@ or one per expert for a ``per_expert`` stage (Eagle's pre-alignment: each expert
 projector and the shared, frozen LLM; the expert's trained weights stay in the mixture, the
 temporary fusion/projector are dropped).
 
-Per unit: the stage's LoRA adapters are added (:func:`~.lora.add_stage_adapters`; a resume adds
+Per unit: the stage's LoRA adapters are added (:func:`~.recipes.add_stage_adapters`; a resume adds
 those of the finished units again before loading), :func:`~.recipes.apply_stage` sets exactly
 the parameters the stage names trainable (and logs which modules train and which are frozen),
 AdamW gets per-pattern learning
@@ -23,8 +23,8 @@ position, so ``resume`` continues a killed run at the same unit, epoch, batch, o
 scheduler and RNG state, ending with the same weights as an uninterrupted run.
 
 Frozen experts (whole expert frozen, not driven by the fusion itself) are served from the
-:class:`~.cache.FeatureCache` when one is given; they run in ``eval`` mode either way
-so that cached and uncached runs compute the same thing.
+:class:`~moe_vision.features.cache.FeatureCache` when one is given; they run in ``eval`` mode
+either way so that cached and uncached runs compute the same thing.
 
 Non-finite losses: the batch is skipped on every process (no update) and counted; more than
 ``TrainOptions.max_nonfinite`` skips (default 0) raises :class:`NonFiniteLossError` naming the
@@ -53,12 +53,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moe_vision.data.llava import LlavaDataset
+from moe_vision.features.cache import FeatureCache, expert_cache_key
 from moe_vision.training import checkpoint as ckpt
-from moe_vision.training.cache import FeatureCache, expert_cache_key
 from moe_vision.training.checkpoint import CheckpointError
 from moe_vision.training.distributed import gather_fsdp, shard_experts
 from moe_vision.training.frozen_experts import cached_experts, served_maps, store_maps
-from moe_vision.training.lora import add_stage_adapters
 from moe_vision.training.options import (  # noqa: F401 - re-exported: the trainer's API
     KNOWN_TRACKERS,
     TrainOptions,
@@ -66,7 +65,7 @@ from moe_vision.training.options import (  # noqa: F401 - re-exported: the train
     make_accelerator,
     resolve_mixed_precision,
 )
-from moe_vision.training.recipes import Recipe, apply_stage
+from moe_vision.training.recipes import Recipe, add_stage_adapters, apply_stage
 from moe_vision.training.resume import (  # load_weights: also the trainer's API
     check_fits_units,
     checkpoint_due,
