@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,7 +224,9 @@ def welch_seeds(a_means: Sequence[float], b_means: Sequence[float]) -> float:
     a, b = np.asarray(a_means, dtype=float), np.asarray(b_means, dtype=float)
     if len(a) < 2 or len(b) < 2 or (a.var() == 0 and b.var() == 0):
         return math.nan
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # two identical runs: scipy's precision-loss note, not news
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def seeds_needed(
