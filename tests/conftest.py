@@ -1,4 +1,9 @@
-"""Shared test setup: offline hub, few threads, deterministic seeds, sample images."""
+"""Shared test setup: offline hub, one torch thread, deterministic seeds, sample images.
+
+One thread per process: on a 2-core machine that is also running something else, two OpenMP
+threads per test process spin against each other (one step of the laptop Eagle run cost 0.29 s
+of CPU on one thread and 3.1-4.3 s on two, load ~11), so the suite must not depend on an idle
+machine. Subprocesses the tests start inherit ``OMP_NUM_THREADS=1`` unless they set their own."""
 
 from __future__ import annotations
 
@@ -7,13 +12,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
