@@ -20,7 +20,7 @@ from torch import nn
 
 from experts import FeatureMap, create_expert
 from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
-from moe_vision.experiment.run import DatasetCache, RunConfig
+from moe_vision.experiment.run_config import DatasetCache, RunConfig
 from moe_vision.features.cache import (
     FeatureCache,
     FeatureCacheError,

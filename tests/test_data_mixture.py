@@ -103,7 +103,7 @@ def test_bad_mixtures_are_named(source, message, files, tmp_path) -> None:
 def test_a_mixture_is_stage_data_with_counts_in_the_run_folder(tmp_path) -> None:
     """The run's dataset factory reads a mixture like a data file and writes its counts."""
     from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-    from moe_vision.experiment.run import DataConfig, DatasetCache, RunConfig
+    from moe_vision.experiment.run_config import DataConfig, DatasetCache, RunConfig
     from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 
     bench = generate_benchmark(

@@ -42,7 +42,8 @@ SCRIPT = textwrap.dedent(
     from moe_vision.features.cache import FeatureCache, weights_fingerprint
     from moe_vision.model.mllm import ModelConfig, MoEVisionModel
     from moe_vision.training.recipes import get_recipe
-    from moe_vision.experiment.run import DatasetCache, RunConfig, single_expert_model
+    from moe_vision.experiment.run import single_expert_model
+    from moe_vision.experiment.run_config import DatasetCache, RunConfig
     from moe_vision.training.trainer import Trainer, TrainOptions, make_accelerator
 
     bench, out = BenchmarkPaths(Path(sys.argv[1])), Path(sys.argv[2])

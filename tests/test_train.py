@@ -13,7 +13,8 @@ import torch
 from accelerate.utils import set_seed
 
 from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
-from moe_vision.experiment.run import DatasetCache, RunConfig, single_expert_model
+from moe_vision.experiment.run import single_expert_model
+from moe_vision.experiment.run_config import DatasetCache, RunConfig
 from moe_vision.features.cache import FeatureCache
 from moe_vision.model.mllm import ModelConfig, MoEVisionModel
 from moe_vision.training.recipes import Recipe, Stage, get_recipe

@@ -52,14 +52,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from torch import nn
 
 from moe_vision.console import logs_to_run_folder
-from moe_vision.data.llava import LlavaDataset, read_skips
 from moe_vision.experiment.run_config import (  # noqa: F401 - re-exported: the run's API
     TINY_OVERRIDES,
     TINY_RECIPE_OVERRIDES,
     DataConfig,
+    DatasetCache,
     RunConfig,
     atomic_write,
     cache_root,
@@ -104,76 +103,6 @@ def single_expert_model(mixture: MoEVisionModel, unit: TrainUnit) -> MoEVisionMo
     )
     model.experts[0] = mixture.experts[unit.expert]  # type: ignore[index]
     return model
-
-
-class DatasetCache:
-    """``(stage data, model) -> LlavaDataset``, built once per data file and preprocessing.
-
-    Datasets are indexes (nothing is parsed up front); bad records found while training are
-    appended to ``<out>/skipped_train.jsonl`` under ``on_bad_record: skip``, and each data
-    source's record counts go to ``<out>/data/<name>.sources.json``.
-    """
-
-    def __init__(
-        self,
-        cfg: RunConfig,
-        splits: dict[str, Path],
-        image_root: Path | None,
-        out: Path | None = None,
-    ) -> None:
-        self.cfg, self.splits, self.image_root, self.out = cfg, splits, image_root, out
-        self._built: dict[tuple, LlavaDataset] = {}
-        self._written: set[str] = set()
-
-    @property
-    def skip_log(self) -> Path | None:
-        return self.out / "skipped_train.jsonl" if self.out is not None else None
-
-    @property
-    def skipped(self) -> int:
-        """Distinct training records skipped so far (all processes, DataLoader workers too)."""
-        if self.skip_log is not None:
-            return len(read_skips(self.skip_log))
-        return len({(s.file, s.index) for ds in self._built.values() for s in ds.skipped})
-
-    def path(self, data: str) -> Path:
-        if data in self.splits:
-            return self.splits[data]
-        if data.endswith((".json", ".jsonl", ".yaml", ".yml")):
-            if not Path(data).is_file():
-                raise FileNotFoundError(f"stage data file not found: {data}")
-            return Path(data)
-        raise KeyError(
-            f"stage data {data!r} is neither a split ({sorted(self.splits)}) nor a .json, .jsonl "
-            "or mixture .yaml path"
-        )
-
-    def __call__(self, data: str, model: nn.Module) -> LlavaDataset:
-        path = self.path(data)
-        specs = tuple(json.dumps(e.spec.to_dict(), default=str) for e in model.experts)
-        key = (str(path), specs, model.num_visual_tokens, model.max_length)
-        if key not in self._built:
-            d = self.cfg.data
-            ds = LlavaDataset.for_model(
-                path,
-                self.image_root,
-                model,
-                on_bad_record=d.on_bad_record,  # type: ignore[arg-type]
-                seed=self.cfg.seed,
-                allow_outside_root=d.allow_outside_root,
-                max_image_pixels=d.max_image_pixels,
-                skip_log=self.skip_log,
-            )
-            self._built[key] = ds
-        ds = self._built[key]
-        if self.out is not None:  # per stage data name: two names may share one file
-            name = data if data in self.splits else Path(data).stem
-            if name not in self._written:
-                counts = {"data": str(path), "records": len(ds), "sources": ds.source_counts}
-                target = self.out / "data" / f"{name}.sources.json"
-                atomic_write(target, json.dumps(counts, indent=1))
-                self._written.add(name)
-        return ds
 
 
 # ------------------------------------------------------------------------------ the run

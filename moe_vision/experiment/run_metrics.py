@@ -27,7 +27,7 @@ from moe_vision.training.trainer import Trainer, UnitReport
 
 if TYPE_CHECKING:
     from moe_vision.evaluation.evaluate import EvalResult
-    from moe_vision.experiment.run import DatasetCache
+    from moe_vision.experiment.run_config import DatasetCache
 
 # Records keep the run's logger name (``train.log`` lines read ``moe_vision.experiment.run``).
 logger = logging.getLogger("moe_vision.experiment.run")
