@@ -7,7 +7,8 @@ hand), ``throughput`` (training samples/s and fraction of peak, tiny and real si
 million-record JSONL through the indexed dataset), ``feature_cache`` (cached against uncached
 frozen-expert sweeps, tiny and real size), ``gpu`` (an Eagle-like configuration on CUDA; a
 skipped row without it), ``lora`` (optimiser memory of a real-size SFT stage, full weights
-against LoRA) and ``tiling`` (what tiling costs in tokens, FLOPs and time)::
+against LoRA), ``tiling`` (what tiling costs in tokens, FLOPs and time) and ``token_budgets``
+(visual tokens and prefill FLOPs and latency per reducer and budget)::
 
     moe-vision bench --sections cells,feature_cache
     moe-vision bench --quick          # every section at tiny sizes: a smoke test
@@ -21,13 +22,17 @@ from moe_vision.commands import comma_list
 
 #: The bench's sections in run order, named here so ``--help`` stays fast (no torch import);
 #: a test checks them against :func:`moe_vision.bench.list_sections`.
-SECTIONS = ("overhead", "throughput", "cells", "data", "feature_cache", "gpu", "lora", "tiling")
+SECTIONS = (
+    "overhead", "throughput", "cells", "data", "feature_cache", "gpu", "lora", "tiling",
+    "token_budgets",
+)  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="benchmark overhead, throughput, cells, feature cache, data, tiling, LoRA, GPU; "
+        help="benchmark overhead, throughput, cells, feature cache, data, tiling, LoRA, GPU, "
+        "token budgets; "
         "writes results/bench.csv",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
