@@ -19,7 +19,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_checks.sh"
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU node, run the script itself")
 def test_gpu_checks_script_runs_and_writes_its_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PYTEST_S": "240", "BENCH_S": "240"}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env.update(PYTEST_S="240", BENCH_S="240")
     done = subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=400
     )
