@@ -15,7 +15,17 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_vision.bench import core as bench
+from moe_vision.bench.batches import benchmark_batch
+from moe_vision.bench.harness import (
+    CSV_COLUMNS,
+    DEFAULT_MODEL,
+    BenchConfig,
+    list_sections,
+    run_bench,
+)
+from moe_vision.bench.measure import measure_matmul_peak, peak_memory_mb, reset_peak_memory
+from moe_vision.bench.overhead import direct_forward, mixture_loss
+from moe_vision.bench.throughput import train_step_flops
 from moe_vision.cli import main
 from moe_vision.commands.bench import quick_config
 
@@ -25,19 +35,19 @@ def tiny_model_and_batch(tmp_path_factory: pytest.TempPathFactory):
     from moe_vision.model.mllm import MoEVisionModel
 
     torch.manual_seed(0)
-    model = MoEVisionModel.from_config(bench.DEFAULT_MODEL).eval()
-    batch = bench.benchmark_batch(model, 2, tmp_path_factory.mktemp("bench-data"))
+    model = MoEVisionModel.from_config(DEFAULT_MODEL).eval()
+    batch = benchmark_batch(model, 2, tmp_path_factory.mktemp("bench-data"))
     return model, batch
 
 
 def test_direct_path_computes_the_same_loss_and_gradients(tiny_model_and_batch) -> None:
     model, batch = tiny_model_and_batch
     model.zero_grad()
-    mixture = bench._mixture_loss(model, batch)
+    mixture = mixture_loss(model, batch)
     mixture.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    direct, paths = bench.direct_forward(model, batch)
+    direct, paths = direct_forward(model, batch)
     direct.backward()
     assert paths == ["library", "library"]  # both experts ran as bare library modules
     torch.testing.assert_close(direct, mixture)
@@ -51,7 +61,7 @@ def test_flop_count_matches_the_llm_alone_lower_bound(tiny_model_and_batch) -> N
     from torch.utils.flop_counter import FlopCounterMode
 
     model, batch = tiny_model_and_batch
-    total = bench.train_step_flops(model, batch)
+    total = train_step_flops(model, batch)
     embeds, mask, labels = model.splice(
         batch["input_ids"],
         model.encode_images(batch["images"]).detach(),
@@ -66,11 +76,11 @@ def test_flop_count_matches_the_llm_alone_lower_bound(tiny_model_and_batch) -> N
 
 def test_matmul_peak_and_memory_are_positive() -> None:
     cpu = torch.device("cpu")
-    assert bench.measure_matmul_peak(64, cpu, repeats=2) > 0
-    bench.reset_peak_memory(cpu)  # Linux: the peak restarts from the current RSS
-    before = bench.peak_memory_mb(cpu)
+    assert measure_matmul_peak(64, cpu, repeats=2) > 0
+    reset_peak_memory(cpu)  # Linux: the peak restarts from the current RSS
+    before = peak_memory_mb(cpu)
     block = torch.ones(64, 2**20 // 4)  # 64 MiB, touched
-    assert bench.peak_memory_mb(cpu) - before > 48
+    assert peak_memory_mb(cpu) - before > 48
     del block
 
 
@@ -79,7 +89,7 @@ def test_bench_help_names_every_registered_section_in_run_order(
 ) -> None:
     from moe_vision.commands.bench import SECTIONS
 
-    assert SECTIONS == tuple(bench.list_sections())
+    assert SECTIONS == tuple(list_sections())
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -91,8 +101,8 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["bench", "--quick", "--out", str(out)]) == 0
     assert "written:" in capsys.readouterr().out
     df = pd.read_csv(out)
-    assert list(df.columns) == list(bench.CSV_COLUMNS)
-    assert set(df.section) == set(bench.list_sections())
+    assert list(df.columns) == list(CSV_COLUMNS)
+    assert set(df.section) == set(list_sections())
     metrics = set(zip(df.section, df.metric))
     for needed in [
         ("overhead", "overhead_ratio"),
@@ -138,9 +148,9 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
     cache_note = df[(df.section == "feature_cache") & (df.metric == "speedup")].note.iloc[0]
     hits = int(cache_note.split("cache hits ")[1].split("/")[0])
     assert hits > 0  # the second fusion's cell read the first one's expert maps
-    assert quick_config().real_model["experts"] != bench.DEFAULT_MODEL["experts"]
+    assert quick_config().real_model["experts"] != DEFAULT_MODEL["experts"]
     with pytest.raises(ValueError, match="unknown bench sections"):
-        bench.run_bench(quick_config(), tmp_path / "x.csv", sections=["nope"])
+        run_bench(quick_config(), tmp_path / "x.csv", sections=["nope"])
 
 
 def test_cell_breakdown_splits_the_wall_time() -> None:
@@ -153,7 +163,7 @@ def test_cell_breakdown_splits_the_wall_time() -> None:
     assert parts["train_steps_s"] == 6.0 and parts["checkpoint_s"] == 0.0
     assert parts["precompute_s"] == 1.5 and parts["other_s"] == pytest.approx(0.5)
     assert cell_breakdown(5.0, row)["other_s"] == 0.0  # never negative
-    spec = default_cell_spec(bench.BenchConfig())
+    spec = default_cell_spec(BenchConfig())
     first = default_sweep().expand()[0]
     assert spec["experts"]["combinations"] == [list(first.experts)] and len(spec["fusions"]) == 1
     assert spec["executor"] == default_sweep().executor  # the cell runs as the sweep runs it

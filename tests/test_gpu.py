@@ -85,9 +85,9 @@ def _tiny_model(fusion_name: str):  # noqa: ANN202 - the first tiny pair the str
 
 
 def _batch(model, tmp_path: Path, n: int = 2) -> dict:  # noqa: ANN001
-    from moe_vision.bench.core import _to, benchmark_batch
+    from moe_vision.bench.batches import benchmark_batch, to_device
 
-    return _to(benchmark_batch(model, n, tmp_path), torch.device("cuda"))
+    return to_device(benchmark_batch(model, n, tmp_path), torch.device("cuda"))
 
 
 def _loss(model, batch) -> torch.Tensor:  # noqa: ANN001

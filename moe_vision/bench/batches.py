@@ -2,7 +2,7 @@
 
 :func:`benchmark_batch` generates a small benchmark and reads the first instruction samples of
 it for a model (its preprocessors, tokenizer and length limit), :func:`instruct_batch` does the
-reading for a benchmark already generated, and :func:`_to` moves a collated batch to a device.
+reading for a benchmark already generated, and :func:`to_device` moves a collated batch to a device.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def instruct_batch(model: Any, bench: Any, batch_size: int) -> dict:
     return ds.collate([ds[i] for i in range(batch_size)])
 
 
-def _to(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     out = dict(batch)
     for key in ("input_ids", "attention_mask", "labels"):
         out[key] = batch[key].to(device)

@@ -36,15 +36,9 @@ from typing import Any
 
 import torch
 
-from moe_vision.bench.core import (
-    BenchConfig,
-    _median_time,
-    _to,
-    bench_row,
-    benchmark_batch,
-    measure_matmul_peak,
-    register_section,
-)
+from moe_vision.bench.batches import benchmark_batch, to_device
+from moe_vision.bench.harness import BenchConfig, bench_row, register_section
+from moe_vision.bench.measure import measure_matmul_peak, median_time
 from moe_vision.training.steps import compile_llm_blocks, fused_adamw_supported
 
 
@@ -130,7 +124,7 @@ def training_step_fraction_of_peak(
         torch.manual_seed(0)
         cpu = torch.device("cpu")
         model = MoEVisionModel.from_config(model_cfg).train()
-        batch = _to(benchmark_batch(model, batch_size, work), cpu)
+        batch = to_device(benchmark_batch(model, batch_size, work), cpu)
         for p in model.experts.parameters():
             p.requires_grad_(False)
         model.experts.eval()
@@ -157,7 +151,7 @@ def training_step_fraction_of_peak(
             loss().backward()
             optimizer.step()
 
-        seconds = _median_time(step, cpu, repeats, 2)
+        seconds = median_time(step, cpu, repeats, 2)
         peak = measure_matmul_peak(1024, cpu)
         found = {"step_s": seconds, "achieved": counter.get_total_flops() / seconds, "peak": peak}
         if compile_llm:
@@ -165,7 +159,7 @@ def training_step_fraction_of_peak(
             start = time.perf_counter()
             step()
             found["compile_s"] = time.perf_counter() - start
-            found["compiled_step_s"] = _median_time(step, cpu, repeats, 2)
+            found["compiled_step_s"] = median_time(step, cpu, repeats, 2)
     finally:
         torch.set_num_threads(before)
     return found

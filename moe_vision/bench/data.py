@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from moe_vision.bench.core import bench_row, register_section
+from moe_vision.bench.harness import bench_row, register_section
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Bench section ``feature_cache``: frozen-expert sweeps, cached against uncached, in one run.
 
-Section 2 of ``moe-vision bench`` (see :mod:`moe_vision.bench.core`). A frozen-expert sweep
+Section 2 of ``moe-vision bench`` (see :mod:`moe_vision.bench`). A frozen-expert sweep
 (``llava`` recipe: experts frozen in every stage) over several fusion strategies runs twice in this
 process, without and with the feature cache (:mod:`moe_vision.features.cache`, a fresh folder the
 cached sweep fills). Ratios (:func:`cache_ratios`), uncached time over cached time:
@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from moe_vision import results
-from moe_vision.bench.core import BenchConfig, bench_row, register_section
+from moe_vision.bench.harness import BenchConfig, bench_row, register_section
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from moe_vision.bench.batches import _to, benchmark_batch
+from moe_vision.bench.batches import benchmark_batch, to_device
 from moe_vision.bench.harness import BenchConfig, bench_row, register_section
 
 logger = logging.getLogger(__name__)
@@ -241,10 +241,10 @@ def _train_rows(
     model = build_bf16(eagle_like_config(shape), device)
     model.train()
     switched = model.gradient_checkpointing_enable()
-    images = _to(benchmark_batch(model, GPU_BATCH, work), device)["images"]
+    images = to_device(benchmark_batch(model, GPU_BATCH, work), device)["images"]
     images = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in x.items()}
               for x in images]  # fmt: skip
-    batch = _to(text_batch(model, images, GPU_BATCH, TEXT_TOKENS), device)
+    batch = to_device(text_batch(model, images, GPU_BATCH, TEXT_TOKENS), device)
     params = sum(p.numel() for p in model.parameters())
     yield row("params", params, "count", f"checkpointing in {switched}")
     flops = model_flops(model, batch)

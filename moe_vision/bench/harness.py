@@ -149,7 +149,7 @@ def describe_device(device: torch.device) -> str:
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def _config_name(model_cfg: dict[str, Any], batch_size: int) -> str:
+def config_name(model_cfg: dict[str, Any], batch_size: int) -> str:
     fusion = model_cfg.get("fusion", "channel_concat")
     return f"{'+'.join(model_cfg['experts'])} {fusion} b{batch_size}"
 

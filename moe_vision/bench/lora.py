@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from moe_vision.bench.core import BenchConfig, bench_row, register_section
+from moe_vision.bench.harness import BenchConfig, bench_row, register_section
 
 logger = logging.getLogger(__name__)
 

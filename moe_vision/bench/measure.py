@@ -67,7 +67,7 @@ def measure_matmul_peak(n: int, device: torch.device, repeats: int = 10) -> floa
     return 2 * n**3 / best
 
 
-def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+def median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     times = []

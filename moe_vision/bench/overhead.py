@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_vision.bench.batches import _to, benchmark_batch
-from moe_vision.bench.harness import BenchConfig, _config_name, bench_row, register_section
-from moe_vision.bench.measure import _median_time
+from moe_vision.bench.batches import benchmark_batch, to_device
+from moe_vision.bench.harness import BenchConfig, bench_row, config_name, register_section
+from moe_vision.bench.measure import median_time
 
 
 def library_map(expert: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -88,7 +88,7 @@ def direct_forward(model: Any, batch: dict) -> tuple[torch.Tensor, list[str]]:
     return out.loss, paths
 
 
-def _mixture_loss(model: Any, batch: dict) -> torch.Tensor:
+def mixture_loss(model: Any, batch: dict) -> torch.Tensor:
     return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -104,10 +104,10 @@ def bench_overhead(cfg: BenchConfig, device: torch.device, data_root: Path) -> l
 
     torch.manual_seed(cfg.seed)
     model = MoEVisionModel.from_config(cfg.model).to(device)
-    batch = _to(benchmark_batch(model, cfg.batch_size, data_root, cfg.seed), device)
+    batch = to_device(benchmark_batch(model, cfg.batch_size, data_root, cfg.seed), device)
     model.eval()  # no dropout: both paths must compute the same loss
     with torch.no_grad():
-        mixture, (direct, paths) = _mixture_loss(model, batch), direct_forward(model, batch)
+        mixture, (direct, paths) = mixture_loss(model, batch), direct_forward(model, batch)
     same = bool(torch.allclose(mixture, direct, rtol=1e-4, atol=1e-5))
 
     def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -117,16 +117,16 @@ def bench_overhead(cfg: BenchConfig, device: torch.device, data_root: Path) -> l
 
         return run
 
-    t_mix = step(lambda: _mixture_loss(model, batch))
+    t_mix = step(lambda: mixture_loss(model, batch))
     t_dir = step(lambda: direct_forward(model, batch)[0])
     for _ in range(cfg.warmup):
         t_mix(), t_dir()
     mix_times, dir_times = [], []
     for _ in range(cfg.repeats):  # interleaved, so drifting machine load hits both alike
-        mix_times.append(_median_time(t_mix, device, 1, 0))
-        dir_times.append(_median_time(t_dir, device, 1, 0))
+        mix_times.append(median_time(t_mix, device, 1, 0))
+        dir_times.append(median_time(t_dir, device, 1, 0))
     mix, dirc = statistics.median(mix_times), statistics.median(dir_times)
-    name = _config_name(cfg.model, cfg.batch_size)
+    name = config_name(cfg.model, cfg.batch_size)
     note = f"experts via {paths}; losses equal: {same}"
     return [
         bench_row("overhead", name, "mixture_fwd_bwd_ms", 1e3 * mix, "ms", device, note),

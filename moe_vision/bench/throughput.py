@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
-from moe_vision.bench.batches import _to, benchmark_batch
-from moe_vision.bench.harness import BenchConfig, _config_name, bench_row, register_section
+from moe_vision.bench.batches import benchmark_batch, to_device
+from moe_vision.bench.harness import BenchConfig, bench_row, config_name, register_section
 from moe_vision.bench.measure import (
-    _median_time,
     measure_matmul_peak,
+    median_time,
     peak_memory_mb,
     reset_peak_memory,
 )
-from moe_vision.bench.overhead import _mixture_loss
+from moe_vision.bench.overhead import mixture_loss
 
 # the name of the module this came from, so that log lines read as before the split
 logger = logging.getLogger("moe_vision.bench.core")
@@ -37,7 +37,7 @@ def train_step_flops(model: Any, batch: dict) -> int:
 
     model.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as counter:
-        _mixture_loss(model, batch).backward()
+        mixture_loss(model, batch).backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
@@ -80,19 +80,19 @@ def bench_throughput(
     torch.manual_seed(seed)
     reset_peak_memory(device)
     model = MoEVisionModel.from_config(model_cfg).to(device).train()
-    batch = _to(benchmark_batch(model, batch_size, data_root, seed), device)
+    batch = to_device(benchmark_batch(model, batch_size, data_root, seed), device)
     flops = train_step_flops(model, batch)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        _mixture_loss(model, batch).backward()
+        mixture_loss(model, batch).backward()
         optimizer.step()
 
     share = frozen_expert_flops_share(model, batch)
-    seconds = _median_time(step, device, steps, warmup)
+    seconds = median_time(step, device, steps, warmup)
     achieved = flops / seconds
-    name = _config_name(model_cfg, batch_size)
+    name = config_name(model_cfg, batch_size)
     params = sum(p.numel() for p in model.parameters())
     note = (
         f"{params / 1e6:.1f}M params, all trained; {model.num_visual_tokens} visual tokens; "
@@ -148,7 +148,7 @@ def bench_throughput_section(cfg: BenchConfig, dev: torch.device, work: Path) ->
         configs.append((cfg.real_model, cfg.real_batch_size, cfg.real_steps))
     found = []
     for model_cfg, batch, steps in configs:
-        logger.info("bench: throughput of %s", _config_name(model_cfg, batch))
+        logger.info("bench: throughput of %s", config_name(model_cfg, batch))
         found += bench_throughput(model_cfg, batch, steps, 1, peak, dev, work, cfg.seed)
     # The peak is the best of a measurement before and one after the runs (a shared
     # machine's load drifts); the fractions are recomputed against it.

@@ -30,14 +30,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_vision.bench.core import (
-    BenchConfig,
-    _median_time,
-    _to,
-    bench_row,
-    instruct_batch,
-    register_section,
-)
+from moe_vision.bench.batches import instruct_batch, to_device
+from moe_vision.bench.harness import BenchConfig, bench_row, register_section
+from moe_vision.bench.measure import median_time
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +93,7 @@ def bench_tiling_config(
     torch.manual_seed(cfg.seed)
     model = MoEVisionModel.from_config(copy.deepcopy(model_cfg)).to(device).eval()
     b = cfg.batch_size
-    batch = _to(tiling_batch(model, b, work, cfg.seed), device)
+    batch = to_device(tiling_batch(model, b, work, cfg.seed), device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -106,7 +101,7 @@ def bench_tiling_config(
 
     vision = _flops(lambda: model.encode_images(batch["images"]))
     total = _flops(forward)
-    seconds = _median_time(forward, device, cfg.repeats, cfg.warmup)
+    seconds = median_time(forward, device, cfg.repeats, cfg.warmup)
     note = f"{'+'.join(model.config.experts)} {model.config.fusion}; batch {b}, inference"
     return [
         bench_row("tiling", name, "visual_tokens", model.num_visual_tokens, "tokens", device, note),
