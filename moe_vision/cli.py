@@ -43,7 +43,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
     from moe_vision.data.records import DataError
     from moe_vision.sweeps.sweep import SweepBusyError
     from moe_vision.training.checkpoint import CheckpointError
-    from moe_vision.training.recipes import RecipeError
+    from moe_vision.training.recipe_stages import RecipeError
 
     return (ImageError, DataError, FusionConfigError, RecipeError, CheckpointError, SweepBusyError)
 

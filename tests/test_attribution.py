@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from synthetic import seeing_model
 
+from experts.base import collate_inputs
 from experts.spec import FeatureMap
 from moe_vision import results
 from moe_vision.analysis.attribution import (
@@ -23,10 +24,10 @@ from moe_vision.analysis.attribution import (
 )
 from moe_vision.cli import main
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-from moe_vision.data.llava import collate_inputs
 from moe_vision.evaluation.evaluate import evaluate
-from moe_vision.experiment.run import DataConfig, RunConfig
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.experiment.run_config import DataConfig, RunConfig
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
 
 CONFIG = ModelConfig(
     experts=["clip-tiny", "convnext-tiny"],

@@ -155,7 +155,7 @@ def test_bench_cli_writes_the_csv(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_cell_breakdown_splits_the_wall_time() -> None:
     from moe_vision.bench.cells import cell_breakdown, default_cell_spec
-    from moe_vision.sweeps.sweep import default_sweep
+    from moe_vision.sweeps.default import default_sweep
 
     row = {"time/step_s": 6.0, "time/data_s": 1.0, "time/features_s": 0.5, "eval_time_s": 0.5}
     row["time/precompute_s"] = 1.5

@@ -11,19 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moe_vision.data.benchmark import (
-    ANSWERS,
-    CATEGORIES,
-    CHANCE,
-    COLORS,
-    DETAIL_SIZE,
-    IMAGE_SIZE,
-    SPLITS,
-    BenchmarkPaths,
-    BenchmarkSizes,
-    generate_benchmark,
-)
+from moe_vision.data.benchmark import SPLITS, BenchmarkPaths, BenchmarkSizes, generate_benchmark
+from moe_vision.data.benchmark_scenes import DETAIL_SIZE, IMAGE_SIZE
 from moe_vision.data.benchmark_shifted import SHIFTED_WORDS
+from moe_vision.data.benchmark_tasks import ANSWERS, CATEGORIES, CHANCE, COLORS
 
 SIZES = BenchmarkSizes(align=18, instruct=36, val=12, test=30, test_shifted=12)
 

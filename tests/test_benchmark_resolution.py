@@ -13,21 +13,14 @@ from PIL import Image
 from scipy import fft
 from scipy.stats import binomtest
 
-from moe_vision.data.benchmark import (
-    ANSWERS,
-    CATEGORIES,
-    CHANCE,
-    QUESTIONS,
-    BenchmarkSizes,
-    generate_benchmark,
-)
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.benchmark_resolution import (
     SCENES,
     TEXTURE_SIZE,
     render_texture,
     texture_layout,
 )
-from moe_vision.data.benchmark_tasks import TEXTURES
+from moe_vision.data.benchmark_tasks import ANSWERS, CATEGORIES, CHANCE, QUESTIONS, TEXTURES
 
 N_PIXEL_CHECK = 400  # half to fit, half held out: 200 held-out answers, chance 1/4
 

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moe_vision.data.benchmark import (
-    ANSWERS,
-    CATEGORIES,
-    COLORS,
-    WORDS,
-    BenchmarkSizes,
-    generate_benchmark,
-)
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.benchmark_scenes import DEFAULT_STYLE
 from moe_vision.data.benchmark_shifted import SHIFTED_COLORS, SHIFTED_STYLE, SHIFTED_WORDS
+from moe_vision.data.benchmark_tasks import ANSWERS, CATEGORIES, COLORS, WORDS
 from moe_vision.zoo.data import CHARSET, MAX_TEXT, vocabulary
 
 SIZES = BenchmarkSizes(align=0, instruct=0, val=0, test=12, test_shifted=36)

@@ -21,17 +21,16 @@ from torch import nn
 from experts import FeatureMap, create_expert
 from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_benchmark
 from moe_vision.experiment.run_config import DatasetCache, RunConfig
-from moe_vision.features.cache import (
-    FeatureCache,
-    FeatureCacheError,
-    expert_cache_key,
-    stack_maps,
-    weights_fingerprint,
-)
+from moe_vision.features.cache import FeatureCache, FeatureCacheError
+from moe_vision.features.cache_keys import expert_cache_key, weights_fingerprint
 from moe_vision.features.precompute import precompute_maps
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-from moe_vision.training.recipes import Recipe, Stage
-from moe_vision.training.trainer import StepEvent, Trainer, TrainOptions, make_accelerator
+from moe_vision.features.shards import stack_maps
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
+from moe_vision.training.options import TrainOptions, make_accelerator
+from moe_vision.training.recipe_stages import Recipe, Stage
+from moe_vision.training.trainer import Trainer
+from moe_vision.training.units import StepEvent
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +346,7 @@ def test_flops_per_sample_never_runs_the_cached_experts(bench, names, monkeypatc
     from torch.utils.flop_counter import FlopCounterMode
 
     from experts.base import Expert
-    from moe_vision.experiment.run import flops_per_sample
+    from moe_vision.experiment.run_metrics import flops_per_sample
 
     set_seed(0)
     model = MoEVisionModel.from_config(ModelConfig(experts=names)).eval()
@@ -432,7 +431,8 @@ def test_precompute_decodes_each_distinct_image_once_and_skips_a_cached_stage(
 def test_precompute_names_the_record_of_an_image_it_cannot_use(bench, tmp_path, policy) -> None:
     import os
 
-    from moe_vision.data.llava import DataError, LlavaDataset
+    from moe_vision.data.llava import LlavaDataset
+    from moe_vision.data.records import DataError
 
     path, root = _shared_images_data(bench, tmp_path, n=8, bad="pipe.png")
     os.mkfifo(root / "pipe.png")

@@ -11,7 +11,8 @@ import yaml
 
 from moe_vision import results
 from moe_vision.cli import main
-from moe_vision.sweeps.sweep import SweepSpec, default_sweep
+from moe_vision.sweeps.default import default_sweep
+from moe_vision.sweeps.spec import SweepSpec
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RUN = {

@@ -9,8 +9,8 @@ import yaml
 
 from moe_vision.cli import build_parser, main
 from moe_vision.data.benchmark import BenchmarkSizes
-from moe_vision.experiment.run import DataConfig, RunConfig
-from moe_vision.training.trainer import TrainOptions
+from moe_vision.experiment.run_config import DataConfig, RunConfig
+from moe_vision.training.options import TrainOptions
 
 
 @pytest.fixture

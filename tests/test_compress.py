@@ -19,7 +19,8 @@ import experts
 import fusion
 from experts.tiling import TilingPolicy, map_specs
 from fusion.projectors.compressors import create_compressor, list_compressors
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
 
 
 def internvl_pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:

@@ -16,14 +16,8 @@ from torch.utils.data import DataLoader
 import experts
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.index import index_file
-from moe_vision.data.llava import (
-    IGNORE_INDEX,
-    DataError,
-    LlavaDataset,
-    load_records,
-    read_skips,
-    tokenize_conversation,
-)
+from moe_vision.data.llava import LlavaDataset, load_records, read_skips
+from moe_vision.data.records import IGNORE_INDEX, DataError, tokenize_conversation
 from moe_vision.model.llm import build_tokenizer
 
 SIZES = BenchmarkSizes(align=6, instruct=12, val=6, test=6)

@@ -13,8 +13,8 @@ from PIL import Image
 
 from moe_vision.cli import main
 from moe_vision.data.check import check_files
-from moe_vision.data.llava import DataError, LlavaDataset, resolve_data
-from moe_vision.data.records import RecordProblem
+from moe_vision.data.llava import LlavaDataset, resolve_data
+from moe_vision.data.records import DataError, RecordProblem
 from moe_vision.data.validation import RecordValidator
 from moe_vision.evaluation.evaluate import load_eval_items
 from moe_vision.model.llm import build_tokenizer

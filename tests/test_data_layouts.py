@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from moe_vision.data.llava import IGNORE_INDEX, DataError, LlavaDataset
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.data.llava import LlavaDataset
+from moe_vision.data.records import IGNORE_INDEX, DataError
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
 
 ANSWER = "a red square"
 

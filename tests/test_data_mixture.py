@@ -104,7 +104,8 @@ def test_a_mixture_is_stage_data_with_counts_in_the_run_folder(tmp_path) -> None
     """The run's dataset factory reads a mixture like a data file and writes its counts."""
     from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
     from moe_vision.experiment.run_config import DataConfig, DatasetCache, RunConfig
-    from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+    from moe_vision.model.config import ModelConfig
+    from moe_vision.model.mllm import MoEVisionModel
 
     bench = generate_benchmark(
         tmp_path / "b", seed=0, sizes=BenchmarkSizes(align=4, instruct=6, val=2, test=2)

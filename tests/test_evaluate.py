@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-from moe_vision.data.llava import DataError
+from moe_vision.data.records import DataError
 from moe_vision.evaluation.evaluate import (
     EvalResult,
     evaluate,
@@ -19,8 +19,9 @@ from moe_vision.evaluation.evaluate import (
     summarize,
     vqa_score,
 )
+from moe_vision.model.config import ModelConfig
 from moe_vision.model.llm import build_tokenizer
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.model.mllm import MoEVisionModel
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,8 @@ from moe_vision.cli import main
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.data.llava import load_records, read_skips
 from moe_vision.data.records import DataError, RecordProblem
-from moe_vision.experiment.run import DataConfig, RunConfig
-from moe_vision.training.trainer import TrainOptions
+from moe_vision.experiment.run_config import DataConfig, RunConfig
+from moe_vision.training.options import TrainOptions
 
 
 def _conv(question: str) -> list[dict]:

@@ -59,33 +59,9 @@ FLOORS: dict[str, float] = {
 KNOWN_UPWARD = {"moe_vision.bench.data -> moe_vision.commands.train"}
 KNOWN_CIRCLES = {
     ("experts.base", "experts.spec", "experts.tiling"),
-    ("moe_vision.data.benchmark", "moe_vision.data.benchmark_tiling"),
     ("moe_vision.model.generation", "moe_vision.model.mllm", "moe_vision.model.visual_budget"),
 }
-KNOWN_PRIVATE = {
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._background",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._draw_shape",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._jitter",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._pick",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._place",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._scene_count",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._scene_detail",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._scene_ocr",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._scene_single",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._scene_spatial",
-    "moe_vision.data.benchmark -> moe_vision.data.benchmark_scenes._shape_polygon",
-    "moe_vision.data.benchmark_resolution -> moe_vision.data.benchmark_scenes._background",
-    "moe_vision.data.benchmark_resolution -> moe_vision.data.benchmark_scenes._draw_shape",
-    "moe_vision.data.benchmark_resolution -> moe_vision.data.benchmark_scenes._jitter",
-    "moe_vision.data.benchmark_resolution -> moe_vision.data.benchmark_scenes._pick",
-    "moe_vision.data.benchmark_resolution -> moe_vision.data.benchmark_scenes._place",
-    "moe_vision.training.recipes -> moe_vision.training.recipe_presets._RECIPES",
-    "moe_vision.zoo.data -> moe_vision.data.benchmark._background",
-    "moe_vision.zoo.data -> moe_vision.data.benchmark._draw_shape",
-    "moe_vision.zoo.data -> moe_vision.data.benchmark._jitter",
-    "moe_vision.zoo.data -> moe_vision.data.benchmark._pick",
-    "moe_vision.zoo.data -> moe_vision.data.benchmark._place",
-}
+KNOWN_PRIVATE: set[str] = set()
 
 
 def project_modules(root: Path, packages: Iterable[str] = PACKAGES) -> dict[str, Path]:

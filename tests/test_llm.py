@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from moe_vision.data.benchmark import WORDS, corpus
+from moe_vision.data.benchmark_tasks import WORDS, corpus
 from moe_vision.model import llm as llm_module
 from moe_vision.model.llm import build_tokenizer, create_llm, ensure_image_token, list_llms
 

@@ -29,9 +29,11 @@ from experts.images import load_image  # noqa: E402
 from moe_vision.data.benchmark import BenchmarkSizes  # noqa: E402
 from moe_vision.evaluation import lmms_eval as adapter  # noqa: E402
 from moe_vision.evaluation.evaluate import evaluate  # noqa: E402
-from moe_vision.experiment.run import DataConfig, RunConfig, cache_root, run_experiment  # noqa: E402
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel  # noqa: E402
-from moe_vision.training.trainer import TrainOptions  # noqa: E402
+from moe_vision.experiment.run import run_experiment
+from moe_vision.experiment.run_config import DataConfig, RunConfig, cache_root
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
+from moe_vision.training.options import TrainOptions
 
 
 @pytest.fixture(scope="module")

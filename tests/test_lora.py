@@ -18,20 +18,18 @@ import torch
 from safetensors.torch import load_file
 
 from moe_vision.data.benchmark import BenchmarkSizes
-from moe_vision.experiment.run import DataConfig, RunConfig, run_experiment
-from moe_vision.features.cache import expert_cache_key
+from moe_vision.experiment.run import run_experiment
+from moe_vision.experiment.run_config import DataConfig, RunConfig
+from moe_vision.features.cache_keys import expert_cache_key
 from moe_vision.model import adapters
 from moe_vision.model.adapters import AdapterError, LoraConfig
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
 from moe_vision.training.checkpoint import TrainerState, latest_checkpoint
-from moe_vision.training.recipes import (
-    Recipe,
-    RecipeError,
-    Stage,
-    add_stage_adapters,
-    apply_stage,
-)
-from moe_vision.training.trainer import StepEvent, TrainOptions
+from moe_vision.training.options import TrainOptions
+from moe_vision.training.recipe_stages import Recipe, RecipeError, Stage
+from moe_vision.training.recipes import add_stage_adapters, apply_stage
+from moe_vision.training.units import StepEvent
 
 QV = ["q_proj", "v_proj"]
 CLIP_LORA = {"targets": ["experts.0.*"], "modules": QV, "r": 4, "alpha": 8}

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-from moe_vision.data.llava import IGNORE_INDEX, LlavaDataset
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.data.llava import LlavaDataset
+from moe_vision.data.records import IGNORE_INDEX
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
 
 CONFIG = ModelConfig(
     experts=["clip-tiny", "convnext-tiny"],

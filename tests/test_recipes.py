@@ -8,15 +8,9 @@ import pytest
 import yaml
 from torch import nn
 
-from moe_vision.training.recipes import (
-    Recipe,
-    RecipeError,
-    Stage,
-    apply_stage,
-    get_recipe,
-    list_recipes,
-    param_groups,
-)
+from moe_vision.training.recipe_presets import get_recipe, list_recipes
+from moe_vision.training.recipe_stages import Recipe, RecipeError, Stage
+from moe_vision.training.recipes import apply_stage, param_groups
 
 
 class _Toy(nn.Module):
@@ -155,7 +149,7 @@ def test_parameter_free_module_is_a_warning_not_an_error(caplog) -> None:
 def test_example_yaml_files_load() -> None:
     from pathlib import Path
 
-    from moe_vision.experiment.run import RunConfig
+    from moe_vision.experiment.run_config import RunConfig
 
     folder = Path(__file__).resolve().parents[1] / "recipes"
     files = sorted(folder.glob("*.yaml"))

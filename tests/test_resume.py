@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from moe_vision.data.benchmark import BenchmarkSizes
-from moe_vision.experiment.run import DataConfig, RunConfig, run_experiment
-from moe_vision.model.mllm import ModelConfig
+from moe_vision.experiment.run import run_experiment
+from moe_vision.experiment.run_config import DataConfig, RunConfig
+from moe_vision.model.config import ModelConfig
 from moe_vision.training.checkpoint import TrainerState, latest_checkpoint
-from moe_vision.training.trainer import StepEvent, TrainOptions
+from moe_vision.training.options import TrainOptions
+from moe_vision.training.units import StepEvent
 
 
 class Killed(RuntimeError):

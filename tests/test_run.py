@@ -10,11 +10,14 @@ import pytest
 import torch
 import yaml
 
-from moe_vision.data.benchmark import CHANCE, BenchmarkSizes
-from moe_vision.experiment.run import DataConfig, RunConfig, run_experiment, tiny_overrides
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-from moe_vision.training.recipes import get_recipe
-from moe_vision.training.trainer import TrainOptions
+from moe_vision.data.benchmark import BenchmarkSizes
+from moe_vision.data.benchmark_tasks import CHANCE
+from moe_vision.experiment.run import run_experiment
+from moe_vision.experiment.run_config import DataConfig, RunConfig, tiny_overrides
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
+from moe_vision.training.options import TrainOptions
+from moe_vision.training.recipe_presets import get_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -48,10 +48,11 @@ def test_length_grouping_pads_far_less_and_puts_the_longest_first() -> None:
 def test_a_run_trains_with_length_grouped_batches(tmp_path, monkeypatch) -> None:
     """``train.group_by_length`` reaches the trainer, which then batches by length."""
     from moe_vision.data.benchmark import BenchmarkSizes
-    from moe_vision.experiment.run import DataConfig, RunConfig, run_experiment
-    from moe_vision.model.mllm import ModelConfig
+    from moe_vision.experiment.run import run_experiment
+    from moe_vision.experiment.run_config import DataConfig, RunConfig
+    from moe_vision.model.config import ModelConfig
     from moe_vision.training import trainer
-    from moe_vision.training.trainer import TrainOptions
+    from moe_vision.training.options import TrainOptions
 
     used: list[EpochBatchSampler] = []
 

@@ -20,16 +20,11 @@ import yaml
 
 import experts
 from moe_vision import results
+from moe_vision.sweeps.cells import Cell, config_hash, weights_identity
 from moe_vision.sweeps.executors import InlineExecutor, ProcessExecutor, SubmititExecutor
-from moe_vision.sweeps.sweep import (
-    Cell,
-    ExpertCombos,
-    SweepSpec,
-    config_hash,
-    execute_cell,
-    run_sweep,
-    weights_identity,
-)
+from moe_vision.sweeps.grid_axes import ExpertCombos
+from moe_vision.sweeps.spec import SweepSpec
+from moe_vision.sweeps.sweep import execute_cell, run_sweep
 
 TESTS_DIR = Path(__file__).parent
 ENTRY = "test_sweep:fake_cell"  # workers import this module: keep its imports light

@@ -17,7 +17,7 @@ from PIL import Image
 
 import experts
 from experts.tiling import TILE_GRID_KEY, TilingPolicy, map_specs
-from moe_vision.features.cache import expert_cache_key
+from moe_vision.features.cache_keys import expert_cache_key
 
 TINY = experts.list_experts("*-tiny")
 POLICY = {"max_tiles": 3, "thumbnail": True}

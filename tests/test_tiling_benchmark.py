@@ -7,13 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from moe_vision.data.benchmark import (
-    ANSWERS,
-    CATEGORIES,
-    QUESTIONS,
-    BenchmarkSizes,
-    generate_benchmark,
-)
+from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
+from moe_vision.data.benchmark_tasks import ANSWERS, CATEGORIES, QUESTIONS
 from moe_vision.data.benchmark_tiling import EXTRA_CATEGORIES, TILING_CATEGORIES
 
 

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from moe_vision.model import visual_budget
+from moe_vision.model.config import ModelConfig
 from moe_vision.model.image_tokens import splice_visual_tokens
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.model.mllm import MoEVisionModel
 
 PAIR = dict(experts=["clip-tiny", "convnext-tiny"], llm="tiny-qwen2")
 FUSIONS = {

@@ -16,16 +16,13 @@ from moe_vision.data.benchmark import BenchmarkPaths, BenchmarkSizes, generate_b
 from moe_vision.experiment.run import single_expert_model
 from moe_vision.experiment.run_config import DatasetCache, RunConfig
 from moe_vision.features.cache import FeatureCache
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-from moe_vision.training.recipes import Recipe, Stage, get_recipe
-from moe_vision.training.trainer import (
-    NonFiniteLossError,
-    StepEvent,
-    Trainer,
-    TrainOptions,
-    expand_units,
-    make_accelerator,
-)
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
+from moe_vision.training.options import TrainOptions, make_accelerator
+from moe_vision.training.recipe_presets import get_recipe
+from moe_vision.training.recipe_stages import Recipe, Stage
+from moe_vision.training.trainer import Trainer
+from moe_vision.training.units import NonFiniteLossError, StepEvent, expand_units
 
 EXPERTS = ["clip-tiny", "convnext-tiny"]
 

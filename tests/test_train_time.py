@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from moe_vision.data.benchmark import BenchmarkSizes
-from moe_vision.experiment.run import DataConfig, RunConfig, run_experiment
-from moe_vision.model.mllm import ModelConfig
+from moe_vision.experiment.run import run_experiment
+from moe_vision.experiment.run_config import DataConfig, RunConfig
+from moe_vision.model.config import ModelConfig
 from moe_vision.training import trainer
-from moe_vision.training.trainer import TrainOptions
+from moe_vision.training.options import TrainOptions
 
 PAUSE_S = 10.0  # far above four tiny steps even on a loaded machine (about 0.3 s idle)
 

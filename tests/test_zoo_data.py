@@ -66,7 +66,7 @@ def test_no_pretraining_image_is_a_benchmark_image() -> None:
     """Pixel hashes of every kind of pretraining scene (the recipes' first batches, seed 0, and
     the fingerprint inputs) against every image of the default benchmark (generated once into
     the shared cache, as probes and runs do)."""
-    from moe_vision.experiment.run import DataConfig
+    from moe_vision.experiment.run_config import DataConfig
     from moe_vision.features.cache import default_cache_dir
     from moe_vision.zoo import MINI_RECIPES
     from moe_vision.zoo.core import fingerprint_inputs

@@ -276,7 +276,7 @@ def load_run(
     run_dir: str | os.PathLike[str], device: str | None = None
 ) -> tuple[Any, Any, Path, Path]:
     """``(model, run config, eval JSON, image root)`` of a trained run folder."""
-    from moe_vision.experiment.run import RunConfig, cache_root
+    from moe_vision.experiment.run_config import RunConfig, cache_root
     from moe_vision.model.mllm import MoEVisionModel
 
     run = Path(run_dir)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from moe_vision import results
-from moe_vision.data.benchmark import CATEGORIES, CHANCE
+from moe_vision.data.benchmark_tasks import CATEGORIES, CHANCE
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def _answer(record: dict[str, Any], path: Path) -> str:
 
 def load_data(config: ProbeConfig) -> dict[str, CategoryData]:
     """The built-in benchmark's images and answers per category (generated once and cached)."""
-    from moe_vision.experiment.run import DataConfig
+    from moe_vision.experiment.run_config import DataConfig
     from moe_vision.features.cache import default_cache_dir
 
     data = DataConfig(

@@ -44,7 +44,7 @@ from moe_vision.training.steps import compile_llm_blocks, fused_adamw_supported
 
 def default_cell_spec(cfg: BenchConfig) -> dict[str, Any]:
     """The default sweep reduced to its first cell (``cfg.cell_overrides`` applied on top)."""
-    from moe_vision.sweeps.sweep import default_sweep
+    from moe_vision.sweeps.default import default_sweep
 
     spec = default_sweep().to_dict()
     first = default_sweep().expand()[0]

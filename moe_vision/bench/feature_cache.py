@@ -53,7 +53,8 @@ def frozen_expert_sweep(
     ``fusions``, run uncached then cached (a fresh cache that the cached sweep fills), in this
     process; rows: both wall times, their ratio, and the ratio of the cells' training times."""
     from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
-    from moe_vision.sweeps.sweep import SweepSpec, run_sweep
+    from moe_vision.sweeps.spec import SweepSpec
+    from moe_vision.sweeps.sweep import run_sweep
 
     tag = "-".join(model_cfg["experts"])
     data_dir = work / f"cache-bench-data-{tag}"
@@ -145,7 +146,8 @@ def read_vs_compute(
     from PIL import Image
 
     import experts
-    from moe_vision.features.cache import FeatureCache, expert_cache_key
+    from moe_vision.features.cache import FeatureCache
+    from moe_vision.features.cache_keys import expert_cache_key
 
     image = Image.new("RGB", (640, 480), (120, 30, 200))
     rows = []

@@ -67,8 +67,9 @@ def meta_model(model_cfg: dict[str, Any], llm_arch: dict[str, Any] | None = None
     :data:`LLM_7B`), on the ``meta`` device (the tiny presets' tokenizer stands in)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from moe_vision.model.config import ModelConfig
     from moe_vision.model.llm import build_tokenizer
-    from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+    from moe_vision.model.mllm import MoEVisionModel
 
     tokenizer = build_tokenizer()
     cfg = {k: v for k, v in model_cfg.items() if k not in ("llm", "llm_options")}
@@ -108,7 +109,7 @@ def optimizer_memory(model: torch.nn.Module, stage: Any) -> dict[str, float]:
 @register_section("lora")
 def bench_lora(cfg: BenchConfig, device: torch.device, work: Path) -> list[dict]:
     """Optimiser state and gradients of the real-size SFT stage per :data:`SCENARIOS`."""
-    from moe_vision.training.recipes import Stage
+    from moe_vision.training.recipe_stages import Stage
 
     if cfg.real_model is None:
         logger.info("bench lora: no real-size configuration; skipped")

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _validator(args: argparse.Namespace) -> Any:
     from moe_vision.data.validation import RecordValidator
-    from moe_vision.experiment.run import RunConfig
+    from moe_vision.experiment.run_config import RunConfig
     from moe_vision.model.mllm import MoEVisionModel
 
     if args.run is not None:

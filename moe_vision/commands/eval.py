@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moe_vision.data.mixture import is_mixture
     from moe_vision.evaluation.evaluate import evaluate
-    from moe_vision.experiment.run import RunConfig, cache_root
+    from moe_vision.experiment.run_config import RunConfig, cache_root
     from moe_vision.model.mllm import MoEVisionModel
 
     check_device("--device", args.device)

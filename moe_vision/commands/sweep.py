@@ -132,7 +132,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_spec(args: argparse.Namespace) -> Any:
     """The sweep spec from the YAML (or the default) with the flags applied."""
-    from moe_vision.sweeps.sweep import SweepSpec, default_sweep
+    from moe_vision.sweeps.default import default_sweep
+    from moe_vision.sweeps.spec import SweepSpec
 
     spec = SweepSpec.from_yaml(args.spec) if args.spec else default_sweep()
     overrides: dict[str, Any] = dict(args.set)

@@ -129,7 +129,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> Any:
     """The :class:`~moe_vision.experiment.run.RunConfig` of ``args`` (YAML config, then flags)."""
-    from moe_vision.experiment.run import RunConfig
+    from moe_vision.experiment.run_config import RunConfig
 
     data = RunConfig.from_yaml(args.config).to_dict() if args.config else RunConfig().to_dict()
     model = data["model"]
@@ -266,8 +266,7 @@ def run(args: argparse.Namespace) -> int:
                 "--out"
             )
         args.interrupt_hint = (
-            f"`moe-vision train --out {args.out} --resume` continues from the run's last "
-            "checkpoint"
+            f"`moe-vision train --out {args.out} --resume` continues from the run's last checkpoint"
         )
         metrics = run_experiment(cfg, args.out, resume=args.resume)
     if metrics:

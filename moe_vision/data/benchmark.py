@@ -56,43 +56,20 @@ import numpy as np
 
 from moe_vision.data.benchmark_resolution import SCENES as RESOLUTION_SCENES
 from moe_vision.data.benchmark_resolution import TEXTURE_STREAM
-from moe_vision.data.benchmark_scenes import (  # noqa: F401 - re-exported: the benchmark's names
+from moe_vision.data.benchmark_scenes import (
     DEFAULT_STYLE,
-    DETAIL_SIZE,
-    IMAGE_SIZE,
     SCENES,
     Scene,
-    _background,
-    _draw_shape,
-    _jitter,
-    _pick,
-    _place,
-    _scene_count,
-    _scene_detail,
-    _scene_ocr,
-    _scene_single,
-    _scene_spatial,
-    _shape_polygon,
+    pick,
 )
 from moe_vision.data.benchmark_shifted import SHIFTED_STYLE
-from moe_vision.data.benchmark_tasks import (  # noqa: F401 - re-exported: the benchmark's names
+from moe_vision.data.benchmark_tasks import (
     ANSWER_FIELD,
-    ANSWERS,
     CAPTION_PROMPTS,
     CAPTIONS,
     CATEGORIES,
-    CHANCE,
-    COLORS,
-    COUNTS,
-    MARKER_COLORS,
     QUESTIONS,
-    RELATION_PHRASES,
-    RELATIONS,
     RESOLUTION_CATEGORIES,
-    SHAPES,
-    TEXTURES,
-    WORDS,
-    corpus,
 )
 
 logger = logging.getLogger(__name__)
@@ -189,7 +166,7 @@ class BenchmarkPaths:
 
 # ---------------------------------------------------------------------------- records
 def _question(category: str, scene: Scene, rng: np.random.Generator) -> str:
-    return _pick(rng, QUESTIONS[_base(category)]).format(**scene)
+    return pick(rng, QUESTIONS[_base(category)]).format(**scene)
 
 
 def _caption(category: str, scene: Scene) -> str:
@@ -200,7 +177,7 @@ def _record(
     split: str, index: int, category: str, scene: Scene, rng: np.random.Generator, image: str
 ) -> dict[str, Any]:
     if split == "align":
-        prompt, answer = _pick(rng, CAPTION_PROMPTS), _caption(category, scene)
+        prompt, answer = pick(rng, CAPTION_PROMPTS), _caption(category, scene)
     else:
         prompt = _question(category, scene, rng)
         answer = str(scene[ANSWER_FIELD[_base(category)]])

@@ -33,11 +33,11 @@ from PIL import Image, ImageDraw
 
 from moe_vision.data.benchmark_scenes import (
     Scene,
-    _background,
-    _draw_shape,
-    _jitter,
-    _pick,
-    _place,
+    background,
+    draw_shape,
+    jitter,
+    pick,
+    place,
 )
 from moe_vision.data.benchmark_tasks import COLORS, MARKER_COLORS, SHAPES, TEXTURES
 
@@ -66,23 +66,23 @@ class TextureLayout:
 
 def texture_layout(rng: np.random.Generator) -> TextureLayout:
     """Draw a scene's layout: background, clutter, the square's place, size and colour."""
-    marker = _pick(rng, MARKER_COLORS)
-    background = _background(TEXTURE_SIZE, rng)
+    marker = pick(rng, MARKER_COLORS)
+    canvas = background(TEXTURE_SIZE, rng)
     n_clutter = int(rng.integers(6, 11))
     r_clutter = TEXTURE_SIZE * 0.06
     # Centres at least 25 px from the border: the square's pattern stays clear of the resize
     # filter's border handling, and of the clutter.
-    centres = _place(rng, n_clutter + 1, 24.0, TEXTURE_SIZE)
+    centres = place(rng, n_clutter + 1, 24.0, TEXTURE_SIZE)
     clutter = tuple(
-        (_pick(rng, SHAPES), cx, cy, r_clutter, int(rng.integers(90, 170)))
+        (pick(rng, SHAPES), cx, cy, r_clutter, int(rng.integers(90, 170)))
         for cx, cy in centres[:-1]
     )
     cx, cy = centres[-1]
     half = float(rng.uniform(*HALF_SIDE))
     box = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
     mid = tuple((v + 128) // 2 for v in COLORS[marker])  # leaves room for +-AMPLITUDE
-    color = _jitter(mid, rng, 10)
-    return TextureLayout(background, clutter, box, color, marker)  # type: ignore[arg-type]
+    color = jitter(mid, rng, 10)
+    return TextureLayout(canvas, clutter, box, color, marker)  # type: ignore[arg-type]
 
 
 def _ramp(lo: int, hi: int) -> np.ndarray:
@@ -100,7 +100,7 @@ def render_texture(layout: TextureLayout, texture: str) -> Image.Image:
     img = layout.background.copy()
     draw = ImageDraw.Draw(img)
     for shape, cx, cy, r, grey in layout.clutter:
-        _draw_shape(draw, shape, cx, cy, r, (grey, grey, grey))
+        draw_shape(draw, shape, cx, cy, r, (grey, grey, grey))
     x0, y0, x1, y1 = layout.box
     draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=layout.color)
     if texture == "plain":
@@ -114,7 +114,7 @@ def render_texture(layout: TextureLayout, texture: str) -> Image.Image:
 
 
 def _scene_texture(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
-    texture = _pick(rng, TEXTURES)
+    texture = pick(rng, TEXTURES)
     layout = texture_layout(rng)  # draws the same numbers whatever the texture
     return render_texture(layout, texture), {"texture": texture, "marker": layout.marker}
 

@@ -4,8 +4,8 @@ A scene generator takes the split's random generator and returns the image and i
 :data:`Scene` (the fields the question, caption and answer are filled from). Every draw comes
 from that generator in a fixed order, so a seed gives byte-identical images. The opt-in
 categories (:mod:`moe_vision.data.benchmark_tiling`) and the pretraining data
-(:mod:`moe_vision.zoo.data`) draw with the same primitives (``_background``, ``_draw_shape``,
-``_jitter``, ``_pick``, ``_place``).
+(:mod:`moe_vision.zoo.data`) draw with the same primitives (``background``, ``draw_shape``,
+``jitter``, ``pick``, ``place``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ DETAIL_SIZE = 192
 
 
 # ---------------------------------------------------------------------------- drawing
-def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> tuple[int, ...]:
+def jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> tuple[int, ...]:
     return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
 
 
-def _background(size: int, rng: np.random.Generator) -> Image.Image:
+def background(size: int, rng: np.random.Generator) -> Image.Image:
     tone = tuple(int(v) for v in rng.integers(225, 256, size=3))
     return Image.new("RGB", (size, size), tone)
 
@@ -57,7 +57,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     return [(cx + rr * np.cos(a), cy + rr * np.sin(a)) for a, rr in zip(angles, radii)]
 
 
-def _draw_shape(
+def draw_shape(
     draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, ...]
 ) -> None:
     box = [cx - r, cy - r, cx + r, cy + r]
@@ -70,7 +70,7 @@ def _draw_shape(
         draw.polygon(_shape_polygon(shape, cx, cy, r), fill=fill)
 
 
-def _place(
+def place(
     rng: np.random.Generator, n: int, radius: float, size: int, gap: float = 2.0
 ) -> list[tuple[float, float]]:
     """``n`` non-overlapping centres for discs of ``radius`` inside a ``size`` canvas."""
@@ -113,34 +113,34 @@ class Style:
     text: Callable[[Image.Image, str, np.random.Generator], None]
 
 
-DEFAULT_STYLE = Style(COLORS, WORDS, _background, _draw_text)
+DEFAULT_STYLE = Style(COLORS, WORDS, background, _draw_text)
 
 
-def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
+def pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
 def _scene_single(
     rng: np.random.Generator, style: Style = DEFAULT_STYLE
 ) -> tuple[Image.Image, Scene]:
-    color, shape = _pick(rng, tuple(style.colors)), _pick(rng, SHAPES)
+    color, shape = pick(rng, tuple(style.colors)), pick(rng, SHAPES)
     img = style.background(IMAGE_SIZE, rng)
     r = float(rng.uniform(0.25, 0.4) * IMAGE_SIZE)
     cx, cy = rng.uniform(r + 2, IMAGE_SIZE - r - 2, size=2)
-    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, _jitter(style.colors[color], rng, 12))
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, jitter(style.colors[color], rng, 12))
     return img, {"color": color, "shape": shape}
 
 
 def _scene_count(
     rng: np.random.Generator, style: Style = DEFAULT_STYLE
 ) -> tuple[Image.Image, Scene]:
-    color, shape, count = _pick(rng, tuple(style.colors)), _pick(rng, SHAPES), _pick(rng, COUNTS)
+    color, shape, count = pick(rng, tuple(style.colors)), pick(rng, SHAPES), pick(rng, COUNTS)
     img = style.background(IMAGE_SIZE, rng)
     draw = ImageDraw.Draw(img)
     r = float(rng.uniform(0.07, 0.1) * IMAGE_SIZE)
-    fill = _jitter(style.colors[color], rng, 12)
-    for cx, cy in _place(rng, int(count), r, IMAGE_SIZE):
-        _draw_shape(draw, shape, cx, cy, r, fill)
+    fill = jitter(style.colors[color], rng, 12)
+    for cx, cy in place(rng, int(count), r, IMAGE_SIZE):
+        draw_shape(draw, shape, cx, cy, r, fill)
     return img, {"color": color, "shape": shape, "count": count}
 
 
@@ -148,8 +148,8 @@ def _scene_spatial(
     rng: np.random.Generator, style: Style = DEFAULT_STYLE
 ) -> tuple[Image.Image, Scene]:
     c1, c2 = (str(c) for c in rng.choice(list(style.colors), size=2, replace=False))
-    s1, s2 = _pick(rng, SHAPES), _pick(rng, SHAPES)
-    relation = _pick(rng, RELATIONS)
+    s1, s2 = pick(rng, SHAPES), pick(rng, SHAPES)
+    relation = pick(rng, RELATIONS)
     img = style.background(IMAGE_SIZE, rng)
     draw = ImageDraw.Draw(img)
     r = float(rng.uniform(0.1, 0.14) * IMAGE_SIZE)
@@ -164,15 +164,15 @@ def _scene_spatial(
         p1, p2 = (first, cross + d[0]), (second, cross + d[1])
     else:
         p1, p2 = (cross + d[0], first), (cross + d[1], second)
-    _draw_shape(draw, s1, *p1, r, _jitter(style.colors[c1], rng, 12))
-    _draw_shape(draw, s2, *p2, r, _jitter(style.colors[c2], rng, 12))
+    draw_shape(draw, s1, *p1, r, jitter(style.colors[c1], rng, 12))
+    draw_shape(draw, s2, *p2, r, jitter(style.colors[c2], rng, 12))
     scene = {"color": c1, "shape": s1, "color2": c2, "shape2": s2, "relation": relation}
     scene["relation_phrase"] = RELATION_PHRASES[relation]
     return img, scene
 
 
 def _scene_ocr(rng: np.random.Generator, style: Style = DEFAULT_STYLE) -> tuple[Image.Image, Scene]:
-    word = _pick(rng, style.words)
+    word = pick(rng, style.words)
     img = style.background(IMAGE_SIZE, rng)
     style.text(img, word, rng)
     return img, {"word": word}
@@ -181,18 +181,18 @@ def _scene_ocr(rng: np.random.Generator, style: Style = DEFAULT_STYLE) -> tuple[
 def _scene_detail(
     rng: np.random.Generator, style: Style = DEFAULT_STYLE
 ) -> tuple[Image.Image, Scene]:
-    marker = _pick(rng, MARKER_COLORS)
+    marker = pick(rng, MARKER_COLORS)
     img = style.background(DETAIL_SIZE, rng)
     draw = ImageDraw.Draw(img)
     n_clutter = int(rng.integers(6, 11))
     r_clutter = DETAIL_SIZE * 0.06
-    centres = _place(rng, n_clutter + 1, r_clutter, DETAIL_SIZE)
+    centres = place(rng, n_clutter + 1, r_clutter, DETAIL_SIZE)
     for cx, cy in centres[:-1]:
         grey = int(rng.integers(90, 170))
-        _draw_shape(draw, _pick(rng, SHAPES), cx, cy, r_clutter, (grey, grey, grey))
+        draw_shape(draw, pick(rng, SHAPES), cx, cy, r_clutter, (grey, grey, grey))
     cx, cy = centres[-1]
     s = DETAIL_SIZE * float(rng.uniform(0.02, 0.03))
-    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=_jitter(style.colors[marker], rng, 10))
+    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=jitter(style.colors[marker], rng, 10))
     return img, {"marker": marker}
 
 

@@ -27,7 +27,9 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from moe_vision.data import benchmark as bm
+from moe_vision.data.benchmark_scenes import Scene, draw_shape, jitter, pick
+from moe_vision.data.benchmark_tasks import CHANCE as BASE_CHANCE
+from moe_vision.data.benchmark_tasks import COLORS, MARKER_COLORS, SHAPES, WORDS
 
 STRIP_SIZE = (24, 256)
 """``(height, longest width)`` of an *ocr_strip* image; the width is drawn in 192..256."""
@@ -37,13 +39,13 @@ WIDE_SIZE = (128, 384)
 EXTRA_CATEGORIES: dict[str, str] = {"ocr_strip": "ocr", "detail_wide": "detail"}
 """Opt-in category -> the base category whose questions, captions and answers it uses."""
 TILING_CATEGORIES: tuple[str, ...] = tuple(EXTRA_CATEGORIES)
-CHANCE: dict[str, float] = {c: bm.CHANCE[base] for c, base in EXTRA_CATEGORIES.items()}
+CHANCE: dict[str, float] = {c: BASE_CHANCE[base] for c, base in EXTRA_CATEGORIES.items()}
 """Accuracy of a uniform guess in each opt-in category."""
 
 
-def _scene_ocr_strip(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]:
+def _scene_ocr_strip(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
     """A receipt-like strip: one word in small type at a random place, grey rules elsewhere."""
-    word = bm._pick(rng, bm.WORDS)
+    word = pick(rng, WORDS)
     height, width = STRIP_SIZE[0], int(rng.integers(192, STRIP_SIZE[1] + 1))
     tone = tuple(int(v) for v in rng.integers(225, 256, size=3))
     img = Image.new("RGB", (width, height), tone)
@@ -65,9 +67,9 @@ def _scene_ocr_strip(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]:
     return img, {"word": word}
 
 
-def _scene_detail_wide(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]:
+def _scene_detail_wide(rng: np.random.Generator) -> tuple[Image.Image, Scene]:
     """Grey clutter on a wide 3:1 canvas and one small marker of a colour."""
-    marker = bm._pick(rng, bm.MARKER_COLORS)
+    marker = pick(rng, MARKER_COLORS)
     short, long = WIDE_SIZE
     tone = tuple(int(v) for v in rng.integers(225, 256, size=3))
     img = Image.new("RGB", (long, short), tone)
@@ -80,14 +82,14 @@ def _scene_detail_wide(rng: np.random.Generator) -> tuple[Image.Image, bm.Scene]
     ]
     for cx, cy in centres:
         grey = int(rng.integers(90, 170))
-        bm._draw_shape(draw, bm._pick(rng, bm.SHAPES), cx, cy, r, (grey, grey, grey))
+        draw_shape(draw, pick(rng, SHAPES), cx, cy, r, (grey, grey, grey))
     s = short * float(rng.uniform(0.025, 0.035))
     cx, cy = float(rng.uniform(s + 2, long - s - 2)), float(rng.uniform(s + 2, short - s - 2))
-    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=bm._jitter(bm.COLORS[marker], rng, 10))
+    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=jitter(COLORS[marker], rng, 10))
     return img, {"marker": marker}
 
 
-SCENES: dict[str, Callable[[np.random.Generator], tuple[Image.Image, bm.Scene]]] = {
+SCENES: dict[str, Callable[[np.random.Generator], tuple[Image.Image, Scene]]] = {
     "ocr_strip": _scene_ocr_strip,
     "detail_wide": _scene_detail_wide,
 }

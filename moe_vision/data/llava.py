@@ -49,19 +49,15 @@ from experts.base import ExpertInputs, collate_inputs
 from experts.images import ImageError, check_image_file, image_content_key, open_image_file
 from moe_vision.data.index import RecordIndex, index_file
 from moe_vision.data.mixture import Mixture, is_mixture
-from moe_vision.data.records import (  # noqa: F401 - re-exported: the data layer's names
-    DEFAULT_CATEGORY,
+from moe_vision.data.records import (
     IGNORE_INDEX,
-    ROLES,
     BadRecordPolicy,
     DataError,
     RecordProblem,
     SkippedRecord,
     record_id,
-    to_messages,
-    tokenize_conversation,
 )
-from moe_vision.data.validation import RecordValidator, Sample  # noqa: F401
+from moe_vision.data.validation import RecordValidator, Sample
 
 logger = logging.getLogger(__name__)
 

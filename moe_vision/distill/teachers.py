@@ -23,7 +23,8 @@ from PIL import Image
 import experts
 from experts import Expert, FeatureMap
 from experts.align import content_boxes, fill_content
-from moe_vision.features.cache import FeatureCache, expert_cache_key
+from moe_vision.features.cache import FeatureCache
+from moe_vision.features.cache_keys import expert_cache_key
 
 
 def image_key(image: Image.Image) -> str:

@@ -54,31 +54,22 @@ from typing import Any
 import yaml
 
 from moe_vision.console import logs_to_run_folder
-from moe_vision.experiment.run_config import (  # noqa: F401 - re-exported: the run's API
-    TINY_OVERRIDES,
-    TINY_RECIPE_OVERRIDES,
-    DataConfig,
+from moe_vision.experiment.run_config import (
     DatasetCache,
     RunConfig,
     atomic_write,
     cache_root,
-    tiny_overrides,
 )
-from moe_vision.experiment.run_metrics import (  # noqa: F401 - re-exported: the run's API
-    flops_per_sample,
+from moe_vision.experiment.run_metrics import (
     metrics_row,
-    peak_memory_mb,
 )
 from moe_vision.features.cache import FeatureCache
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
+from moe_vision.training.options import make_accelerator
 from moe_vision.training.steps import eager
-from moe_vision.training.trainer import (  # noqa: F401 - TrainOptions re-exported
-    StepHook,
-    Trainer,
-    TrainOptions,
-    TrainUnit,
-    make_accelerator,
-)
+from moe_vision.training.trainer import Trainer
+from moe_vision.training.units import StepHook, TrainUnit
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from moe_vision.data.benchmark import SPLITS, BenchmarkSizes, generate_benchmark
 from moe_vision.data.llava import LlavaDataset, read_skips
 from moe_vision.data.mixture import is_mixture
 from moe_vision.features.cache import default_cache_dir
-from moe_vision.model.mllm import ModelConfig
+from moe_vision.model.config import ModelConfig
 from moe_vision.training.options import TrainOptions
-from moe_vision.training.recipes import Recipe, get_recipe
+from moe_vision.training.recipe_presets import get_recipe
+from moe_vision.training.recipe_stages import Recipe
 
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {"*": {"batch_size": 16, "lr": 2e-3}}
 """Stage overrides every recipe gets in the default (tiny, CPU) run: tiny random-init models need

@@ -23,7 +23,8 @@ from moe_vision.data.llava import LlavaDataset
 from moe_vision.features.cache import FeatureCache
 from moe_vision.model import adapters
 from moe_vision.model.mllm import MoEVisionModel
-from moe_vision.training.trainer import Trainer, UnitReport
+from moe_vision.training.trainer import Trainer
+from moe_vision.training.units import UnitReport
 
 if TYPE_CHECKING:
     from moe_vision.evaluation.evaluate import EvalResult

@@ -48,14 +48,9 @@ import torch
 
 from experts.base import Expert, ExpertInputs
 from experts.spec import FeatureMap
-from moe_vision.features.cache_keys import (  # noqa: F401 - re-exported
-    expert_cache_key,
-    weights_fingerprint,
-)
 from moe_vision.features.shards import (
     Shard,
     atomic_text,
-    mmap_safetensors,  # noqa: F401 - re-exported
     read_shard,
     save_shard,
     shard_contents,

@@ -21,7 +21,8 @@ import torch
 
 from experts import FeatureMap, collate_inputs, load_image
 from experts.images import ImageError, image_content_key
-from moe_vision.features.cache import FeatureCache, expert_cache_key
+from moe_vision.features.cache import FeatureCache
+from moe_vision.features.cache_keys import expert_cache_key
 
 
 class CachedMaps:

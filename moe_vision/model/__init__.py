@@ -4,6 +4,7 @@ placeholders and splicing (:mod:`.image_tokens`), greedy answers (:mod:`.generat
 label-position loss (:mod:`.loss`), activation checkpointing
 (:mod:`.activation_checkpointing`) and LoRA adapters (:mod:`.adapters`)."""
 
-from moe_vision.model.mllm import ModelConfig, MoEVisionModel
+from moe_vision.model.config import ModelConfig
+from moe_vision.model.mllm import MoEVisionModel
 
 __all__ = ["ModelConfig", "MoEVisionModel"]

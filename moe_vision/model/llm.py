@@ -95,7 +95,7 @@ def list_llms() -> list[str]:
 
 @functools.cache
 def _trained_tokenizer_json(vocab_size: int) -> str:
-    from moe_vision.data.benchmark import corpus
+    from moe_vision.data.benchmark_tasks import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -51,12 +51,8 @@ from typing import Any
 import yaml
 
 from moe_vision import results
-from moe_vision.sweeps.cells import (  # noqa: F401 - re-exported: a cell and its id
-    HASHED_CHECKPOINT_BYTES,
-    RUNTIME_KEYS,
+from moe_vision.sweeps.cells import (
     Cell,
-    config_hash,
-    weights_identity,
 )
 from moe_vision.sweeps.controls import (
     EQUAL_TOKENS,
@@ -66,8 +62,7 @@ from moe_vision.sweeps.controls import (
     check_controls,
     variants,
 )
-from moe_vision.sweeps.grid_axes import (  # noqa: F401 - re-exported: the grid's axes
-    EXCLUDE_KEYS,
+from moe_vision.sweeps.grid_axes import (
     ExpertCombos,
     FusionChoice,
     SweepSpecError,
@@ -306,7 +301,7 @@ class SweepSpec:
             )
         if not self.recipes:
             raise ValueError("sweep spec: no recipes; give 'recipes'")
-        from moe_vision.training.recipes import get_recipe
+        from moe_vision.training.recipe_presets import get_recipe
 
         for recipe in self.recipes:
             get_recipe(recipe)  # raises naming the presets, or the missing YAML file

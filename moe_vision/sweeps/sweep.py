@@ -27,21 +27,9 @@ from typing import Any
 import pandas as pd
 
 from moe_vision import results
-from moe_vision.sweeps.default import default_sweep  # noqa: F401 - re-exported
+from moe_vision.sweeps.default import default_sweep  # noqa: F401 - test_fingerprint imports it here
 from moe_vision.sweeps.executors import Executor, create_executor
-from moe_vision.sweeps.spec import (  # noqa: F401 - re-exported: the sweep API in one place
-    DEFAULT_ENTRYPOINT,
-    EXCLUDE_KEYS,
-    RUNTIME_KEYS,
-    Cell,
-    Entrypoint,
-    ExpertCombos,
-    FusionChoice,
-    SweepSpec,
-    config_hash,
-    resolve_entrypoint,
-    weights_identity,
-)
+from moe_vision.sweeps.spec import DEFAULT_ENTRYPOINT, Entrypoint, SweepSpec, resolve_entrypoint
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +55,8 @@ def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
     """The default entrypoint: build the :class:`~moe_vision.experiment.run.RunConfig` from
     ``config`` and train + evaluate with :func:`~moe_vision.experiment.run.run_experiment`
     (resuming a killed cell)."""
-    from moe_vision.experiment.run import RunConfig, run_experiment
+    from moe_vision.experiment.run import run_experiment
+    from moe_vision.experiment.run_config import RunConfig
 
     metrics = dict(run_experiment(RunConfig.from_dict(config), cell_dir, resume=True))
     predictions = cell_dir / results.PREDICTIONS_FILE
@@ -79,7 +68,7 @@ def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
 def resolve_run_config(config: dict[str, Any]) -> dict[str, Any]:
     """A cell's config as :func:`run_cell` will run it: every ``RunConfig`` default filled in
     and the recipe expanded with its overrides (so editing a recipe YAML changes the id)."""
-    from moe_vision.experiment.run import RunConfig
+    from moe_vision.experiment.run_config import RunConfig
 
     return RunConfig.from_dict(config).to_dict(resolve=True)
 

@@ -43,18 +43,7 @@ from moe_vision.model.adapters import (
     name_matches,
     select_modules,
 )
-from moe_vision.training.recipe_presets import (  # noqa: F401 - re-exported: the recipes API
-    _RECIPES,
-    cambrian,
-    eagle,
-    get_recipe,
-    list_recipes,
-    llava,
-    register_recipe,
-)
-from moe_vision.training.recipe_stages import (  # noqa: F401 - re-exported: the recipes API
-    SCHEDULERS,
-    Recipe,
+from moe_vision.training.recipe_stages import (
     RecipeError,
     Stage,
 )

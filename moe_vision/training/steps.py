@@ -19,7 +19,8 @@ from accelerate.utils import send_to_device
 from torch import nn
 from transformers import get_scheduler
 
-from moe_vision.training.recipes import Stage, param_groups
+from moe_vision.training.recipe_stages import Stage
+from moe_vision.training.recipes import param_groups
 
 # Records keep the trainer's logger name (``train.log`` lines read ``moe_vision.training.trainer``).
 logger = logging.getLogger("moe_vision.training.trainer")

@@ -53,19 +53,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moe_vision.data.llava import LlavaDataset
-from moe_vision.features.cache import FeatureCache, expert_cache_key
+from moe_vision.features.cache import FeatureCache
+from moe_vision.features.cache_keys import expert_cache_key
 from moe_vision.training import checkpoint as ckpt
 from moe_vision.training.checkpoint import CheckpointError
 from moe_vision.training.distributed import gather_fsdp, shard_experts
 from moe_vision.training.frozen_experts import cached_experts, served_maps, store_maps
-from moe_vision.training.options import (  # noqa: F401 - re-exported: the trainer's API
-    KNOWN_TRACKERS,
+from moe_vision.training.options import (
     TrainOptions,
-    available_trackers,
-    make_accelerator,
-    resolve_mixed_precision,
 )
-from moe_vision.training.recipes import Recipe, add_stage_adapters, apply_stage
+from moe_vision.training.recipe_stages import Recipe
+from moe_vision.training.recipes import add_stage_adapters, apply_stage
 from moe_vision.training.resume import (  # load_weights: also the trainer's API
     check_fits_units,
     checkpoint_due,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.utils.data import Dataset
 
-from moe_vision.training.recipes import Recipe, Stage
+from moe_vision.training.recipe_stages import Recipe, Stage
 
 
 class NonFiniteLossError(FloatingPointError):

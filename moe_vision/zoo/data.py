@@ -34,19 +34,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from moe_vision.data.benchmark import (
-    COLORS,
+from moe_vision.data.benchmark_scenes import (
     DETAIL_SIZE,
     IMAGE_SIZE,
-    RELATION_PHRASES,
-    RELATIONS,
-    SHAPES,
-    _background,
-    _draw_shape,
-    _jitter,
-    _pick,
-    _place,
+    background,
+    draw_shape,
+    jitter,
+    pick,
+    place,
 )
+from moe_vision.data.benchmark_tasks import COLORS, RELATION_PHRASES, RELATIONS, SHAPES
 
 PRETRAIN_STREAM = 0x5EED_2001
 """Second entropy word of every pretraining generator (the benchmark's is its split index)."""
@@ -124,7 +121,7 @@ class Scene:
         o = self.objects[index]
         scale = size / self.image.width
         canvas = Image.new("L", (size, size), 0)
-        _draw_shape(ImageDraw.Draw(canvas), o.shape, o.cx * scale, o.cy * scale, o.r * scale, 255)
+        draw_shape(ImageDraw.Draw(canvas), o.shape, o.cx * scale, o.cy * scale, o.r * scale, 255)
         return np.asarray(canvas) > 127
 
 
@@ -146,32 +143,32 @@ def vocabulary() -> list[str]:
 
 # ---------------------------------------------------------------------------- scenes
 def _object(rng: np.random.Generator) -> Scene:
-    color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
-    img = _background(IMAGE_SIZE, rng)
+    color, shape = pick(rng, tuple(COLORS)), pick(rng, SHAPES)
+    img = background(IMAGE_SIZE, rng)
     r = float(rng.uniform(0.18, 0.42) * IMAGE_SIZE)
     cx, cy = (float(v) for v in rng.uniform(r + 2, IMAGE_SIZE - r - 2, size=2))
-    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, _jitter(COLORS[color], rng, 16))
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, jitter(COLORS[color], rng, 16))
     return Scene("object", img, [Obj(shape, color, cx, cy, r)])
 
 
 def _objects(rng: np.random.Generator) -> Scene:
-    color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
+    color, shape = pick(rng, tuple(COLORS)), pick(rng, SHAPES)
     n = int(rng.integers(1, MAX_OBJECTS + 1))
-    img = _background(IMAGE_SIZE, rng)
+    img = background(IMAGE_SIZE, rng)
     draw = ImageDraw.Draw(img)
     r = float(rng.uniform(0.06, 0.11) * IMAGE_SIZE)
-    fill = _jitter(COLORS[color], rng, 16)
-    objs = [Obj(shape, color, cx, cy, r) for cx, cy in _place(rng, n, r, IMAGE_SIZE)]
+    fill = jitter(COLORS[color], rng, 16)
+    objs = [Obj(shape, color, cx, cy, r) for cx, cy in place(rng, n, r, IMAGE_SIZE)]
     for o in objs:
-        _draw_shape(draw, o.shape, o.cx, o.cy, o.r, fill)
+        draw_shape(draw, o.shape, o.cx, o.cy, o.r, fill)
     return Scene("objects", img, objs)
 
 
 def _pair(rng: np.random.Generator) -> Scene:
     c1, c2 = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
-    s1, s2 = _pick(rng, SHAPES), _pick(rng, SHAPES)
-    relation = _pick(rng, RELATIONS)
-    img = _background(IMAGE_SIZE, rng)
+    s1, s2 = pick(rng, SHAPES), pick(rng, SHAPES)
+    relation = pick(rng, RELATIONS)
+    img = background(IMAGE_SIZE, rng)
     r = float(rng.uniform(0.09, 0.15) * IMAGE_SIZE)
     lo, hi = r + 1, IMAGE_SIZE - r - 1
     a = float(rng.uniform(lo, hi - 2 * r - 4))
@@ -189,14 +186,14 @@ def _pair(rng: np.random.Generator) -> Scene:
     objs = [Obj(s1, c1, *p1, r), Obj(s2, c2, *p2, r)]
     draw = ImageDraw.Draw(img)
     for o in objs:
-        _draw_shape(draw, o.shape, o.cx, o.cy, o.r, _jitter(COLORS[o.color], rng, 16))
+        draw_shape(draw, o.shape, o.cx, o.cy, o.r, jitter(COLORS[o.color], rng, 16))
     return Scene("pair", img, objs, relation=relation)
 
 
 def _text(rng: np.random.Generator) -> Scene:
     n = int(rng.integers(1, MAX_TEXT + 1))
     text = "".join(CHARSET[int(i)] for i in rng.integers(len(CHARSET), size=n))
-    img = _background(IMAGE_SIZE, rng)
+    img = background(IMAGE_SIZE, rng)
     draw = ImageDraw.Draw(img)
     size = int(rng.integers(12, 26))
     font = ImageFont.load_default(size=size)
@@ -228,22 +225,22 @@ def glyph_boxes(
 
 
 def _marker(rng: np.random.Generator) -> Scene:
-    color = _pick(rng, tuple(COLORS))
-    img = _background(DETAIL_SIZE, rng)
+    color = pick(rng, tuple(COLORS))
+    img = background(DETAIL_SIZE, rng)
     draw = ImageDraw.Draw(img)
     n_clutter = int(rng.integers(4, 13))
     r_clutter = DETAIL_SIZE * float(rng.uniform(0.045, 0.07))
-    centres = _place(rng, n_clutter + 1, r_clutter, DETAIL_SIZE)
+    centres = place(rng, n_clutter + 1, r_clutter, DETAIL_SIZE)
     objs = []
     for cx, cy in centres[:-1]:
         grey = int(rng.integers(80, 180))
-        shape = _pick(rng, SHAPES)
-        _draw_shape(draw, shape, cx, cy, r_clutter, (grey, grey, grey))
+        shape = pick(rng, SHAPES)
+        draw_shape(draw, shape, cx, cy, r_clutter, (grey, grey, grey))
         objs.append(Obj(shape, GREY, cx, cy, r_clutter))
     cx, cy = centres[-1]
     s = DETAIL_SIZE * float(rng.uniform(0.015, 0.035))
-    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=_jitter(COLORS[color], rng, 12))
-    objs.append(Obj("square", color, cx, cy, s / 0.85))  # _draw_shape's square: half-side 0.85r
+    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=jitter(COLORS[color], rng, 12))
+    objs.append(Obj("square", color, cx, cy, s / 0.85))  # draw_shape's square: half-side 0.85r
     return Scene("marker", img, objs)
 
 
@@ -267,7 +264,7 @@ def make_scenes(seed: int, step: int, batch_size: int, kinds: Sequence[str] = KI
     if bad or not kinds:
         raise KeyError(f"unknown scene kinds {bad or list(kinds)}; valid kinds are {list(KINDS)}")
     rng = scene_rng(seed, step)
-    return [SCENE_MAKERS[_pick(rng, tuple(kinds))](rng) for _ in range(batch_size)]
+    return [SCENE_MAKERS[pick(rng, tuple(kinds))](rng) for _ in range(batch_size)]
 
 
 def pixel_hash(image: Image.Image) -> str:
