@@ -29,8 +29,7 @@ import torch
 
 from moe_vision import results
 
-# the name of the module this came from, so that log lines read as before the split
-logger = logging.getLogger("moe_vision.bench.core")
+logger = logging.getLogger(__name__)
 
 CSV_COLUMNS: tuple[str, ...] = ("section", "config", "metric", "value", "unit", "device", "note")
 DEFAULT_MODEL: dict[str, Any] = {

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-# the name of the module this came from, so that log lines read as before the split
-logger = logging.getLogger("moe_vision.bench.core")
+logger = logging.getLogger(__name__)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -27,8 +27,7 @@ from moe_vision.bench.measure import (
 )
 from moe_vision.bench.overhead import mixture_loss
 
-# the name of the module this came from, so that log lines read as before the split
-logger = logging.getLogger("moe_vision.bench.core")
+logger = logging.getLogger(__name__)
 
 
 def train_step_flops(model: Any, batch: dict) -> int:

@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from moe_vision.evaluation.evaluate import EvalResult
     from moe_vision.experiment.run_config import DatasetCache
 
-# Records keep the run's logger name (``train.log`` lines read ``moe_vision.experiment.run``).
-logger = logging.getLogger("moe_vision.experiment.run")
+logger = logging.getLogger(__name__)
 
 
 def metrics_row(

@@ -22,8 +22,7 @@ from transformers import get_scheduler
 from moe_vision.training.recipe_stages import Stage
 from moe_vision.training.recipes import param_groups
 
-# Records keep the trainer's logger name (``train.log`` lines read ``moe_vision.training.trainer``).
-logger = logging.getLogger("moe_vision.training.trainer")
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
