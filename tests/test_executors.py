@@ -38,12 +38,12 @@ def test_started_workers_import_the_preload_before_the_first_item(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     executor = ProcessExecutor(workers=2, threads=1)
-    executor.start(1, preload=("colorsys",))  # one cell to run: one worker readied, not two
+    executor.start(1, preload=("tabnanny",))  # one cell to run: one worker readied, not two
     assert len(executor._ready) == 1
-    assert dict(executor.map_unordered(loaded, ["colorsys"])) == {"colorsys": True}
+    assert dict(executor.map_unordered(loaded, ["tabnanny"])) == {"tabnanny": True}
     assert executor._ready == []  # map_unordered took the readied worker and shut it down
     fresh = ProcessExecutor(workers=1, threads=1)  # not started: a bare worker
-    assert dict(fresh.map_unordered(loaded, ["colorsys"])) == {"colorsys": False}
+    assert dict(fresh.map_unordered(loaded, ["tabnanny"])) == {"tabnanny": False}
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one core left by the caller: one worker
     two_cores = ProcessExecutor(workers=2, threads=1)
     two_cores.start(5)

@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from experts.families.mini import MINI_DIR
-    from moe_vision.zoo import MINI_RECIPES, get_recipe, pretrain, save_pretrained
+    from moe_vision.zoo import MINI_RECIPES, get_pretrain_recipe, pretrain, save_pretrained
     from moe_vision.zoo.core import write_card
     from moe_vision.zoo.resume import CHECKPOINT_EVERY_S, checkpoint_path
 
@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     for name in names:
         try:
-            recipe = get_recipe(name)
+            recipe = get_pretrain_recipe(name)
         except KeyError as err:
             print(f"moe-vision pretrain: {err.args[0]}", file=sys.stderr)
             return 2

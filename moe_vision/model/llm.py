@@ -38,6 +38,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from experts.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -75,22 +77,20 @@ _TINY_ARCH = {
     "tie_word_embeddings": True,
 }
 
-_PRESETS: dict[str, TinyLLMPreset] = {
-    "tiny-qwen2": TinyLLMPreset(Qwen2Config, dict(_TINY_ARCH)),
-    "tiny-llama": TinyLLMPreset(LlamaConfig, dict(_TINY_ARCH)),
-}
+LLMS: Registry[TinyLLMPreset] = Registry("LLM preset")
+"""Tiny preset name -> its :class:`TinyLLMPreset` (any other name is a hub id or local folder)."""
+LLMS.register("tiny-qwen2", TinyLLMPreset(Qwen2Config, dict(_TINY_ARCH)))
+LLMS.register("tiny-llama", TinyLLMPreset(LlamaConfig, dict(_TINY_ARCH)))
 
 
 def register_llm(name: str, preset: TinyLLMPreset) -> None:
     """Register a tiny preset under ``name``."""
-    if name in _PRESETS:
-        raise ValueError(f"LLM preset {name!r} is already registered")
-    _PRESETS[name] = preset
+    LLMS.register(name, preset)
 
 
 def list_llms() -> list[str]:
     """Registered tiny presets (any other name is a hub id or local folder)."""
-    return sorted(_PRESETS)
+    return LLMS.list()
 
 
 @functools.cache
@@ -185,8 +185,8 @@ def create_llm(
     Returns:
         ``(model, tokenizer)``; the tokenizer holds ``image_token`` as one special token.
     """
-    if name in _PRESETS:
-        model, tokenizer = _build_tiny(_PRESETS[name], config_overrides)
+    if name in LLMS:
+        model, tokenizer = _build_tiny(LLMS.get(name), config_overrides)
     else:
         if config_overrides:
             raise TypeError(

@@ -43,22 +43,22 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
+from experts.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Outcome = Any  # the function's return value, or the BaseException that stopped it
 
-_EXECUTORS: dict[str, type[Executor]] = {}
+EXECUTORS: Registry[type[Executor]] = Registry("executor")
 
 
 def register_executor(name: str) -> Callable[[type[Executor]], type[Executor]]:
     """Class decorator: register an :class:`Executor` subclass under ``name``."""
 
     def deco(cls: type[Executor]) -> type[Executor]:
-        if name in _EXECUTORS:
-            raise ValueError(f"executor {name!r} is already registered")
+        EXECUTORS.register(name, cls)
         cls.name = name
-        _EXECUTORS[name] = cls
         return cls
 
     return deco
@@ -66,15 +66,13 @@ def register_executor(name: str) -> Callable[[type[Executor]], type[Executor]]:
 
 def list_executors() -> list[str]:
     """Registered executor names, sorted."""
-    return sorted(_EXECUTORS)
+    return EXECUTORS.list()
 
 
 def create_executor(name: str, **options: Any) -> Executor:
     """Build executor ``name`` with its options; an unknown name or option is a ``KeyError`` /
     ``ValueError`` naming it and what the executor takes."""
-    if name not in _EXECUTORS:
-        raise KeyError(f"unknown executor {name!r}; valid executors are: {list_executors()}")
-    cls = _EXECUTORS[name]
+    cls = EXECUTORS.get(name)
     valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(valid))
     if unknown:

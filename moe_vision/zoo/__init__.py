@@ -13,10 +13,10 @@ from moe_vision.zoo.core import (
     PretrainConfig,
     PretrainResult,
     build_objective,
-    get_recipe,
+    get_pretrain_recipe,
     pretrain,
     register_objective,
-    register_recipe,
+    register_pretrain_recipe,
     save_pretrained,
 )
 from moe_vision.zoo.recipes import register_default_recipes
@@ -31,9 +31,9 @@ __all__ = [
     "PretrainConfig",
     "PretrainResult",
     "build_objective",
-    "get_recipe",
+    "get_pretrain_recipe",
     "pretrain",
     "register_objective",
-    "register_recipe",
+    "register_pretrain_recipe",
     "save_pretrained",
 ]

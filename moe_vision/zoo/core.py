@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import experts
 from experts import Expert
+from experts.registry import Registry
 from moe_vision.results import atomic_write, write_json
 from moe_vision.zoo import resume
 from moe_vision.zoo.data import KINDS, Scene, make_scenes
@@ -109,19 +110,13 @@ class Objective(nn.Module, ABC):
 
 
 ObjectiveFactory = Callable[[Expert, PretrainConfig], Objective]
-OBJECTIVES: dict[str, ObjectiveFactory] = {}
+OBJECTIVES: Registry[ObjectiveFactory] = Registry("objective")
+"""Objective name -> its :class:`Objective` class (``(expert, config) -> Objective``)."""
 
 
 def register_objective(name: str) -> Callable[[ObjectiveFactory], ObjectiveFactory]:
     """Class decorator: register an :class:`Objective` under ``name``."""
-
-    def wrap(cls: ObjectiveFactory) -> ObjectiveFactory:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = cls
-        return cls
-
-    return wrap
+    return OBJECTIVES.register(name)
 
 
 @dataclass(frozen=True)
@@ -132,24 +127,18 @@ class MiniRecipe:
     config: PretrainConfig
 
 
-MINI_RECIPES: dict[str, MiniRecipe] = {}
-"""Mini preset name -> recipe; filled by the objective modules (see ``moe_vision.zoo``)."""
+MINI_RECIPES: Registry[MiniRecipe] = Registry("pretraining recipe")
+"""Mini preset name -> its pretraining recipe; filled by :mod:`moe_vision.zoo.recipes`."""
 
 
-def register_recipe(preset: str, objective: str, config: PretrainConfig) -> None:
+def register_pretrain_recipe(preset: str, objective: str, config: PretrainConfig) -> None:
     """Name the objective and defaults that ``moe-vision pretrain PRESET`` uses."""
-    if preset in MINI_RECIPES:
-        raise ValueError(f"mini recipe {preset!r} is already registered")
-    MINI_RECIPES[preset] = MiniRecipe(objective, config)
+    MINI_RECIPES.register(preset, MiniRecipe(objective, config))
 
 
-def get_recipe(preset: str) -> MiniRecipe:
-    """The recipe of ``preset``, or a ``KeyError`` listing the valid names."""
-    if preset not in MINI_RECIPES:
-        raise KeyError(
-            f"no pretraining recipe for {preset!r}; valid presets are {sorted(MINI_RECIPES)}"
-        )
-    return MINI_RECIPES[preset]
+def get_pretrain_recipe(preset: str) -> MiniRecipe:
+    """The pretraining recipe of ``preset``, or a ``KeyError`` listing the valid names."""
+    return MINI_RECIPES.get(preset)
 
 
 @dataclass
@@ -187,13 +176,10 @@ def _lr_lambda(config: PretrainConfig) -> Callable[[int], float]:
 
 def build_objective(name: str, config: PretrainConfig, objective: str | None = None) -> Objective:
     """Seed torch, build the random-init expert ``name`` and its objective."""
-    objective = objective or get_recipe(name).objective
-    if objective not in OBJECTIVES:
-        raise KeyError(
-            f"unknown objective {objective!r}; valid objectives are {sorted(OBJECTIVES)}"
-        )
+    objective = objective or get_pretrain_recipe(name).objective
+    factory = OBJECTIVES.get(objective)
     torch.manual_seed(config.seed)
-    return OBJECTIVES[objective](experts.create_expert(name), config)
+    return factory(experts.create_expert(name), config)
 
 
 def pretrain(
@@ -215,8 +201,8 @@ def pretrain(
         :class:`PretrainResult` with the trained expert and the loss curve (times and losses
         count the steps run before a resume too).
     """
-    config = config or get_recipe(name).config
-    objective = objective or get_recipe(name).objective
+    config = config or get_pretrain_recipe(name).config
+    objective = objective or get_pretrain_recipe(name).objective
     model = build_objective(name, config, objective)
     model.train()
     opt = torch.optim.AdamW(model.trainable(), lr=config.lr, weight_decay=config.weight_decay)
@@ -330,7 +316,7 @@ def card(result: PretrainResult, probe: dict[str, Any] | None = None) -> dict[st
         "channels": spec.channels,
         "objective": {
             "name": result.objective,
-            "description": OBJECTIVES[result.objective].description,
+            "description": OBJECTIVES.get(result.objective).description,
         },
         "data": {
             "generator": "moe_vision.zoo.data.make_scenes",

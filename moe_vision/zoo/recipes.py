@@ -7,7 +7,7 @@ that the whole mini zoo regenerates in under 30 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-from moe_vision.zoo.core import MINI_RECIPES, PretrainConfig, register_recipe
+from moe_vision.zoo.core import MINI_RECIPES, PretrainConfig, register_pretrain_recipe
 
 CONTRASTIVE_KINDS = ("object", "objects", "pair", "text", "marker")
 BASE_KINDS = ("object", "objects", "pair")
@@ -51,4 +51,4 @@ def register_default_recipes() -> None:
     """Register :data:`DEFAULTS` (idempotent)."""
     for name, (objective, config) in DEFAULTS.items():
         if name not in MINI_RECIPES:
-            register_recipe(name, objective, config)
+            register_pretrain_recipe(name, objective, config)
