@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experts.registry import Registry
 from moe_vision.bench import harness
 from moe_vision.bench.gpu import (
     BYTES_PER_PARAM,
@@ -113,7 +114,9 @@ def test_rows_reach_the_csv_as_a_section_yields_them(tmp_path: Path, monkeypatch
         seen.append(list(csv.DictReader(out.open())))  # read while the section still runs
         raise RuntimeError("killed by a time limit")
 
-    monkeypatch.setitem(harness._SECTIONS, "probe", section)
+    sections = Registry("bench section", ordered=True)
+    sections.register("probe", section)
+    monkeypatch.setattr(harness, "BENCH_SECTIONS", sections)
     with pytest.raises(RuntimeError, match="time limit"):
         harness.run_bench(harness.BenchConfig(), out, sections=["probe"], device="cpu")
     assert [r["metric"] for r in seen[0]] == ["first"]

@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from experts.registry import Registry
 from moe_vision import results
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ REAL_MODEL: dict[str, Any] = {
 
 
 BenchSection = Callable[["BenchConfig", torch.device, Path], Iterable[dict]]
-_SECTIONS: dict[str, BenchSection] = {}
+BENCH_SECTIONS: Registry[BenchSection] = Registry("bench section", ordered=True)
+"""Section name -> ``fn(cfg, device, work_dir) -> rows``, in registration (and run) order."""
 
 
 def register_section(name: str) -> Callable[[BenchSection], BenchSection]:
@@ -56,18 +58,12 @@ def register_section(name: str) -> Callable[[BenchSection], BenchSection]:
     registration order.
     """
 
-    def deco(fn: BenchSection) -> BenchSection:
-        if name in _SECTIONS:
-            raise ValueError(f"bench section {name!r} is registered twice")
-        _SECTIONS[name] = fn
-        return fn
-
-    return deco
+    return BENCH_SECTIONS.register(name)
 
 
 def list_sections() -> list[str]:
     """The registered section names, in the order they run."""
-    return list(_SECTIONS)
+    return BENCH_SECTIONS.list()
 
 
 @dataclass
@@ -186,7 +182,7 @@ def run_bench(
     """
     cfg = cfg or BenchConfig()
     sections = list(sections) if sections is not None else list_sections()
-    bad = sorted(set(sections) - set(_SECTIONS))
+    bad = sorted(set(sections) - set(BENCH_SECTIONS))
     if bad:
         raise ValueError(f"unknown bench sections {bad}; valid sections are {list_sections()}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -202,7 +198,7 @@ def run_bench(
             writer.writeheader()
             stream.flush()
         work = Path(tmp)
-        for name, fn in _SECTIONS.items():
+        for name, fn in BENCH_SECTIONS.items():
             if name in sections:
                 logger.info("bench: %s", name)
                 for row in fn(cfg, dev, work):
