@@ -11,11 +11,12 @@ Each family lives in its own module and registers its presets on import.
 # Family modules register their presets on import.
 from experts import families as _families  # noqa: E402,F401
 from experts.align import ALIGN_METHODS, align_to_grid  # noqa: F401
-from experts.base import Expert, ExpertInputs, StageState, collate_inputs
+from experts.base import Expert, StageState, collate_inputs
 from experts.images import ImageError, load_image, resize_normalise
 from experts.registry import create_expert, get_spec, list_experts, register_expert
-from experts.spec import ExpertSpec, FeatureMap
-from experts.tiling import TilingPolicy, map_specs
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
+from experts.tiling import map_specs
+from experts.tiling_policy import TilingPolicy
 
 __all__ = [
     "ALIGN_METHODS",

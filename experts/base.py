@@ -12,9 +12,9 @@ An expert is an ``nn.Module`` with
   :meth:`finish`) for ViTs (groups of blocks) and ConvNeXt (its stages). The LLaVA-HR
   mixture-of-resolution adapter drives these to inject a high-resolution map between groups.
 
-Inputs are a dict of tensors (:data:`ExpertInputs`) so that experts with several input tensors
-(Pix2Struct's flattened patches + attention mask) share one signature; a batch is the per-image
-dicts stacked along dim 0 (:func:`collate_inputs`).
+Inputs are a dict of tensors (:data:`~experts.spec.ExpertInputs`) so that experts with several
+input tensors (Pix2Struct's flattened patches + attention mask) share one signature; a batch is
+the per-image dicts stacked along dim 0 (:func:`collate_inputs`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ from torch import nn
 
 from experts import tiling
 from experts.images import load_image
-from experts.spec import ExpertSpec, FeatureMap
-
-ExpertInputs = dict[str, torch.Tensor]
-"""Batched inputs of one expert, e.g. ``{"pixel_values": (B, 3, H, W)}``."""
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
 
 ImageLike = Image.Image | torch.Tensor | str
 

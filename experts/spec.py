@@ -18,6 +18,11 @@ from typing import Any, Literal
 
 import torch
 
+from experts.tiling_policy import TilingPolicy
+
+ExpertInputs = dict[str, torch.Tensor]
+"""Batched inputs of one expert, e.g. ``{"pixel_values": (B, 3, H, W)}``."""
+
 Architecture = Literal["vit", "convnet"]
 
 
@@ -49,7 +54,7 @@ class ExpertSpec:
         max_patches: for variable-resolution experts, the patch budget per image.
         arch: library-specific architecture arguments (depth, width, ...). Tiny and real
             presets differ only here.
-        tiling: an optional :class:`~experts.tiling.TilingPolicy` (a dict is converted): the
+        tiling: an optional :class:`~experts.tiling_policy.TilingPolicy` (a dict is converted): the
             expert cuts images into tiles of ``input_size`` and stitches their maps. ``grid``
             and ``input_size`` stay those of one tile; :func:`experts.tiling.map_specs` gives
             the maps fusion sees.
@@ -77,8 +82,6 @@ class ExpertSpec:
 
     def __post_init__(self) -> None:
         if self.tiling is not None:
-            from experts.tiling import TilingPolicy
-
             object.__setattr__(self, "tiling", TilingPolicy.from_value(self.tiling))
 
     @property

@@ -4,7 +4,7 @@ stitch the tile maps into one :class:`~experts.spec.FeatureMap` on the combined 
 LLaVA-NeXT's AnyRes (Liu et al., 2024), InternVL 1.5 (Chen et al., arXiv 2404.16821) and
 Eagle 2 (Li et al., arXiv 2501.14818) cut an image into tiles of the encoder's native size on a
 grid chosen from its aspect ratio, run the encoder on every tile, and add a thumbnail (the whole
-image at the native size). Here a :class:`TilingPolicy` is an *expert option*
+image at the native size). Here a :class:`~experts.tiling_policy.TilingPolicy` is an *expert option*
 (``create_expert(name, tiling={...})``, stored as ``spec.tiling``), so it applies to every
 family through the family's own preprocessing::
 
@@ -18,10 +18,10 @@ family through the family's own preprocessing::
   (every ``(r, c)`` with ``min_tiles <= r*c <= max_tiles``, or an explicit ``grids`` list) take
   the one whose aspect ratio ``c*tw / (r*th)`` is closest to the image's. Candidates are
   visited in InternVL's order (by tile count; within one count, the iteration order of
-  InternVL's Python set of ``(cols, rows)`` pairs, :func:`internvl_order`), and on an exact
-  tie a later candidate replaces the best one when the image has more than half of its pixels
-  (``h * w > 0.5 * th * tw * r * c``): InternVL's ``find_closest_aspect_ratio``, tie-breaks
-  included.
+  InternVL's Python set of ``(cols, rows)`` pairs, :func:`~experts.tiling_policy.internvl_order`),
+  and on an exact tie a later candidate replaces the best one when the image has more than half
+  of its pixels (``h * w > 0.5 * th * tw * r * c``): InternVL's ``find_closest_aspect_ratio``,
+  tie-breaks included.
 * **Inputs** keep a fixed shape so that batches stack (as Pix2Struct's padded patches do): every
   input tensor of the expert gains a slot dimension ``S = max tiles (+1 thumbnail)``; unused
   slots are zeros and are never run. ``inputs["tile_grid"]`` ``(2,)`` holds ``(rows, cols)``.
@@ -44,142 +44,33 @@ an untiled spec (``tiling=None``) keeps its key and takes exactly the code path 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from experts.spec import ExpertSpec, FeatureMap
-
-if TYPE_CHECKING:
-    from experts.base import Expert, ExpertInputs
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
+from experts.tiling_policy import Grid, TilingPolicy
 
 TILE_GRID_KEY = "tile_grid"
 """Input key of the ``(rows, cols)`` tile grid of each image: ``(B, 2)`` long."""
 
-Grid = tuple[int, int]
 
+class TiledExpert(Protocol):
+    """What the tiling needs of an :class:`~experts.base.Expert` (the tiling is imported by
+    ``experts.base``, so it names the expert by this protocol, not by the class)."""
 
-@dataclass(frozen=True)
-class TilingPolicy:
-    """How an expert tiles its images (see the module docstring).
-
-    Attributes:
-        grid: fixed ``(rows, cols)``; ``None`` chooses the grid per image (dynamic).
-        max_tiles: most tiles per image (dynamic policies).
-        min_tiles: fewest tiles per image (dynamic policies).
-        grids: explicit allowed ``(rows, cols)`` grids (dynamic); ``None``: every grid with
-            ``min_tiles <= rows * cols <= max_tiles``.
-        thumbnail: also run the whole image at the expert's native size (one more map).
-    """
-
-    grid: Grid | None = None
-    max_tiles: int = 6
-    min_tiles: int = 1
-    grids: tuple[Grid, ...] | None = None
-    thumbnail: bool = False
-
-    def __post_init__(self) -> None:
-        def pair(v: Any, what: str) -> Grid:
-            if len(v) != 2 or any(int(x) != x or int(x) < 1 for x in v):
-                raise ValueError(f"TilingPolicy.{what}: expected (rows, cols) >= 1, got {v!r}")
-            return (int(v[0]), int(v[1]))
-
-        if self.grid is not None:
-            object.__setattr__(self, "grid", pair(self.grid, "grid"))
-        if self.grids is not None:
-            grids = tuple(pair(g, "grids") for g in self.grids)
-            if not grids:
-                raise ValueError("TilingPolicy.grids: expected at least one (rows, cols) grid")
-            object.__setattr__(self, "grids", grids)
-        if not 1 <= int(self.min_tiles) <= int(self.max_tiles):
-            raise ValueError(
-                f"TilingPolicy: need 1 <= min_tiles <= max_tiles, got min_tiles={self.min_tiles}, "
-                f"max_tiles={self.max_tiles}"
-            )
+    spec: ExpertSpec
 
     @classmethod
-    def from_value(cls, value: TilingPolicy | Mapping[str, Any] | None) -> TilingPolicy | None:
-        """A policy from a policy, a dict (YAML/JSON ``expert_options``) or ``None``."""
-        if value is None or isinstance(value, TilingPolicy):
-            return value
-        if not isinstance(value, Mapping):
-            raise TypeError(f"tiling: expected a TilingPolicy or a dict, got {value!r}")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(value) - valid)
-        if bad:
-            raise ValueError(f"tiling: unknown options {bad}; valid options are {sorted(valid)}")
-        return cls(**dict(value))
+    def preprocess_image(cls, spec: ExpertSpec, image: Image.Image) -> ExpertInputs: ...
 
-    @property
-    def dynamic(self) -> bool:
-        """True when the grid is chosen per image (ragged across a batch)."""
-        return self.grid is None
+    def forward_map(self, inputs: ExpertInputs) -> FeatureMap: ...
 
-    def allowed_grids(self) -> tuple[Grid, ...]:
-        """Candidate ``(rows, cols)`` grids in the order :meth:`select_grid` visits them:
-        InternVL's order (see :func:`internvl_order`)."""
-        if self.grid is not None:
-            return (self.grid,)
-        if self.grids is not None:
-            return internvl_order((c, r) for r, c in self.grids)
-        lo, hi = int(self.min_tiles), int(self.max_tiles)
-        return internvl_order(
-            (i, j)
-            for n in range(lo, hi + 1)
-            for i in range(1, n + 1)
-            for j in range(1, n + 1)
-            if lo <= i * j <= hi
-        )
-
-    def canvas(self) -> Grid:
-        """Bounding box ``(rows, cols)`` of the allowed grids: the stitched map's extent."""
-        grids = self.allowed_grids()
-        return max(g[0] for g in grids), max(g[1] for g in grids)
-
-    @property
-    def tile_slots(self) -> int:
-        """Most tiles of one image (input slots before the thumbnail)."""
-        return max(g[0] * g[1] for g in self.allowed_grids())
-
-    @property
-    def slots(self) -> int:
-        """Input slots per image: tiles plus the thumbnail."""
-        return self.tile_slots + int(self.thumbnail)
-
-    def select_grid(self, height: int, width: int, tile_size: Grid) -> Grid:
-        """``(rows, cols)`` for an image of ``height x width`` and tiles of ``tile_size``."""
-        if self.grid is not None:
-            return self.grid
-        th, tw = tile_size
-        aspect = width / height
-        best, best_diff = self.allowed_grids()[0], float("inf")
-        for r, c in self.allowed_grids():
-            diff = abs(aspect - (c * tw) / (r * th))
-            if diff < best_diff:
-                best, best_diff = (r, c), diff
-            elif diff == best_diff and height * width > 0.5 * th * tw * r * c:
-                best = (r, c)
-        return best
-
-
-def internvl_order(ratios: Iterable[Grid]) -> tuple[Grid, ...]:
-    """``(cols, rows)`` ratios to ``(rows, cols)`` grids in InternVL's visiting order.
-
-    InternVL's ``dynamic_preprocess`` builds a Python ``set`` of ``(cols, rows)`` pairs and
-    sorts it by tile count only, so grids of one count keep the set's iteration order (fixed
-    by CPython's tuple hash, not by any rule). :meth:`TilingPolicy.select_grid` replaces the
-    best grid by a later one on an exact tie (when the image is large enough), so this order
-    decides ties between equally close grids of one count, e.g. 1 x 2 against 2 x 1 for a
-    wide image with ``min_tiles=max_tiles=2``; building the same set reproduces them exactly.
-    """
-    ordered = sorted(set(ratios), key=lambda x: x[0] * x[1])  # InternVL: (cols, rows)
-    return tuple((rows, cols) for cols, rows in ordered)
+    def forward_layers(self, inputs: ExpertInputs, layers: Sequence[int]) -> list[FeatureMap]: ...
 
 
 def cut_tiles(
@@ -202,7 +93,7 @@ def tile_size_of(spec: ExpertSpec) -> Grid:
     return int(spec.input_size[0]), int(spec.input_size[1])
 
 
-def preprocess_tiled(cls: type[Expert], spec: ExpertSpec, image: Image.Image) -> ExpertInputs:
+def preprocess_tiled(cls: type[TiledExpert], spec: ExpertSpec, image: Image.Image) -> ExpertInputs:
     """One RGB image to a tiled expert's inputs (no batch dim): every input tensor of the
     expert gets a slot dimension ``S = policy.slots``; ``"tile_grid"`` is ``(rows, cols)``.
 
@@ -223,7 +114,7 @@ def preprocess_tiled(cls: type[Expert], spec: ExpertSpec, image: Image.Image) ->
     return out
 
 
-def tiled_preprocessor(cls: type[Expert], spec: ExpertSpec) -> functools.partial[ExpertInputs]:
+def tiled_preprocessor(cls: type[TiledExpert], spec: ExpertSpec) -> functools.partial[ExpertInputs]:
     """A picklable ``image -> tiled inputs`` callable (data-loader workers)."""
     return functools.partial(preprocess_tiled, cls, spec)
 
@@ -275,7 +166,7 @@ def _stitch(fmap: FeatureMap, grids: Sequence[Grid], canvas: Grid, name: str) ->
 
 
 def tiled_forward(
-    expert: Expert, inputs: ExpertInputs, layers: Sequence[int] | None = None
+    expert: TiledExpert, inputs: ExpertInputs, layers: Sequence[int] | None = None
 ) -> FeatureMap | list[FeatureMap]:
     """Run a tiled expert: every valid tile (and thumbnail) of the batch in ONE forward.
 

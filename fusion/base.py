@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experts.base import Expert, ExpertInputs
-from experts.spec import ExpertSpec, FeatureMap
+from experts.base import Expert
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
 from experts.tiling import map_specs, map_views
 
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 import experts
 import fusion
-from experts.tiling import TilingPolicy, map_specs
+from experts.tiling import map_specs
+from experts.tiling_policy import TilingPolicy
 from fusion.projectors.compressors import create_compressor, list_compressors
 from moe_vision.model.config import ModelConfig
 from moe_vision.model.mllm import MoEVisionModel

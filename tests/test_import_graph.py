@@ -58,7 +58,6 @@ FLOORS: dict[str, float] = {
 # name is written "importer -> imported", a circle as its sorted modules.
 KNOWN_UPWARD = {"moe_vision.bench.data -> moe_vision.commands.train"}
 KNOWN_CIRCLES = {
-    ("experts.base", "experts.spec", "experts.tiling"),
     ("moe_vision.model.generation", "moe_vision.model.mllm", "moe_vision.model.visual_budget"),
 }
 KNOWN_PRIVATE: set[str] = set()

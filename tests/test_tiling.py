@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import experts
-from experts.tiling import TILE_GRID_KEY, TilingPolicy, map_specs
+from experts.tiling import TILE_GRID_KEY, map_specs
+from experts.tiling_policy import TilingPolicy
 from moe_vision.features.cache_keys import expert_cache_key
 
 TINY = experts.list_experts("*-tiny")

@@ -45,10 +45,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from experts.base import Expert, ExpertInputs, StageState
+from experts.base import Expert, StageState
 from experts.families._checkpoints import read_weight_file, state_dict_mismatches
 from experts.images import resize_normalise
-from experts.spec import ExpertSpec, FeatureMap
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
 
 logger = logging.getLogger(__name__)
 

@@ -38,11 +38,11 @@ import torch
 from PIL import Image
 from timm.models.convnext import checkpoint_filter_fn
 
-from experts.base import Expert, ExpertInputs, StageState
+from experts.base import Expert, StageState
 from experts.families._checkpoints import load_into, read_weight_file, resolve_weight_file
 from experts.images import resize_normalise
 from experts.registry import register_expert
-from experts.spec import ExpertSpec, FeatureMap
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
 
 STEM_STRIDE = 4  # timm ConvNeXt "patch" stem; each later stage halves the grid
 

@@ -31,10 +31,10 @@ from PIL import Image
 from torch import nn
 
 from experts.align import align_to_grid
-from experts.base import Expert, ExpertInputs
+from experts.base import Expert
 from experts.families._checkpoints import read_weight_file
 from experts.registry import create_expert, get_spec
-from experts.spec import ExpertSpec, FeatureMap
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
 
 
 def _student_options(arch: Mapping[str, Any]) -> dict[str, Any]:

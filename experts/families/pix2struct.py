@@ -47,7 +47,7 @@ from transformers import Pix2StructVisionConfig, Pix2StructVisionModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.pix2struct.image_processing_pix2struct import torch_extract_patches
 
-from experts.base import Expert, ExpertInputs, StageState
+from experts.base import Expert, StageState
 from experts.families._checkpoints import (
     FROM_SCRATCH_INIT,
     load_into,
@@ -55,7 +55,7 @@ from experts.families._checkpoints import (
     resolve_weight_file,
 )
 from experts.registry import register_expert
-from experts.spec import ExpertSpec, FeatureMap
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
 
 
 def scatter_grid(max_patches: int, max_aspect_ratio: float) -> int:

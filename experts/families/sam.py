@@ -33,7 +33,7 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from transformers import SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionEncoder
 
-from experts.base import Expert, ExpertInputs, StageState
+from experts.base import Expert, StageState
 from experts.families._checkpoints import (
     FROM_SCRATCH_INIT,
     load_into,
@@ -43,7 +43,7 @@ from experts.families._checkpoints import (
 from experts.families.convnext import check_pixel_values
 from experts.images import resize_normalise
 from experts.registry import register_expert
-from experts.spec import ExpertSpec, FeatureMap
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SamProcessor's image_mean / image_std
 IMAGENET_STD = (0.229, 0.224, 0.225)

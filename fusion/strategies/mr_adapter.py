@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from experts.align import align_to_grid
-from experts.base import Expert, ExpertInputs
-from experts.spec import ExpertSpec, FeatureMap
+from experts.base import Expert
+from experts.spec import ExpertInputs, ExpertSpec, FeatureMap
 from fusion.base import Fusion, FusionConfig, FusionConfigError
 from fusion.registry import register_fusion
 from fusion.strategies.channel_concat import (

@@ -123,7 +123,7 @@ def bench_tiling_config(
 def eagle2_real_size_rows(device: torch.device) -> list[dict]:
     """Vision FLOPs and tokens per sample of Eagle 2's configuration at real size (meta)."""
     import experts
-    from experts.tiling import TilingPolicy
+    from experts.tiling_policy import TilingPolicy
 
     policy = TilingPolicy(max_tiles=12, thumbnail=True)
     rows, cols = policy.select_grid(1344, 1792, (448, 448))  # a 3:4 image: 3 x 4 tiles

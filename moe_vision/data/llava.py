@@ -45,8 +45,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from experts.base import ExpertInputs, collate_inputs
+from experts.base import collate_inputs
 from experts.images import ImageError, check_image_file, image_content_key, open_image_file
+from experts.spec import ExpertInputs
 from moe_vision.data.index import RecordIndex, index_file
 from moe_vision.data.mixture import Mixture, is_mixture
 from moe_vision.data.records import (

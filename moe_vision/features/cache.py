@@ -46,8 +46,8 @@ from typing import Literal
 
 import torch
 
-from experts.base import Expert, ExpertInputs
-from experts.spec import FeatureMap
+from experts.base import Expert
+from experts.spec import ExpertInputs, FeatureMap
 from moe_vision.features.shards import (
     Shard,
     atomic_text,

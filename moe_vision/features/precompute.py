@@ -48,8 +48,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from experts.base import Expert, ExpertInputs, collate_inputs
+from experts.base import Expert, collate_inputs
 from experts.images import ImageError, image_content_key
+from experts.spec import ExpertInputs
 from moe_vision.data.llava import LlavaDataset
 from moe_vision.data.records import RecordProblem, record_images
 from moe_vision.data.validation import resolve_image_path
