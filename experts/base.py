@@ -230,10 +230,5 @@ class Expert(nn.Module, ABC):
         return self.finish(state)
 
     # ------------------------------------------------------------------ helpers
-    def grid_for(self, input_size: tuple[int, int]) -> tuple[int, int]:
-        """Output grid at another input size (fixed-resolution experts)."""
-        p = self.spec.patch_size
-        return input_size[0] // p, input_size[1] // p
-
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from experts.base import collate_inputs
-from experts.images import ImageError, check_image_file, image_content_key, open_image_file
+from experts.images import ImageError, image_content_key
 from experts.spec import ExpertInputs
 from moe_vision.data.index import RecordIndex, index_file
 from moe_vision.data.mixture import Mixture, is_mixture
@@ -79,14 +79,6 @@ def load_records(json_path: str | os.PathLike[str]) -> list[Any]:
         except RecordProblem as err:
             raise DataError(f"{json_path}: {err}") from err
     return out
-
-
-def check_image(path: Path, verify: bool = True, max_pixels: int | None = None) -> None:
-    """Raise :class:`~experts.images.ImageError` if ``path`` is missing or (``verify``) cannot be
-    fully decoded under the pixel limit."""
-    check_image_file(path)  # missing, not a regular file, over the size limit
-    if verify:
-        open_image_file(path, max_pixels)
 
 
 def append_skips(path: str | os.PathLike[str], skipped: Sequence[SkippedRecord]) -> None:

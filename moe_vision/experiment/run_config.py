@@ -105,7 +105,7 @@ class DataConfig:
             raise ValueError("DataConfig.splits needs image_root: the folder of the images")
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', not {self.on_bad_record!r}")
-        if self.uses_benchmark():
+        if not self.splits:  # the built-in benchmark
             sizes = BenchmarkSizes(**(self.benchmark_sizes or {}))  # validates the fields
             if self.eval_split not in SPLITS:
                 raise ValueError(
@@ -119,9 +119,6 @@ class DataConfig:
                 )
         elif self.benchmark_sizes is not None:
             BenchmarkSizes(**self.benchmark_sizes)  # validates the fields
-
-    def uses_benchmark(self) -> bool:
-        return not self.splits
 
     def resolve(self, cache_root: Path) -> tuple[dict[str, Path], Path]:
         """``({split: json path}, image_root)``, generating the benchmark when needed."""

@@ -83,11 +83,6 @@ LLMS.register("tiny-qwen2", TinyLLMPreset(Qwen2Config, dict(_TINY_ARCH)))
 LLMS.register("tiny-llama", TinyLLMPreset(LlamaConfig, dict(_TINY_ARCH)))
 
 
-def register_llm(name: str, preset: TinyLLMPreset) -> None:
-    """Register a tiny preset under ``name``."""
-    LLMS.register(name, preset)
-
-
 def list_llms() -> list[str]:
     """Registered tiny presets (any other name is a hub id or local folder)."""
     return LLMS.list()
