@@ -42,11 +42,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moe_vision.bench.harness import bench_row, register_section
+
+if TYPE_CHECKING:
+    from moe_vision.experiment.run_config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +177,23 @@ def measure(data: Path, images: Path, cfg: DataBenchConfig) -> dict[str, float]:
     }
 
 
-def train_arguments(data: Path, images: Path, test: Path, out: Path, cache: Path) -> list[str]:
-    """``moe-vision train`` arguments of the time-to-first-step rows (one step per stage)."""
-    args = ["--recipe", "llava", "--data", f"align={data}", "--data", f"instruct={data}"]
-    args += ["--data", f"test={test}", "--image-root", str(images), "--out", str(out)]
-    return args + ["--cache-dir", str(cache), "--override", "*.max_steps=1"]
+def first_step_config(data: Path, images: Path, test: Path, cache: Path) -> RunConfig:
+    """The :class:`~moe_vision.experiment.run_config.RunConfig` of the time-to-first-step rows,
+    as ``moe-vision train --recipe llava --data align=DATA --data instruct=DATA --data test=TEST
+    --image-root IMAGES --cache-dir CACHE --override '*.max_steps=1'`` builds it (one step per
+    stage)."""
+    from moe_vision.experiment.run_config import RunConfig
+
+    config = RunConfig().to_dict()
+    config["recipe"] = "llava"
+    if config.get("overrides") is None:  # start from the recipe's defaults, as --override does
+        config["overrides"] = RunConfig.from_dict(config).effective_overrides()
+    config["overrides"].setdefault("*", {})["max_steps"] = 1
+    config["cache_dir"] = str(cache)
+    splits = {"align": str(data), "instruct": str(data), "test": str(test)}
+    config["data"]["splits"] = {**config["data"].get("splits", {}), **splits}
+    config["data"]["image_root"] = str(images)
+    return RunConfig.from_dict(config)
 
 
 def time_to_first_step(n: int, n_images: int, work: Path) -> dict[str, float]:
@@ -192,7 +207,7 @@ def time_to_first_step(n: int, n_images: int, work: Path) -> dict[str, float]:
     out, cache = work / f"first-step-run-{n}", work / f"first-step-cache-{n}"
     child = "import sys; from moe_vision.bench.data import first_steps; first_steps(sys.argv[1:])"
     start = time.time()
-    args = [sys.executable, "-c", child, *train_arguments(data, images, test, out, cache)]
+    args = [sys.executable, "-c", child, *map(str, (data, images, test, out, cache))]
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench data (first step, {n} records) failed:\n{done.stderr[-3000:]}")
@@ -209,16 +224,14 @@ class _Reached(Exception):
 
 
 def first_steps(argv: list[str]) -> None:
-    """The child process of :func:`time_to_first_step`: ``moe-vision train`` with ``argv``,
-    stopped at the last stage's first optimiser step; prints the epoch time of each stage's
-    first step as JSON."""
-    from moe_vision.commands.train import build_config, register
+    """The child process of :func:`time_to_first_step`: the run of :func:`first_step_config`
+    (``argv``: the records, images, test records, run folder and cache folder), stopped at the
+    last stage's first optimiser step; prints the epoch time of each stage's first step as
+    JSON."""
     from moe_vision.experiment.run import run_experiment
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["train", *argv])
-    cfg = build_config(args)
+    data, images, test, out, cache = map(Path, argv)
+    cfg = first_step_config(data, images, test, cache)
     stages = len(cfg.resolved_recipe().stages)
     stamps: dict[str, float] = {}
 
@@ -228,7 +241,7 @@ def first_steps(argv: list[str]) -> None:
             raise _Reached
 
     try:
-        run_experiment(cfg, args.out, resume=False, hooks=[hook])
+        run_experiment(cfg, out, resume=False, hooks=[hook])
     except _Reached:
         pass
     print(json.dumps(list(stamps.values())))
