@@ -11,7 +11,7 @@ overrides the defaults (tiny experts, tiny LLM, the built-in benchmark, the Eagl
     accelerate launch --num_processes 4 -m moe_vision.cli train --config run.yaml --out runs/z
 
 With no ``overrides`` in the config, a recipe gets its tiny-run defaults
-(:func:`~moe_vision.experiment.run.tiny_overrides`:
+(:func:`~moe_vision.experiment.run_config.tiny_overrides`:
 larger LRs for random-init models; for Eagle also short
 LLM-frozen stages and 10 SFT epochs); ``--override`` changes fields on top of them.
 ``recipes/run_tiny.yaml`` is the tuned Eagle run at its benchmark sizes (colour 1.00, shape

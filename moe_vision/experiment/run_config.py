@@ -144,9 +144,9 @@ class RunConfig:
     """A whole experiment as data (:mod:`moe_vision.experiment.run` runs it).
 
     Attributes:
-        model: the :class:`~moe_vision.model.mllm.ModelConfig`.
-        recipe: a preset name (``moe_vision.training.recipes.list_recipes()``), a YAML path, or a
-            :class:`~moe_vision.training.recipes.Recipe`.
+        model: the :class:`~moe_vision.model.config.ModelConfig`.
+        recipe: a preset name (``moe_vision.training.recipe_presets.list_recipes()``), a YAML
+            path, or a :class:`~moe_vision.training.recipe_stages.Recipe`.
         overrides: stage field overrides, ``{stage name | "*": {field: value}}``; ``None``
             (default): the tiny-run defaults of the recipe (:func:`tiny_overrides`); ``{}``: the
             recipe's own numbers.

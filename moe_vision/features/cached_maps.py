@@ -1,8 +1,8 @@
 """Evaluation through the feature cache: frozen experts' maps of the questions' images.
 
 At evaluation every expert is frozen, so its map of an image depends only on the expert (its
-spec and weights: :func:`~moe_vision.features.cache.expert_cache_key`) and the image bytes. In a
-sweep the experts are the same in many cells and every cell asks the same test questions, so
+spec and weights: :func:`~moe_vision.features.cache_keys.expert_cache_key`) and the image
+bytes. In a sweep the experts are the same in many cells and every cell asks the same test questions, so
 the test images' maps are computed once per expert and read back by every later cell.
 
 :class:`CachedMaps` serves the experts the fusion does not drive itself and whose cache

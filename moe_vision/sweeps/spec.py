@@ -123,7 +123,7 @@ class SweepSpec:
             to recipe YAML files.
         seeds: random seeds; each is a separate cell.
         model: shared :class:`~moe_vision.model.ModelConfig` fields (not ``experts``/``fusion``).
-        data: shared data config (:class:`moe_vision.experiment.run.DataConfig` fields).
+        data: shared data config (:class:`moe_vision.experiment.run_config.DataConfig` fields).
         run: other shared :class:`moe_vision.experiment.run.RunConfig` fields (``overrides`` of the
             recipe's stages, ``train`` options, ``eval_batch_size``, ``cache_dir``...).
         executor: ``{"kind": "inline" | "process" | "submitit", **options}``

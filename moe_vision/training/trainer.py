@@ -1,6 +1,6 @@
 """Staged training on ``accelerate``: one process, DDP, FSDP or DeepSpeed from the same loop.
 
-:class:`Trainer` runs a :class:`~moe_vision.training.recipes.Recipe` on a
+:class:`Trainer` runs a :class:`~moe_vision.training.recipe_stages.Recipe` on a
 :class:`~moe_vision.model.mllm.MoEVisionModel`. The recipe is expanded into *units*: one per stage,
 or one per expert for a ``per_expert`` stage (Eagle's pre-alignment: each expert with its own
 projector and the shared, frozen LLM; the expert's trained weights stay in the mixture, the
