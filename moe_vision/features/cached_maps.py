@@ -2,8 +2,9 @@
 
 At evaluation every expert is frozen, so its map of an image depends only on the expert (its
 spec and weights: :func:`~moe_vision.features.cache_keys.expert_cache_key`) and the image
-bytes. In a sweep the experts are the same in many cells and every cell asks the same test questions, so
-the test images' maps are computed once per expert and read back by every later cell.
+bytes. In a sweep the experts are the same in many cells and every cell asks the same test
+questions, so the test images' maps are computed once per expert and read back by every later
+cell.
 
 :class:`CachedMaps` serves the experts the fusion does not drive itself and whose cache
 decision is not "off". An image whose map is stored for every served expert is not decoded
