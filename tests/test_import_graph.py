@@ -61,6 +61,7 @@ KNOWN_CIRCLES = {
     ("moe_vision.model.generation", "moe_vision.model.mllm", "moe_vision.model.visual_budget"),
 }
 KNOWN_PRIVATE: set[str] = set()
+KNOWN_REEXPORTS: set[str] = set()
 
 
 def project_modules(root: Path, packages: Iterable[str] = PACKAGES) -> dict[str, Path]:
@@ -191,6 +192,42 @@ def private_imports(root: Path, packages: Iterable[str] = PACKAGES) -> list[str]
     return bad
 
 
+def defined_names(path: Path) -> set[str]:
+    """The names a module binds at its top level other than by importing them (functions,
+    classes, assignments; inside ``if`` / ``try`` / ``with`` blocks too)."""
+    names: set[str] = set()
+    body = list(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                body.extend(getattr(node, field, []))
+        elif isinstance(node, ast.ExceptHandler):
+            body.extend(node.body)
+    return names
+
+
+def reexported_imports(root: Path, packages: Iterable[str] = PACKAGES) -> list[str]:
+    """Each ``from module import name`` where ``module`` only imports ``name`` itself (a
+    forwarding address): the name is to be imported from the module that defines it. A
+    package's ``__init__`` is its public face and may gather names."""
+    modules = project_modules(root, packages)
+    defined = {name: defined_names(path) for name, path in modules.items()}
+    bad = []
+    for name, path in modules.items():
+        for target, imported, line in imports(name, path, modules):
+            if not imported or imported == "*" or modules[target].name == "__init__.py":
+                continue
+            if imported not in defined[target]:
+                bad.append(f"{path.relative_to(root)}:{line} {name} -> {target}.{imported}")
+    return bad
+
+
 def _compare(found: set, known: set, what: str) -> None:
     new, gone = sorted(found - known), sorted(known - found)
     assert not new, f"{what}:\n" + "\n".join(map(str, new))
@@ -211,6 +248,11 @@ def test_no_circle_between_modules() -> None:
 def test_no_private_name_imported_from_another_module() -> None:
     found = {s.split(" ", 1)[1] for s in private_imports(ROOT)}
     _compare(found, KNOWN_PRIVATE, "private names imported across modules")
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it() -> None:
+    found = {s.split(" ", 1)[1] for s in reexported_imports(ROOT)}
+    _compare(found, KNOWN_REEXPORTS, "names imported from a module that only imports them")
 
 
 def test_every_module_has_a_floor() -> None:
@@ -246,4 +288,13 @@ def test_the_checks_catch_what_they_are_for(tiny_tree: Path) -> None:
     assert cycles(graph(tiny_tree, pkgs)) == [["moe_vision.model.m", "moe_vision.model.n"]]
     assert private_imports(tiny_tree, pkgs) == [
         "moe_vision/model/m.py:1 moe_vision.model.m -> moe_vision.model.n._Y"
+    ]
+
+
+def test_a_forwarding_import_is_caught(tiny_tree: Path) -> None:
+    pkgs = ("moe_vision",)
+    assert not reexported_imports(tiny_tree, pkgs)  # model.m imports X from data.a, its home
+    (tiny_tree / "moe_vision/model/n.py").write_text("from moe_vision.model.m import X\n")
+    assert reexported_imports(tiny_tree, pkgs) == [
+        "moe_vision/model/n.py:1 moe_vision.model.n -> moe_vision.model.m.X"
     ]
