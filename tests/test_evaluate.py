@@ -246,3 +246,31 @@ def test_answers_do_not_depend_on_the_batch_size_and_the_prompt_format_is_record
     for name in runs:
         assert len(set(answers[1][name])) > 1, name  # answers depend on the image
         assert answers[16][name] == answers[1][name], name
+
+
+def _longest_answer_plus_two(bench, tokenizer) -> int:
+    answers = [r["conversations"][1]["value"] for r in json.loads(bench.split("test").read_text())]
+    return max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
+
+
+def test_evaluate_asks_with_the_longest_answer_plus_two(bench) -> None:
+    """Default max_new_tokens (answer_budget): the longest reference in tokens + 2."""
+    records = json.loads(bench.split("test").read_text())
+    model = ScriptedAnswerer({(r["conversations"][0]["value"], r["image"]): "x" for r in records})
+    budgets: list[int] = []
+    generate = model.generate
+    model.generate = lambda images, prompts, max_new_tokens: (
+        budgets.append(max_new_tokens) or generate(images, prompts, max_new_tokens)
+    )
+    evaluate(model, bench.split("test"), bench.images, batch_size=5)
+    assert set(budgets) == {_longest_answer_plus_two(bench, model.tokenizer)}
+
+
+def test_the_lmms_eval_task_asks_with_evaluates_budget(bench, tmp_path) -> None:
+    pytest.importorskip("lmms_eval")  # the [eval] extra
+    from moe_vision.evaluation import lmms_eval as adapter
+
+    model = ScriptedAnswerer({})
+    task = adapter.write_task(model, bench.split("test"), bench.images, tmp_path, task="t")
+    budget = _longest_answer_plus_two(bench, model.tokenizer)
+    assert f"max_new_tokens: {budget}\n" in (task / "t.yaml").read_text()

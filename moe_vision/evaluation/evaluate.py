@@ -270,6 +270,19 @@ def score(prediction: str, answers: Sequence[str]) -> float:
     )
 
 
+def answer_budget(tokenizer: Any, items: Sequence[EvalItem]) -> int:
+    """The default ``max_new_tokens`` of a question set: its longest reference answer in tokens
+    (without special tokens) + 2, so the longest right answer and its end token fit.
+
+    :func:`evaluate` and the lmms-eval task of :mod:`moe_vision.evaluation.lmms_eval` both use
+    it, so the two ask with the same budget.
+    """
+    longest = max(
+        len(tokenizer(a, add_special_tokens=False)["input_ids"]) for it in items for a in it.answers
+    )
+    return longest + 2
+
+
 def evaluate(
     model: Any,
     json_path: str | os.PathLike[str],
@@ -292,7 +305,7 @@ def evaluate(
             ``"answers"`` lists) or a mixture YAML; text-only and multi-image questions too.
         image_root: folder of the images.
         batch_size: questions per ``generate`` call.
-        max_new_tokens: answer budget; ``None``: the longest reference in tokens + 2.
+        max_new_tokens: answer budget; ``None``: :func:`answer_budget` of the questions.
         on_bad_record: ``"error"`` or ``"skip"`` (logged and counted in ``result.skipped``).
         limit: only the first ``limit`` questions.
         progress: show a progress bar.
@@ -319,12 +332,7 @@ def evaluate(
     if not items:
         raise DataError(f"{json_path}: no questions to evaluate")
     if max_new_tokens is None:
-        longest = max(
-            len(model.tokenizer(a, add_special_tokens=False)["input_ids"])
-            for it in items
-            for a in it.answers
-        )
-        max_new_tokens = longest + 2
+        max_new_tokens = answer_budget(model.tokenizer, items)
     predictions: list[dict[str, Any]] = []
     batches = range(0, len(items), batch_size)
     for start in tqdm(batches, desc=f"eval {Path(json_path).name}", disable=not progress):

@@ -57,7 +57,7 @@ from experts.base import collate_inputs
 from experts.images import load_image
 from moe_vision.data.records import BadRecordPolicy
 from moe_vision.data.validation import RecordValidator
-from moe_vision.evaluation.evaluate import load_eval_items, score
+from moe_vision.evaluation.evaluate import answer_budget, load_eval_items, score
 from moe_vision.model.mllm import MoEVisionModel
 from moe_vision.results import atomic_write
 
@@ -359,9 +359,9 @@ def write_task(
     the questions of ``json_path`` as :func:`~moe_vision.evaluation.evaluate.evaluate` would.
 
     The records go through the same validation as evaluation (``model``'s tokenizer and
-    visual tokens), and ``max_new_tokens`` defaults to evaluate's: the longest reference in
-    tokens + 2. Use it with ``lmms-eval --include_path out_dir --tasks task``. Returns the
-    folder.
+    visual tokens), and ``max_new_tokens`` defaults to evaluate's
+    (:func:`~moe_vision.evaluation.evaluate.answer_budget`). Use it with
+    ``lmms-eval --include_path out_dir --tasks task``. Returns the folder.
     """
     validator = RecordValidator(
         model.tokenizer,
@@ -371,12 +371,7 @@ def write_task(
     )
     items, _ = load_eval_items(json_path, image_root, validator, on_bad_record, limit)
     if max_new_tokens is None:
-        longest = max(
-            len(model.tokenizer(a, add_special_tokens=False)["input_ids"])
-            for it in items
-            for a in it.answers
-        )
-        max_new_tokens = longest + 2
+        max_new_tokens = answer_budget(model.tokenizer, items)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"{task}.jsonl"
