@@ -26,6 +26,7 @@ from moe_vision.cli import main
 from moe_vision.data.benchmark import BenchmarkSizes, generate_benchmark
 from moe_vision.evaluation.evaluate import evaluate
 from moe_vision.experiment.run_config import DataConfig, RunConfig
+from moe_vision.io import read_json, write_json
 from moe_vision.model.config import ModelConfig
 from moe_vision.model.mllm import MoEVisionModel
 
@@ -59,8 +60,8 @@ def _make_run(root: Path, config: ModelConfig) -> Path:
     )
     cfg.to_yaml(run / "config.yaml", resolve=True)
     result = evaluate(model, bench.split("test"), bench.images, batch_size=8)
-    results.write_json(run / results.PREDICTIONS_FILE, result.predictions)
-    results.write_json(run / results.METRICS_FILE, result.to_metrics())
+    write_json(run / results.PREDICTIONS_FILE, result.predictions)
+    write_json(run / results.METRICS_FILE, result.to_metrics())
     return run
 
 
@@ -114,7 +115,7 @@ def test_context_managers_leave_the_normal_path_untouched(run_dir: Path) -> None
 def test_attribute_against_independent_references(run_dir: Path) -> None:
     res = attribute(run_dir, n_boot=500)
     # the intact pass reproduces the run's own evaluation, answer for answer
-    saved = results.read_json(run_dir / results.PREDICTIONS_FILE)
+    saved = read_json(run_dir / results.PREDICTIONS_FILE)
     assert [p["prediction"] for p in res.intact] == [p["prediction"] for p in saved]
     # reference for the ablation: patch the expert's forward_map to return the mean map
     model = MoEVisionModel.from_pretrained(run_dir / "model").eval()
@@ -145,7 +146,7 @@ def test_attribute_against_independent_references(run_dir: Path) -> None:
             assert row["drop"] == pytest.approx(intact - ablated)
             assert row["n"] == len(pick) and row["lo"] <= row["drop"] <= row["hi"]
     # written next to the run, and read into a results row like a sweep cell's
-    data = results.read_json(run_dir / results.ATTRIBUTION_FILE)
+    data = read_json(run_dir / results.ATTRIBUTION_FILE)
     assert data["mode"] == "mean" and data["metrics"] == pytest.approx(res.to_metrics())
     row = results.cell_row({"cell_id": "run"}, run_dir)
     assert row["drop/convnext-tiny/overall"] == pytest.approx(
@@ -179,7 +180,7 @@ def test_cli_and_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "clip-tiny" in out and "convnext-tiny" in out and "drop" in out
-    assert results.read_json(run_dir / results.ATTRIBUTION_FILE)["mode"] == "zero"
+    assert read_json(run_dir / results.ATTRIBUTION_FILE)["mode"] == "zero"
     assert (run_dir / "attribution.csv").exists()
     with pytest.raises(FileNotFoundError, match="not a finished run folder"):
         attribute(tmp_path)
@@ -251,5 +252,5 @@ def test_cli_attributes_a_tiled_expert_with_a_thumbnail(
     args = ["attribute", "--run", str(run), "--limit", "4", "--n-boot", "200"]
     assert main(args) == 0
     assert "clip-tiny" in capsys.readouterr().out
-    data = results.read_json(run / results.ATTRIBUTION_FILE)
+    data = read_json(run / results.ATTRIBUTION_FILE)
     assert data["mode"] == "mean" and "drop/clip-tiny/overall" in data["metrics"]

@@ -12,6 +12,7 @@ import pytest
 
 from moe_vision import results
 from moe_vision.cli import main
+from moe_vision.io import write_json
 from moe_vision.results import seeds, stats
 
 
@@ -66,7 +67,7 @@ def test_identical_runs_do_not_differ() -> None:
 
 def test_sides_from_folders_and_seed_lists(tmp_path: Path) -> None:
     for name, data in (("a", A), ("b", B), ("a2", B)):
-        results.write_json(tmp_path / name / results.PREDICTIONS_FILE, _preds(data))
+        write_json(tmp_path / name / results.PREDICTIONS_FILE, _preds(data))
     from_dirs = results.compare(tmp_path / "a", tmp_path / "b" / results.PREDICTIONS_FILE)
     pd.testing.assert_frame_equal(from_dirs, results.compare(_preds(A), _preds(B)))
     seeds = results.compare([tmp_path / "a", tmp_path / "a2"], tmp_path / "b")
@@ -91,8 +92,8 @@ def _seed_cells(root: Path, name: str, acc: dict[str, float], rng) -> list[Path]
             for i in range(80)
         ]
         cell = root / f"{name}-s{s}"
-        results.write_json(cell / results.PREDICTIONS_FILE, preds)
-        results.write_json(cell / results.CELL_FILE, {"seed": s})
+        write_json(cell / results.PREDICTIONS_FILE, preds)
+        write_json(cell / results.CELL_FILE, {"seed": s})
         dirs.append(cell)
     return dirs
 
@@ -140,8 +141,8 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    results.write_json(tmp_path / "a" / results.PREDICTIONS_FILE, _preds(A))
-    results.write_json(tmp_path / "b" / results.PREDICTIONS_FILE, _preds(B))
+    write_json(tmp_path / "a" / results.PREDICTIONS_FILE, _preds(A))
+    write_json(tmp_path / "b" / results.PREDICTIONS_FILE, _preds(B))
     out = tmp_path / "diff.csv"
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--csv", str(out)]) == 0
     text = capsys.readouterr().out

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from moe_vision import results
+from moe_vision.io import atomic_write, read_json, write_json
 
 matplotlib.use("Agg")
 
@@ -79,11 +80,11 @@ def sweep_dir(tmp_path: Path) -> Path:
         d.mkdir(parents=True)
         if acc_tokens is not None:
             preds = _predictions(acc_tokens[0], seed=i)
-            results.write_json(d / results.PREDICTIONS_FILE, preds)
-            results.write_json(d / results.METRICS_FILE, _metrics(preds, acc_tokens[1]))
+            write_json(d / results.PREDICTIONS_FILE, preds)
+            write_json(d / results.METRICS_FILE, _metrics(preds, acc_tokens[1]))
         if error is not None:
-            results.write_json(d / results.ERROR_FILE, {"error": error, "traceback": "tb"})
-    results.write_json(tmp_path / results.MANIFEST, {"cells": [c[0] for c in cells]})
+            write_json(d / results.ERROR_FILE, {"error": error, "traceback": "tb"})
+    write_json(tmp_path / results.MANIFEST, {"cells": [c[0] for c in cells]})
     return tmp_path
 
 
@@ -100,14 +101,14 @@ def test_load_rows_from_cell_folders(sweep_dir: Path) -> None:
     assert (df.loc[df["status"] == "ok", "error"].isna()).all()
     assert df.loc[2, "experts"] == "x+y" and df.loc[2, "num_experts"] == 2
     assert json.loads(df.loc[1, "fusion_options"]) == {"dim": 32}
-    preds = results.read_json(sweep_dir / "cells" / "cell2" / results.PREDICTIONS_FILE)
+    preds = read_json(sweep_dir / "cells" / "cell2" / results.PREDICTIONS_FILE)
     assert df.loc[2, "accuracy/overall"] == pytest.approx(np.mean([p["score"] for p in preds]))
 
 
 def test_rows_carry_wilson_intervals_from_predictions(sweep_dir: Path) -> None:
     df = results.load(sweep_dir)
     for i in (0, 2, 4):
-        preds = results.read_json(sweep_dir / "cells" / f"cell{i}" / results.PREDICTIONS_FILE)
+        preds = read_json(sweep_dir / "cells" / f"cell{i}" / results.PREDICTIONS_FILE)
         for cat in (*CATEGORIES, "overall"):
             scores = [p["score"] for p in preds if cat == "overall" or p["category"] == cat]
             lo, hi = results.wilson_interval(int(sum(scores)), len(scores))
@@ -148,21 +149,21 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
     bad = tmp_path / "cells" / "c"
     bad.mkdir(parents=True)
     (bad / results.METRICS_FILE).write_text("{not json")
-    results.write_json(tmp_path / results.MANIFEST, {"cells": [{"cell_id": "c"}]})
+    write_json(tmp_path / results.MANIFEST, {"cells": [{"cell_id": "c"}]})
     with pytest.raises(ValueError, match="metrics.json is not valid JSON"):
         results.load(tmp_path)
 
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
-    results.atomic_write(path, lambda p: p.write_text("old"))
+    atomic_write(path, lambda p: p.write_text("old"))
 
     def broken(p: Path) -> None:
         p.write_text("partial")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        results.atomic_write(path, broken)
+        atomic_write(path, broken)
     assert path.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["t.csv"]  # no temp file left behind
 
@@ -256,7 +257,7 @@ def test_summary_aggregates_seeds_and_marks_best(sweep_dir: Path) -> None:
     # two seeds: the seed-level interval over seeds and questions
     matrix = np.stack(
         [
-            [p["score"] for p in results.read_json(sweep_dir / "cells" / c / "predictions.json")]
+            [p["score"] for p in read_json(sweep_dir / "cells" / c / "predictions.json")]
             for c in seeds["cell_id"]
         ]
     )

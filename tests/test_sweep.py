@@ -20,6 +20,7 @@ import yaml
 
 import experts
 from moe_vision import results
+from moe_vision.io import read_json
 from moe_vision.sweeps.cells import Cell, config_hash, weights_identity
 from moe_vision.sweeps.executors import InlineExecutor, ProcessExecutor, SubmititExecutor
 from moe_vision.sweeps.grid_axes import ExpertCombos
@@ -215,11 +216,11 @@ def test_sweep_runs_records_failures_and_resumes(
     assert list(ok.fusion) == ["channel_concat"] * 2
     assert len(failed) == 2
     assert all(e == "RuntimeError: injected failure for sequence_append" for e in failed.error)
-    err = results.read_json(out / "cells" / failed.cell_id.iloc[0] / results.ERROR_FILE)
+    err = read_json(out / "cells" / failed.cell_id.iloc[0] / results.ERROR_FILE)
     assert "Traceback" in err["traceback"] and "fake_cell" in err["traceback"]
     assert ok["accuracy/overall"].tolist() == pytest.approx([0.225, 0.375])
     assert (out / results.TABLE_CSV).exists() and (out / results.TABLE_PARQUET).exists()
-    cfg = results.read_json(out / "cells" / ok.cell_id.iloc[0] / results.CELL_FILE)["config"]
+    cfg = read_json(out / "cells" / ok.cell_id.iloc[0] / results.CELL_FILE)["config"]
     assert cfg == spec.expand()[0].config  # the cell folder holds its run config
 
     # resume without retrying: nothing runs again, the same rows

@@ -53,6 +53,7 @@ from torch import nn
 
 from experts.spec import FeatureMap
 from moe_vision import results
+from moe_vision.io import write_json
 from moe_vision.results import stats
 
 logger = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ def attribute(
     result = AttributionResult(table, intact, ablated, mode)
     if write:
         run = Path(run_dir)
-        results.write_json(
+        write_json(
             run / results.ATTRIBUTION_FILE,
             {"mode": mode, "metrics": result.to_metrics(), "table": table.to_dict("records")},
         )

@@ -70,7 +70,7 @@ def _validator(args: argparse.Namespace) -> Any:
 
 def run_check(args: argparse.Namespace) -> int:
     from moe_vision.data.check import check_files, format_report
-    from moe_vision.results import atomic_write
+    from moe_vision.io import atomic_write
 
     check_at_least("--workers", args.workers, 0)  # before the check runs, not after
     check_at_least("--examples", args.examples, 0)
@@ -87,7 +87,7 @@ def run_check(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json is not None:
         text = json.dumps(report, indent=1)
-        atomic_write(args.json, lambda p: p.write_text(text, encoding="utf-8"))
+        atomic_write(args.json, text)
         print(f"wrote {args.json}")
     if report["refused_files"]:
         return 2

@@ -29,8 +29,8 @@ from experts.families.distilled import (
     teacher_shapes,
 )
 from moe_vision.distill.objective import MultiTeacherDistillation
-from moe_vision.results import atomic_write, read_json, write_json
-from moe_vision.zoo.core import PretrainConfig, PretrainResult, card, pretrain, safetensors_bytes
+from moe_vision.io import read_json, save_safetensors, write_json
+from moe_vision.zoo.core import PretrainConfig, PretrainResult, card, pretrain
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def save_student(
     weights = out / f"{result.name}.safetensors"
     state = {k: v.detach().contiguous() for k, v in expert.state_dict().items()}
     meta = {"preset": result.name, "objective": result.objective}
-    atomic_write(weights, lambda p: p.write_bytes(safetensors_bytes(state, meta)))
+    save_safetensors(state, weights, meta)
     c = card(result, probe)
     opts = result.config.options
     c["distill"] = {

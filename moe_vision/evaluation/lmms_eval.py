@@ -58,8 +58,8 @@ from experts.images import load_image
 from moe_vision.data.records import BadRecordPolicy
 from moe_vision.data.validation import RecordValidator
 from moe_vision.evaluation.evaluate import answer_budget, load_eval_items, score
+from moe_vision.io import atomic_write
 from moe_vision.model.mllm import MoEVisionModel
-from moe_vision.results import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ from moe_vision.evaluation.lmms_eval import (  # noqa: F401
 
 
 def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, text)
 
 
 def write_task(

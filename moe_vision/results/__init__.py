@@ -42,7 +42,6 @@ from moe_vision.results.table import (
     TABLE_CSV,
     TABLE_PARQUET,
     accuracy_columns,
-    atomic_write,
     cell_row,
     collect_predictions,
     collect_rows,
@@ -51,10 +50,8 @@ from moe_vision.results.table import (
     is_accuracy_column,
     load,
     pivot_accuracy,
-    read_json,
     save,
     to_frame,
-    write_json,
     write_tables,
 )
 
@@ -80,7 +77,6 @@ __all__ = [
     "TABLE_PARQUET",
     "accuracy_columns",
     "adjust_p",
-    "atomic_write",
     "attribution_long",
     "cell_row",
     "collect_predictions",
@@ -104,7 +100,6 @@ __all__ = [
     "plot_heatmap",
     "plot_overall",
     "plot_sweep",
-    "read_json",
     "save",
     "score_interval",
     "seed_difference",
@@ -114,6 +109,5 @@ __all__ = [
     "summarize",
     "to_frame",
     "wilson_interval",
-    "write_json",
     "write_tables",
 ]

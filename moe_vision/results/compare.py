@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moe_vision.io import read_json
 from moe_vision.results import seeds as seedstats
 from moe_vision.results import stats
-from moe_vision.results.table import CELL_FILE, read_json
+from moe_vision.results.table import CELL_FILE
 
 logger = logging.getLogger(__name__)
 

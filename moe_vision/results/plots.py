@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moe_vision.io import atomic_write
 from moe_vision.results.table import (
     OVERALL,
     STATUS_OK,
     accuracy_columns,
-    atomic_write,
     pivot_accuracy,
 )
 

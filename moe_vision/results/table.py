@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from moe_vision.io import atomic_write, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -81,41 +82,6 @@ INTERVAL_SUFFIXES: tuple[str, ...] = ("/lo", "/hi")
 """``<metric>/lo`` and ``<metric>/hi``: the bounds of ``<metric>``'s 95% interval."""
 PREDICTIONS_FILE = "predictions.json"
 ATTRIBUTION_FILE = "attribution.json"
-
-
-# ---------------------------------------------------------------------------- atomic files
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
-    """Write a file atomically: ``write(tmp_path)`` then ``os.replace`` onto ``path``.
-
-    The temporary file sits in the same folder (same file system), so readers see either the
-    old file or the complete new one, never a partial write, even if the process is killed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Atomically write ``data`` as indented JSON (non-JSON values via ``str``)."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file, naming the file in the error when it is corrupt."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it to re-run that cell") from e
 
 
 # ---------------------------------------------------------------------------- rows

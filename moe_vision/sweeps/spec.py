@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from moe_vision import results
+from moe_vision.io import atomic_write
 from moe_vision.sweeps.cells import (
     Cell,
 )
@@ -245,7 +245,7 @@ class SweepSpec:
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            results.atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+            atomic_write(path, text)
         return text
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> SweepSpec:

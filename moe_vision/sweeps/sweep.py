@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from moe_vision import results
+from moe_vision.io import read_json, write_json
 from moe_vision.sweeps.default import default_sweep  # noqa: F401 - test_fingerprint imports it here
 from moe_vision.sweeps.executors import Executor, create_executor
 from moe_vision.sweeps.spec import DEFAULT_ENTRYPOINT, Entrypoint, SweepSpec, resolve_entrypoint
@@ -61,7 +62,7 @@ def run_cell(config: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
     metrics = dict(run_experiment(RunConfig.from_dict(config), cell_dir, resume=True))
     predictions = cell_dir / results.PREDICTIONS_FILE
     if predictions.exists():  # 95% intervals and question counts next to every accuracy
-        metrics.update(results.interval_metrics(results.read_json(predictions)))
+        metrics.update(results.interval_metrics(read_json(predictions)))
     return metrics
 
 
@@ -144,8 +145,8 @@ def execute_cell(job: CellJob) -> dict[str, Any]:
             logger.info("cell %s already finished", job.cell_id)
             if job.attribute and needs_attribution(cell_dir):
                 attribute_cell(cell_dir)
-            return {**results.read_json(metrics_path), "status": results.STATUS_OK}
-        results.write_json(
+            return {**read_json(metrics_path), "status": results.STATUS_OK}
+        write_json(
             cell_dir / results.CELL_FILE,
             {**job.settings, "config": job.config, "started_at": _now()},
         )
@@ -167,11 +168,11 @@ def execute_cell(job: CellJob) -> dict[str, Any]:
                 "wall_time_s": time.perf_counter() - start,
                 "finished_at": _now(),
             }
-            results.write_json(error_path, record)
+            write_json(error_path, record)
             logger.error("cell %s failed: %s", job.cell_id, record["error"])
             return {"status": results.STATUS_FAILED, "error": record["error"]}
         row = {**dict(metrics), "wall_time_s": time.perf_counter() - start}
-        results.write_json(metrics_path, row)
+        write_json(metrics_path, row)
         logger.info("cell %s: done in %.1fs", job.cell_id, row["wall_time_s"])
         if job.attribute:
             attribute_cell(cell_dir)
@@ -181,7 +182,7 @@ def execute_cell(job: CellJob) -> dict[str, Any]:
 def needs_attribution(cell_dir: Path, retry_failed: bool = True) -> bool:
     """True when the cell has no attribution yet (or a failed one, with ``retry_failed``)."""
     path = cell_dir / results.ATTRIBUTION_FILE
-    return not path.exists() or (retry_failed and "error" in results.read_json(path))
+    return not path.exists() or (retry_failed and "error" in read_json(path))
 
 
 def attribute_cell(cell_dir: Path) -> None:
@@ -193,7 +194,7 @@ def attribute_cell(cell_dir: Path) -> None:
         attribute(cell_dir)
     except Exception as e:  # noqa: BLE001 - the trained cell is kept, its attribution failed
         error = f"{type(e).__name__}: {e}"
-        results.write_json(
+        write_json(
             cell_dir / results.ATTRIBUTION_FILE,
             {"error": error, "traceback": traceback.format_exc(), "finished_at": _now()},
         )
@@ -206,7 +207,7 @@ def _record_crash(job: CellJob, error: BaseException) -> None:
     if (cell_dir / results.METRICS_FILE).exists() or (cell_dir / results.ERROR_FILE).exists():
         return
     message = f"{type(error).__name__}: {error}".strip()
-    results.write_json(
+    write_json(
         cell_dir / results.ERROR_FILE,
         {
             "error": f"worker crashed: {message}",
@@ -292,7 +293,7 @@ def run_sweep(
     try:
         start_executor(spec, sweep_dir, chosen, executor)
         cells = spec.expand()
-        results.write_json(
+        write_json(
             sweep_dir / results.MANIFEST,
             {"spec": spec.to_dict(), "cells": [c.settings() for c in cells], "written_at": _now()},
         )

@@ -13,12 +13,10 @@ safetensors (the format the family's ``load_checkpoint`` reads) and the JSON car
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import platform
-import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -27,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import nn
 from tqdm import tqdm
 
 import experts
 from experts import Expert
 from experts.registry import Registry
-from moe_vision.results import atomic_write, write_json
+from moe_vision.io import save_safetensors, write_json
 from moe_vision.zoo import resume
 from moe_vision.zoo.data import KINDS, Scene, make_scenes
 
@@ -350,27 +347,8 @@ def save_pretrained(
         k: v.detach().contiguous() for k, v in library_module(result.expert).state_dict().items()
     }
     meta = {"preset": result.name, "objective": result.objective}
-    atomic_write(weights, lambda p: p.write_bytes(safetensors_bytes(state, meta)))
+    save_safetensors(state, weights, meta)
     return weights, write_card(result, out, probe)
-
-
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """A safetensors file's bytes, the same for the same tensors and metadata.
-
-    ``safetensors`` keeps ``metadata`` in a Rust ``HashMap``, so its header lists the keys in
-    a random order per call (two identical runs wrote different bytes, and a hash check of the
-    weights gave false alarms). The header is re-serialised with the metadata keys sorted; it
-    has the same length, so the tensor data's offsets are unchanged.
-    """
-    raw = save(tensors, metadata=metadata)
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    if len(text) > n:  # cannot happen: the same JSON with its keys in another order
-        raise RuntimeError(f"safetensors header grew from {n} to {len(text)} bytes")
-    return raw[:8] + text.ljust(n, b" ") + raw[8 + n :]
 
 
 def write_card(result: PretrainResult, out_dir: str | Path, probe: dict[str, Any] | None) -> Path:

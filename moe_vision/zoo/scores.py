@@ -51,7 +51,7 @@ def refresh_card(name: str, out_dir: str | Path, config: ProbeConfig | None = No
     Raises:
         FileNotFoundError: the weights or the card are missing (names the file).
     """
-    from moe_vision.results import read_json, write_json
+    from moe_vision.io import read_json, write_json
 
     out = Path(out_dir)
     weights, card_path = out / f"{name}.safetensors", out / f"{name}.json"
