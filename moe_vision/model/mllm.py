@@ -498,7 +498,7 @@ class MoEVisionModel(nn.Module):
     ) -> Path:
         """Write ``config.json``, ``model.safetensors``, ``llm/config.json`` and the tokenizer.
 
-        A model with LoRA adapters (:mod:`moe_vision.training.lora`) writes its base weights
+        A model with LoRA adapters (:mod:`moe_vision.model.adapters`) writes its base weights
         under the plain names plus ``adapters.safetensors`` / ``adapters.json`` beside them, or,
         with ``merge_lora=True``, the merged weights alone (a plain model); either loads back.
         """
