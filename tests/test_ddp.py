@@ -1,7 +1,7 @@
 """Two-process data-parallel training on CPU through ``accelerate launch`` (gloo).
 
 ``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath; ``--cpu`` alone starts
-one process) with no CUDA device: :func:`moe_vision.training.trainer.make_accelerator` then sets up
+one process) with no CUDA device: :func:`moe_vision.training.options.make_accelerator` then sets up
 CPU data parallelism with gloo.
 
 The real launcher starts two processes running the real trainer, with two recipes:
@@ -39,12 +39,14 @@ SCRIPT = textwrap.dedent(
     import torch
     from accelerate.utils import set_seed
     from moe_vision.data.benchmark import BenchmarkPaths
-    from moe_vision.features.cache import FeatureCache, weights_fingerprint
+    from moe_vision.features.cache import FeatureCache
+    from moe_vision.features.cache_keys import weights_fingerprint
     from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-    from moe_vision.training.recipes import get_recipe
+    from moe_vision.training.recipe_presets import get_recipe
     from moe_vision.experiment.run import single_expert_model
     from moe_vision.experiment.run_config import DatasetCache, RunConfig
-    from moe_vision.training.trainer import Trainer, TrainOptions, make_accelerator
+    from moe_vision.training.options import TrainOptions, make_accelerator
+    from moe_vision.training.trainer import Trainer
 
     bench, out = BenchmarkPaths(Path(sys.argv[1])), Path(sys.argv[2])
 

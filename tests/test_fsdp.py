@@ -44,9 +44,10 @@ SCRIPT = textwrap.dedent(
     from moe_vision.data.benchmark import BenchmarkPaths
     from moe_vision.model.mllm import ModelConfig, MoEVisionModel
     from moe_vision.features.cache import FeatureCache
-    from moe_vision.training.recipes import get_recipe
+    from moe_vision.training.recipe_presets import get_recipe
     from moe_vision.experiment.run_config import DatasetCache, RunConfig
-    from moe_vision.training.trainer import Trainer, TrainOptions, make_accelerator
+    from moe_vision.training.options import TrainOptions, make_accelerator
+    from moe_vision.training.trainer import Trainer
 
     bench, out = BenchmarkPaths(Path(sys.argv[1])), Path(sys.argv[2])
     args = json.loads(sys.argv[3])

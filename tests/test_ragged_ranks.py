@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     from PIL import Image
     from experts.base import collate_inputs
     from moe_vision.model.mllm import ModelConfig, MoEVisionModel
-    from moe_vision.training.trainer import TrainOptions, make_accelerator
+    from moe_vision.training.options import TrainOptions, make_accelerator
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=45))
     out = Path(sys.argv[1])
